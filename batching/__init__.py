@@ -1,0 +1,12 @@
+"""The continuous-batching engine. Nothing here knows about HTTP."""
+
+from batching.engine import Engine, EngineError, EngineStats
+from batching.kv_cache import ATTENTION_NAME, RowKVCache
+from batching.runner import ModelRunner
+from batching.scheduler import QueueFullError, Scheduler
+from batching.sequence import Delta, SamplingParams, Sequence
+
+__all__ = [
+    "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "ModelRunner", "QueueFullError",
+    "RowKVCache", "SamplingParams", "Scheduler", "Sequence",
+]

@@ -1,0 +1,75 @@
+"""Token ids to text, one token at a time, and stop strings that may span several tokens."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+PROMPT_CONTEXT_TOKENS = 4
+
+
+class Decoder(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Releases text only once it is final: never half a UTF-8 character, and with the spacing the
+    whole sequence would decode to (SentencePiece drops a leading space when decoding a lone token,
+    so the last few prompt tokens are kept as context)."""
+
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text, new_text = self._decode_window()
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        prefix_text, new_text = self._decode_window()
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]
+
+    def _decode_window(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        new_text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        return prefix_text, new_text
+
+
+class StopStringMatcher:
+    """Holds back any tail of the text that could be the start of a stop string, so a stream never
+    shows part of a stop string, and cuts the text where the first stop string begins."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text that is safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        buffer = self.held + text
+        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return buffer[:cut], True
+        keep = self._longest_partial_stop(buffer)
+        self.held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[:len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+    def _longest_partial_stop(self, text: str) -> int:
+        for size in range(min(len(text), max(len(s) for s in self.stops) - 1), 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self.stops):
+                return size
+        return 0

@@ -1,0 +1,128 @@
+"""The continuous-batching loop: admit every tick, run one step off the event loop, route tokens back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from batching.detokenizer import Decoder, IncrementalDetokenizer
+from batching.runner import ModelRunner
+from batching.scheduler import Scheduler
+from batching.sequence import Delta, SamplingParams, Sequence
+
+logger = logging.getLogger("batchwise.engine")
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    steps: int
+    alive: bool
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Decoder,
+                 eos_token_ids: frozenset[int], microsleep: float) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.microsleep = microsleep
+        self.steps = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchwise-step")
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batchwise-engine")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
+        """Queue a sequence; raises QueueFullError when running plus waiting is at the limit."""
+        if not self.alive:
+            raise EngineError("the engine is not running")
+        seq = Sequence(prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       self.eos_token_ids, request_id)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq.generator = torch.Generator(self.runner.device).manual_seed(seed)
+        self.scheduler.add(seq)
+        self._wakeup.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        if not seq.finished:
+            seq.cancelled = True
+            self._wakeup.set()
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[Delta]:
+        """Yield the sequence's deltas until it finishes; leaving early cancels it."""
+        try:
+            while True:
+                delta = await seq.outputs.get()
+                yield delta
+                if delta.finish_reason:
+                    return
+        finally:
+            self.cancel(seq)
+
+    async def _loop(self) -> None:
+        while True:
+            if self.scheduler.idle:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._step()
+            await asyncio.sleep(self.microsleep)
+
+    async def _step(self) -> None:
+        self.scheduler.drop_cancelled()
+        decoding = list(self.scheduler.running)
+        prefilling = self.scheduler.admit()
+        if not (prefilling or decoding):
+            return
+        seqs = prefilling + decoding
+        try:
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.step, prefilling, decoding)
+            self._deliver(seqs, tokens)
+        except Exception as error:
+            self._fail(seqs, error)
+        self.steps += 1
+
+    def _deliver(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        for seq, token in zip(seqs, tokens):
+            if not seq.cancelled:
+                seq.outputs.put_nowait(seq.append_token(token))
+        # only once every row has its token: moving a row copies its cached length
+        for seq in seqs:
+            if seq.finished:
+                self.scheduler.remove(seq)
+
+    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
+        logger.exception("engine step failed for requests %s", sorted({s.request_id for s in seqs}), exc_info=error)
+        for seq in seqs:
+            if not seq.finished:
+                seq.outputs.put_nowait(Delta("", [], "error"))
+        self.scheduler.reset()

@@ -1,0 +1,135 @@
+"""KV memory owned per batch row, reached from any HF model through a registered attention function.
+
+The model is loaded with ``attn_implementation="batchwise"`` and called without a transformers
+Cache; each attention layer hands its new keys/values to ``batchwise_attention``, which writes them
+into the rows of ``RowKVCache`` and attends over them. Running sequences occupy rows 0..B-1 and a
+decode step reads each row's cache as a view: nothing is concatenated or re-padded per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+ATTENTION_NAME = "batchwise"
+
+
+@dataclass
+class PrefillStep:
+    cache: RowKVCache
+    rows: torch.Tensor
+    positions: torch.Tensor
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class DecodeStep:
+    cache: RowKVCache
+    positions: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(len(self.lengths), device=self.positions.device)
+
+
+class RowKVCache:
+    """Per-layer K/V tensors shaped [rows, kv_heads, capacity, head_dim], allocated on first use
+    and grown by doubling (a rare whole copy, never a per-step one)."""
+
+    def __init__(self, max_rows: int, max_length: int, initial_capacity: int = 256) -> None:
+        self.max_rows = max_rows
+        self.max_length = max_length
+        self.initial_capacity = min(initial_capacity, max_length)
+        self.capacity = self.initial_capacity
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def reserve(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        if length > self.max_length:
+            raise ValueError(f"sequence of {length} tokens exceeds the cache's {self.max_length}")
+        new_capacity = min(max(length, 2 * self.capacity), self.max_length)
+        for index, (keys, values) in self.layers.items():
+            self.layers[index] = (self._grow(keys, new_capacity), self._grow(values, new_capacity))
+        self.capacity = new_capacity
+
+    def release(self) -> None:
+        """Give all memory back (called when no sequence is running)."""
+        self.layers.clear()
+        self.capacity = self.initial_capacity
+
+    @torch.inference_mode()
+    def move_row(self, source: int, target: int, length: int) -> None:
+        for keys, values in self.layers.values():
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+              keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per (row, position); keys/values are [tokens, kv_heads, head_dim]."""
+        if layer not in self.layers:
+            shape = (self.max_rows, keys.shape[1], self.capacity, keys.shape[2])
+            self.layers[layer] = (keys.new_zeros(shape), values.new_zeros(shape))
+        cached_keys, cached_values = self.layers[layer]
+        cached_keys[rows, :, positions] = keys
+        cached_values[rows, :, positions] = values
+        return cached_keys, cached_values
+
+    @staticmethod
+    def _grow(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = tensor.new_zeros((*tensor.shape[:2], capacity, tensor.shape[3]))
+        grown[:, :, :tensor.shape[2]] = tensor
+        return grown
+
+
+def batchwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None,
+                        batchwise_step: PrefillStep | DecodeStep | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    if batchwise_step is None:
+        raise RuntimeError("batchwise attention needs a batchwise_step argument (the model runner passes it)")
+    if isinstance(batchwise_step, PrefillStep):
+        return _prefill_attention(module, query, key, value, scaling, batchwise_step), None
+    return _decode_attention(module, query, key, value, scaling, batchwise_step), None
+
+
+def _prefill_attention(module, query, key, value, scaling, step: PrefillStep) -> torch.Tensor:
+    """Packed prompts ([1, heads, tokens, dim]); each attends causally to its own span only."""
+    step.cache.write(module.layer_idx, step.rows, step.positions, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                       is_causal=True, scale=scaling, enable_gqa=True)
+        for start, end in step.spans
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def _decode_attention(module, query, key, value, scaling, step: DecodeStep) -> torch.Tensor:
+    """One new token per row ([B, heads, 1, dim]), each attending to exactly its own cached length.
+    Rows are attended one by one: a row's result is then bit-identical whatever its neighbours'
+    lengths (a padded, masked batch changes the summation order inside the kernel). Query heads
+    sharing a KV head are laid along the query axis, so K/V are never repeated or copied."""
+    batch, heads, _, head_dim = query.shape
+    cached_keys, cached_values = step.cache.write(module.layer_idx, step.rows, step.positions,
+                                                  key[:, :, 0], value[:, :, 0])
+    kv_heads = cached_keys.shape[1]
+    grouped_query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    output = torch.cat([
+        F.scaled_dot_product_attention(grouped_query[row:row + 1], cached_keys[row:row + 1, :, :length],
+                                       cached_values[row:row + 1, :, :length], scale=scaling)
+        for row, length in enumerate(step.lengths)
+    ])
+    return output.reshape(batch, heads, 1, head_dim).transpose(1, 2)
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None
+
+
+AttentionInterface.register(ATTENTION_NAME, batchwise_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _no_mask)

