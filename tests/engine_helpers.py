@@ -1,0 +1,44 @@
+"""Run the real engine in-process on a given model, for unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, TypeVar
+
+from batching import Engine, SamplingParams, Sequence
+from config import Config
+from model_manager import LoadedModel, build_engine
+
+T = TypeVar("T")
+
+
+def make_engine(model, tokenizer, batch_size: int = 16, max_concurrent: int = 100,
+                context_length: int = 1024) -> Engine:
+    config = Config(continuous_batching_batch_size=batch_size, max_concurrent=max_concurrent)
+    return build_engine(LoadedModel(model, tokenizer, "tiny", context_length), config)
+
+
+def run_with_engine(engine_factory: Callable[[], Engine], body: Callable[[Engine], Awaitable[T]]) -> T:
+    async def main() -> T:
+        engine = engine_factory()
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+async def finish(engine: Engine, seq: Sequence) -> Sequence:
+    async for _ in engine.stream(seq):
+        pass
+    return seq
+
+
+async def generate_all(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+    seqs = [engine.add(p, params) for p in prompts]
+    return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)

@@ -1,0 +1,57 @@
+"""Start the real server (main.py) as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_SECONDS = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Yield the base URL of a healthy server; its log is printed if it fails to start."""
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"batchwise-test-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port), *args],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(base_url, process, log_path)
+            yield base_url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not healthy after {START_TIMEOUT_SECONDS}s:\n{log_path.read_text()[-4000:]}")

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from config import Config, parse_config
+from conftest import ROOT
+
+
+def test_defaults_match_the_reference_cli(monkeypatch):
+    for f in fields(Config):
+        monkeypatch.delenv(f.metadata["env"], raising=False)
+    config = parse_config([])
+    assert (config.host, config.port, config.loglevel) == ("0.0.0.0", 7088, "INFO")
+    assert config.continuous_batching_batch_size == 20 and config.continuous_batching_microsleep == 0.001
+    assert config.max_concurrent == 100 and config.serving_type == "chat"
+    assert config.static_cache is False and config.torch_compile_mode == "reduce-overhead"
+
+
+def test_env_vars_are_read_and_flags_win(monkeypatch):
+    monkeypatch.setenv("PORT", "9001")
+    monkeypatch.setenv("CONTINUOUS_BATCHING_BATCH_SIZE", "7")
+    monkeypatch.setenv("TOKENIZER_USE_FAST", "FALSE")
+    config = parse_config(["--port", "9002"])
+    assert config.port == 9002 and config.continuous_batching_batch_size == 7
+    assert config.tokenizer_use_fast is False
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("TRUE", True), ("1", True), ("False", False), ("0", False)])
+def test_booleans_accept_true_false_one_zero_any_case(text, value):
+    assert parse_config(["--tokenizer-use-fast", text]).tokenizer_use_fast is value
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--static-cache", "true"], "--static-cache"),
+    (["--torch-compile", "1"], "--torch-compile"),
+    (["--hqq", "TRUE"], "--hqq"),
+    (["--torch-profiling", "true"], "--torch-profiling"),
+    (["--serving-type", "whisper"], "--serving-type whisper"),
+    (["--tokenizer-use-fast", "maybe"], "maybe"),
+    (["--continuous-batching-batch-size", "0"], "--continuous-batching-batch-size"),
+])
+def test_unsupported_or_invalid_flags_fail_fast(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_env_value_names_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("STATIC_CACHE", "yes please")
+    with pytest.raises(SystemExit):
+        parse_config([])
+    assert "STATIC_CACHE" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag_with_env_and_default():
+    result = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    for f in fields(Config):
+        assert f.metadata["flag"] in help_text and f"env {f.metadata['env']}" in help_text
+    assert "(default: 7088)" in help_text

@@ -1,0 +1,161 @@
+"""The engine on tiny random-weight models: correctness against transformers, batch invariance,
+KV row reuse, cancellation."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from batching import SamplingParams
+from conftest import tiny_model
+from engine_helpers import finish, generate_all, greedy, make_engine, run_with_engine
+
+
+def random_prompts(count: int, vocab: int, seed: int = 1, lengths=(3, 40)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))] for _ in range(count)]
+
+
+def test_greedy_tokens_are_transformers_argmax(architecture, tokenizer):
+    """Every token the engine picks is the top token of a plain transformers forward (sdpa)."""
+    vocab = len(tokenizer)
+    model = tiny_model(architecture, vocab)
+    reference = tiny_model(architecture, vocab)
+    reference.set_attn_implementation("sdpa")
+    prompts = random_prompts(3, vocab, lengths=(5, 30))
+    seqs = run_with_engine(lambda: make_engine(model, tokenizer),
+                           lambda engine: generate_all(engine, prompts, greedy(12)))
+    for seq in seqs:
+        ids = torch.tensor([seq.prompt_ids + seq.output_ids])
+        with torch.inference_mode():
+            logits = reference(ids).logits[0, len(seq.prompt_ids) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(seq.output_ids)[:, None])[:, 0]
+        assert torch.all(logits.max(dim=1).values - chosen <= 1e-4), (architecture, seq.output_ids)
+
+
+def test_sixteen_prompts_alone_equal_batched(architecture, tokenizer):
+    vocab = len(tokenizer)
+    model = tiny_model(architecture, vocab, seed=3)
+    prompts = random_prompts(16, vocab, seed=7)
+    params = greedy(20)
+
+    def engine():
+        return make_engine(model, tokenizer, batch_size=16)
+
+    batched = run_with_engine(engine, lambda e: generate_all(e, prompts, params))
+    alone = [run_with_engine(engine, lambda e, p=p: generate_all(e, [p], params))[0] for p in prompts]
+    assert [s.output_ids for s in batched] == [s.output_ids for s in alone]
+
+
+def test_rows_are_reused_and_compacted_while_others_keep_decoding(tokenizer):
+    """Short requests finish and leave mid-way; the long ones moved into their rows must still give
+    exactly their solo output, through several waves of admissions."""
+    vocab = len(tokenizer)
+    model = tiny_model("llama", vocab, seed=5)
+    prompts = random_prompts(12, vocab, seed=11)
+    limits = [3, 30, 5, 25, 1, 18, 7, 30, 2, 12, 9, 20]
+
+    def engine():
+        return make_engine(model, tokenizer, batch_size=4)
+
+    async def mixed(engine):
+        seqs = [engine.add(p, greedy(n)) for p, n in zip(prompts, limits)]
+        assert engine.stats().waiting == 12
+        done = await asyncio.gather(*(finish(engine, s) for s in seqs))
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        assert engine.scheduler.cache.layers == {}, "idle engine must give its KV memory back"
+        return done
+
+    batched = run_with_engine(engine, mixed)
+    for seq, prompt, limit in zip(batched, prompts, limits):
+        alone = run_with_engine(engine, lambda e: generate_all(e, [prompt], greedy(limit)))[0]
+        assert seq.output_ids == alone.output_ids
+        assert len(seq.output_ids) == limit and seq.finish_reason == "length"
+
+
+def test_cache_grows_past_its_initial_capacity(tokenizer):
+    vocab = len(tokenizer)
+    model = tiny_model("qwen2", vocab, seed=2)
+    long_prompt = random_prompts(1, vocab, seed=4, lengths=(300, 300))[0]
+    short_prompt = random_prompts(1, vocab, seed=5, lengths=(10, 10))[0]
+
+    def engine():
+        return make_engine(model, tokenizer)
+
+    async def both(engine):
+        seqs = await generate_all(engine, [short_prompt, long_prompt], greedy(8))
+        return seqs
+
+    batched = run_with_engine(engine, both)
+    alone = run_with_engine(engine, lambda e: generate_all(e, [long_prompt], greedy(8)))[0]
+    assert batched[1].output_ids == alone.output_ids
+
+
+def test_cancel_frees_the_row_within_a_step(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+
+    async def cancel_one(engine):
+        keep = engine.add([5, 6, 7], greedy(200))
+        drop = engine.add([8, 9, 10], greedy(200))
+        stream = engine.stream(drop)
+        await anext(stream)
+        await anext(stream)
+        assert engine.stats().running == 2
+        steps_before = engine.stats().steps
+        await stream.aclose()
+        while engine.stats().running != 1:
+            await asyncio.sleep(0.001)
+        assert engine.stats().steps - steps_before <= 1
+        assert keep.row == 0 and not keep.finished
+        await finish(engine, keep)
+        return len(drop.output_ids), len(keep.output_ids)
+
+    dropped, kept = run_with_engine(lambda: make_engine(model, tokenizer), cancel_one)
+    assert dropped < 200 and kept == 200
+
+
+def test_queue_limit_rejects_instead_of_waiting(tokenizer):
+    from batching import QueueFullError
+    model = tiny_model("llama", len(tokenizer))
+
+    async def overfill(engine):
+        seqs = [engine.add([5, 6], greedy(4)) for _ in range(3)]
+        with pytest.raises(QueueFullError):
+            engine.add([5, 6], greedy(4))
+        for seq in seqs:
+            await finish(engine, seq)
+        engine.add([5, 6], greedy(1))  # room again once they finished
+
+    run_with_engine(lambda: make_engine(model, tokenizer, batch_size=2, max_concurrent=3), overfill)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tokenizer):
+    vocab = len(tokenizer)
+    model = tiny_model("llama", vocab, seed=9)
+    prompts = random_prompts(6, vocab, seed=3)
+    params = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, seed=1234)
+
+    def engine():
+        return make_engine(model, tokenizer)
+
+    batched = run_with_engine(engine, lambda e: generate_all(e, prompts, params))
+    alone = run_with_engine(engine, lambda e: generate_all(e, [prompts[2]], params))[0]
+    assert batched[2].output_ids == alone.output_ids
+    other_seed = run_with_engine(engine, lambda e: generate_all(
+        e, [prompts[2]], SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, seed=99)))[0]
+    assert other_seed.output_ids != alone.output_ids
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    vocab = len(tokenizer)
+
+    async def bad_then_good(engine):
+        bad = engine.add([vocab + 10], greedy(3))  # an id past the embedding table makes the forward raise
+        deltas = [d async for d in engine.stream(bad)]
+        assert deltas[-1].finish_reason == "error"
+        good = await finish(engine, engine.add([5, 6, 7], greedy(3)))
+        assert len(good.output_ids) == 3 and engine.alive
+
+    run_with_engine(lambda: make_engine(model, tokenizer), bad_then_good)
