@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server_helpers import running_server
+from server_process import running_server
 
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

