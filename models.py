@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_STOP_STRINGS = 4
 
@@ -39,20 +39,61 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class R1Settings(BaseModel):
+    """The reference proxy's settings for R1-style reasoning models."""
+    return_think_data: bool = True
+    few_shot_mode: Literal["DROP", "PREPROCESS", "NO_PREPROCESS"] = "NO_PREPROCESS"
+    math_mode: bool = False
+
+
+def not_supported(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported yet by this server")
+
+
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and completions; fields that do not change generation are accepted and ignored."""
+    """Fields shared by chat and completions. Unknown fields that cannot change the output are ignored;
+    known ones this server cannot honour are refused."""
     model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    top_k: int = -1
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    logit_bias: dict[int, float] | None = None
+    n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def top_k_off_or_positive(cls, top_k: int) -> int:
+        if top_k == 0 or top_k < -1:
+            raise ValueError("top_k must be -1 (off) or at least 1")
+        return top_k
+
+    @field_validator("logit_bias")
+    @classmethod
+    def biases_in_range(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        if bias and any(not -100 <= value <= 100 for value in bias.values()):
+            raise ValueError("each logit_bias value must lie in [-100, 100]")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -75,19 +116,66 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def top_logprob_count(self) -> int | None:
+        """How many alternatives to report per token; None when logprobs are not wanted."""
+        return None
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: ResponseFormat | None = None
+    r1_settings: R1Settings | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def no_tools(cls, tools: list[dict] | None) -> list[dict] | None:
+        if tools:
+            raise not_supported("tool calling (tools)")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def no_tool_choice(cls, choice: str | dict | None) -> str | dict | None:
+        if choice not in (None, "none", "auto"):
+            raise not_supported("tool_choice other than 'none' or 'auto'")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def text_only(cls, response_format: ResponseFormat | None) -> ResponseFormat | None:
+        if response_format is not None and response_format.type != "text":
+            raise not_supported(f"response_format {response_format.type!r}")
+        return response_format
+
+    @model_validator(mode="after")
+    def top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
 
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -96,6 +184,29 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("token prompts must not be empty")
         return prompt
 
+    @field_validator("suffix")
+    @classmethod
+    def no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise not_supported("suffix (insertion)")
+        return suffix
+
+    @model_validator(mode="after")
+    def best_of_covers_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of greater than n cannot be streamed")
+        return self
+
+    @property
+    def candidates(self) -> int:
+        return self.best_of or self.n
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -103,16 +214,40 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def drop_none(handler, model: BaseModel, keys: tuple[str, ...]) -> dict:
+    return {key: value for key, value in handler(model).items() if value is not None or key not in keys}
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def omit_no_reasoning(self, handler) -> dict:
+        return drop_none(handler, self, ("reasoning_content",))
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -127,17 +262,18 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def omit_unset(self, handler) -> dict:
-        return {key: value for key, value in handler(self).items() if value is not None}
+        return drop_none(handler, self, ("role", "content", "reasoning_content"))
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -149,11 +285,18 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -4,9 +4,9 @@ from batching.engine import Engine, EngineError, EngineStats
 from batching.kv_cache import ATTENTION_NAME, RowKVCache
 from batching.runner import ModelRunner
 from batching.scheduler import QueueFullError, Scheduler
-from batching.sequence import Delta, SamplingParams, Sequence
+from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
 
 __all__ = [
     "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "ModelRunner", "QueueFullError",
-    "RowKVCache", "SamplingParams", "Scheduler", "Sequence",
+    "RowKVCache", "SamplingParams", "Scheduler", "Sequence", "TokenLogprob",
 ]

@@ -59,7 +59,7 @@ class StopStringMatcher:
         if cut >= 0:
             self.held = ""
             return buffer[:cut], True
-        keep = self._longest_partial_stop(buffer)
+        keep = partial_suffix_length(buffer, self.stops)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False
 
@@ -67,9 +67,11 @@ class StopStringMatcher:
         held, self.held = self.held, ""
         return held
 
-    def _longest_partial_stop(self, text: str) -> int:
-        for size in range(min(len(text), max(len(s) for s in self.stops) - 1), 0, -1):
-            tail = text[-size:]
-            if any(s.startswith(tail) for s in self.stops):
-                return size
-        return 0
+
+def partial_suffix_length(text: str, candidates: Sequence[str]) -> int:
+    """Length of the longest tail of text that is the start (not the whole) of some candidate."""
+    for size in range(min(len(text), max(map(len, candidates)) - 1), 0, -1):
+        tail = text[-size:]
+        if any(c.startswith(tail) for c in candidates):
+            return size
+    return 0

@@ -7,14 +7,14 @@ import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import torch
 
 from batching.detokenizer import Decoder, IncrementalDetokenizer
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler
-from batching.sequence import Delta, SamplingParams, Sequence
+from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
 
 logger = logging.getLogger("batchwise.engine")
 
@@ -60,16 +60,31 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive)
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "", inputs: Any = None) -> Sequence:
         """Queue a sequence; raises QueueFullError when running plus waiting is at the limit."""
+        return self.add_siblings(prompt_ids, params, 1, request_id, inputs)[0]
+
+    def add_siblings(self, prompt_ids: list[int], params: SamplingParams, count: int, request_id: str = "",
+                     inputs: Any = None) -> list[Sequence]:
+        """Queue `count` sequences of one prompt that share its prefill; each samples with its own
+        generator (seed, seed + 1, ... when seeded)."""
         if not self.alive:
             raise EngineError("the engine is not running")
-        seq = Sequence(prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                       self.eos_token_ids, request_id)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq.generator = torch.Generator(self.runner.device).manual_seed(seed)
-        self.scheduler.add(seq)
+        if count > self.scheduler.max_running:
+            raise ValueError(f"{count} sequences cannot run together in a batch of {self.scheduler.max_running}")
+        seqs = [self._sequence(prompt_ids, params, request_id, inputs, index) for index in range(count)]
+        for sibling in seqs[1:]:
+            sibling.prefix_source = seqs[0]
+        self.scheduler.add(seqs)
         self._wakeup.set()
+        return seqs
+
+    def _sequence(self, prompt_ids: list[int], params: SamplingParams, request_id: str, inputs: Any,
+                  index: int) -> Sequence:
+        seq = Sequence(prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       self.eos_token_ids, request_id, inputs=inputs)
+        seed = (params.seed + index) % 2**64 if params.seed is not None else secrets.randbits(63)
+        seq.generator = torch.Generator(self.runner.device).manual_seed(seed)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -111,7 +126,7 @@ class Engine:
             self._fail(seqs, error)
         self.steps += 1
 
-    def _deliver(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _deliver(self, seqs: list[Sequence], tokens: list[TokenLogprob]) -> None:
         for seq, token in zip(seqs, tokens):
             if not seq.cancelled:
                 seq.outputs.put_nowait(seq.append_token(token))

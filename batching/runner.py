@@ -6,8 +6,8 @@ import torch
 from transformers import PreTrainedModel
 
 from batching.kv_cache import DecodeStep, PrefillStep, RowKVCache
-from batching.sampler import sample
-from batching.sequence import Sequence
+from batching.sampler import sample, token_logprobs
+from batching.sequence import Sequence, TokenLogprob
 
 
 class ModelRunner:
@@ -17,7 +17,7 @@ class ModelRunner:
         self.device = model.device
 
     @torch.inference_mode()
-    def step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[int]:
+    def step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[TokenLogprob]:
         """Return one sampled token per sequence, prefilling first, then decoding."""
         logits = []
         if prefilling:
@@ -27,20 +27,37 @@ class ModelRunner:
         return sample(torch.cat(logits).float(), prefilling + decoding)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
-        spans, rows, positions, ids = [], [], [], []
-        for seq in seqs:
+        """Prefill each distinct prompt once; siblings sharing a prefix get a copy of its KV row."""
+        owners = [s for s in seqs if s.prefix_source is None]
+        self.cache.reserve(max(len(s.prompt_ids) for s in owners))
+        spans, rows, positions, ids, kept = [], [], [], [], []
+        for seq in owners:
             start = len(ids)
             ids.extend(seq.prompt_ids)
             spans.append((start, len(ids)))
             rows.extend([seq.row] * len(seq.prompt_ids))
             positions.extend(range(len(seq.prompt_ids)))
+            kept.extend(range(start, len(ids)) if seq.params.prompt_logprobs else [len(ids) - 1])
         position_tensor = self._tensor(positions)
         step = PrefillStep(self.cache, self._tensor(rows), position_tensor, spans)
-        last_tokens = self._tensor([end - 1 for _, end in spans])
         output = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
-                            logits_to_keep=last_tokens, use_cache=False, batchwise_step=step)
-        return output.logits[0]
+                            logits_to_keep=self._tensor(kept), use_cache=False, batchwise_step=step)
+        next_token_logits = {}
+        offset = 0
+        for seq in owners:
+            count = len(seq.prompt_ids) if seq.params.prompt_logprobs else 1
+            seq_logits = output.logits[0, offset:offset + count]
+            offset += count
+            if seq.params.prompt_logprobs:
+                seq.prompt_logprobs = [None, *token_logprobs(seq_logits[:-1].float().log_softmax(dim=-1),
+                                                             seq.prompt_ids[1:], [seq.params.logprobs or 0] * (count - 1))]
+            next_token_logits[seq] = seq_logits[-1]
+        for seq in seqs:
+            if seq.prefix_source is not None:
+                self.cache.move_row(seq.prefix_source.row, seq.row, len(seq.prompt_ids))
+                next_token_logits[seq] = next_token_logits[seq.prefix_source]
+                seq.prefix_source = None
+        return torch.stack([next_token_logits[s] for s in seqs])
 
     def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         lengths = [s.length for s in seqs]

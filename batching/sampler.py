@@ -1,35 +1,93 @@
-"""Next-token choice for a whole batch on the device, each row with its own settings and generator."""
+"""Next-token choice for a whole batch on the device, each row with its own settings and generator.
+
+Logprobs reported to clients are the model's own (log-softmax of the raw logits); penalties, bias
+and temperature shape only the choice."""
 
 from __future__ import annotations
 
 import torch
 
-from batching.sequence import Sequence
+from batching.sequence import Sequence, TokenLogprob
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:
     """logits: [rows, vocab] float32, one row per sequence."""
-    device = logits.device
-    temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
-    greedy = temperature == 0
-    if bool(greedy.all()):
-        return logits.argmax(dim=-1).tolist()
-    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    if bool((top_p < 1).any()):
-        scaled = _apply_top_p(scaled, top_p)
+    logprobs = logits.log_softmax(dim=-1)
+    if any(s.params.penalised or s.banned_token_ids for s in seqs):
+        logits = apply_penalties(logits, seqs)
+    tokens = choose(logits, seqs)
+    return token_logprobs(logprobs, tokens.tolist(), [s.params.logprobs or 0 for s in seqs])
+
+
+def choose(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    greedy_tokens = logits.argmax(dim=-1)
+    sampling = [row for row, s in enumerate(seqs) if not s.params.greedy]
+    if not sampling:
+        return greedy_tokens
+    rows = torch.tensor(sampling, device=logits.device)
+    picked = [seqs[row] for row in sampling]
+    scaled = logits[rows] / column([s.params.temperature for s in picked], logits)
+    scaled = filter_candidates(scaled, picked)
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs)
-    for row, seq in enumerate(seqs):
-        noise[row].exponential_(generator=seq.generator)
+    for index, seq in enumerate(picked):
+        noise[index].exponential_(generator=seq.generator)
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race), one generator per row
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
+    return greedy_tokens.index_put((rows,), (probs / noise).argmax(dim=-1))
 
 
-def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p.unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+def filter_candidates(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p: each row keeps only its candidates."""
+    masked = float("-inf")
+    top_k = [s.params.top_k for s in seqs]
+    if any(k > 0 for k in top_k):
+        vocab = logits.shape[-1]
+        k = column([k if k > 0 else vocab for k in top_k], logits, torch.long)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, k.clamp(max=vocab) - 1)
+        logits = logits.masked_fill(logits < kth, masked)
+    top_p = [s.params.top_p for s in seqs]
+    if any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= column(top_p, logits)
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, masked))
+    min_p = [s.params.min_p for s in seqs]
+    if any(p > 0 for p in min_p):
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < column(min_p, logits) * probs.max(dim=-1, keepdim=True).values, masked)
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    logits = logits.clone()
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device).unique()
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+            ids, counts = torch.tensor(seq.output_ids, device=logits.device).unique(return_counts=True)
+            logits[row, ids] -= p.frequency_penalty * counts + p.presence_penalty
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            logits[row, list(ids)] += torch.tensor(biases, device=logits.device)
+        banned = seq.banned_token_ids
+        if banned:
+            logits[row, list(banned)] = float("-inf")
+    return logits
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_counts: list[int]) -> list[TokenLogprob]:
+    """Each row's logprob of its token, with that row's `top_counts[row]` most likely alternatives."""
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    most = max(top_counts, default=0)
+    if most == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
+    values, ids = logprobs.topk(most, dim=-1)
+    return [TokenLogprob(t, lp, tuple(zip(i[:count], v[:count])))
+            for t, lp, i, v, count in zip(token_ids, chosen, ids.tolist(), values.tolist(), top_counts)]
+
+
+def column(values: list, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=dtype or like.dtype)[:, None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from batching.kv_cache import RowKVCache
@@ -25,26 +26,40 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) + len(self.running) >= self.max_pending:
-            raise QueueFullError(f"the server is at its limit of {self.max_pending} concurrent requests")
-        self.waiting.append(seq)
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (siblings stay adjacent), or none of them if they do not fit."""
+        if len(self.waiting) + len(self.running) + len(seqs) > self.max_pending:
+            raise QueueFullError(f"the server is at its limit of {self.max_pending} concurrent sequences")
+        self.waiting.extend(seqs)
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free rows, within the prefill token budget (at least one)."""
+        """Move waiting sequences into free rows, within the prefill token budget (at least one).
+        Siblings that share a prefix are admitted together with their source."""
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting[0]
-            if admitted and len(seq.prompt_ids) > budget:
+        while self.waiting:
+            group = self._next_group()
+            if len(self.running) + len(group) > self.max_running:
                 break
-            self.waiting.popleft()
-            budget -= len(seq.prompt_ids)
-            seq.row = len(self.running)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            admitted.append(seq)
+            if admitted and len(group[0].prompt_ids) > budget:
+                break
+            budget -= len(group[0].prompt_ids)
+            for seq in group:
+                self.waiting.popleft()
+                seq.row = len(self.running)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                admitted.append(seq)
         return admitted
+
+    def _next_group(self) -> list[Sequence]:
+        head = self.waiting[0]
+        group = [head]
+        for seq in itertools.islice(self.waiting, 1, None):
+            if seq.prefix_source is not head:
+                break
+            group.append(seq)
+        return group
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out wherever it is; the last running row moves into its row."""

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -17,12 +18,35 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Status(Enum):
@@ -36,6 +60,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 _ids = itertools.count()
@@ -55,10 +80,16 @@ class Sequence:
     cancelled: bool = False
     row: int = -1
     generator: torch.Generator | None = None
+    inputs: Any = None  # model inputs beyond token ids (e.g. a speech window's features), for the runner
+    prefix_source: Sequence | None = None  # a sibling admitted with it whose prefill (and KV) it shares
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     outputs: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
         self.stops = StopStringMatcher(self.params.stop)
+        self.stop_token_ids = frozenset(self.params.stop_token_ids) | (
+            frozenset() if self.params.ignore_eos else self.eos_token_ids)
 
     @property
     def length(self) -> int:
@@ -72,26 +103,36 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token_id: int) -> Delta:
+    @property
+    def banned_token_ids(self) -> frozenset[int]:
+        """Tokens that would end the sequence before min_tokens."""
+        if len(self.output_ids) >= self.params.min_tokens:
+            return frozenset()
+        return frozenset(self.params.stop_token_ids) | self.eos_token_ids
+
+    def append_token(self, sampled: TokenLogprob) -> Delta:
         """Record a sampled token and return the text it releases (and the finish reason, if any)."""
+        token_id = sampled.token_id
         self.output_ids.append(token_id)
-        if token_id in self.eos_token_ids:
-            return self._finish_after(token_id, self.detokenizer.flush(), "stop")
+        self.cumulative_logprob += sampled.logprob
+        logprobs = [sampled] if self.params.logprobs is not None else []
+        if token_id in self.stop_token_ids:
+            return self._finish_after(self.detokenizer.flush(), "stop", logprobs)
         text, stopped = self.stops.feed(self.detokenizer.add(token_id))
         if stopped:
-            return self._finish(token_id, text, "stop")
+            return self._finish(text, "stop", logprobs)
         if len(self.output_ids) >= self.params.max_tokens:
-            return self._finish_after(token_id, text + self.detokenizer.flush(), "length")
-        return Delta(text, [token_id])
+            return self._finish_after(text + self.detokenizer.flush(), "length", logprobs)
+        return Delta(text, [token_id], None, logprobs)
 
-    def _finish_after(self, token_id: int, text: str, reason: str) -> Delta:
+    def _finish_after(self, text: str, reason: str, logprobs: list[TokenLogprob]) -> Delta:
         """Finish with whatever text is still held back, unless it completes a stop string."""
         tail, stopped = self.stops.feed(text)
         if stopped:
-            return self._finish(token_id, tail, "stop")
-        return self._finish(token_id, tail + self.stops.flush(), reason)
+            return self._finish(tail, "stop", logprobs)
+        return self._finish(tail + self.stops.flush(), reason, logprobs)
 
-    def _finish(self, token_id: int, text: str, reason: str) -> Delta:
+    def _finish(self, text: str, reason: str, logprobs: list[TokenLogprob]) -> Delta:
         self.finish_reason = reason
         self.status = Status.FINISHED
-        return Delta(text, [token_id], reason)
+        return Delta(text, [self.output_ids[-1]], reason, logprobs)

@@ -7,6 +7,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import openai  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -14,6 +15,7 @@ import transformers  # noqa: E402
 from batching import ATTENTION_NAME  # noqa: E402
 from config import Config  # noqa: E402
 from model_manager import cached_gguf_conversion, embedded_gguf_path  # noqa: E402
+from server_process import running_server  # noqa: E402
 
 TINY_SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, positions=1024)
 
@@ -22,6 +24,23 @@ TINY_SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, po
 def embedded_model_dir() -> Path:
     """The embedded SmolLM2, converted once into the same cache folder the server uses."""
     return cached_gguf_conversion(embedded_gguf_path(), Path(Config().model_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def base_url(embedded_model_dir):
+    """One real chat server with the embedded model, shared by the end-to-end modules."""
+    with running_server("--continuous-batching-batch-size", "16") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
+
+
+@pytest.fixture
+def async_client(base_url):
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from batching import SamplingParams, Sequence
+from batching import SamplingParams, Sequence, TokenLogprob
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 TEXTS = [
@@ -80,7 +80,7 @@ def test_sequence_stop_string_spanning_tokens_is_cut_and_finishes(tokenizer):
     seq = make_sequence(tokenizer, stop=["END of"])
     deltas = []
     for token in ids:
-        deltas.append(seq.append_token(token))
+        deltas.append(seq.append_token(TokenLogprob(token, 0.0)))
         if deltas[-1].finish_reason:
             break
     assert "".join(d.text for d in deltas) == "Paris is lovely. "
@@ -90,10 +90,10 @@ def test_sequence_stop_string_spanning_tokens_is_cut_and_finishes(tokenizer):
 def test_sequence_eos_and_length(tokenizer):
     ids = tokenizer("one two three", add_special_tokens=False).input_ids
     seq = make_sequence(tokenizer)
-    texts = [seq.append_token(t).text for t in ids]
-    eos = seq.append_token(tokenizer.eos_token_id)
+    texts = [seq.append_token(TokenLogprob(t, 0.0)).text for t in ids]
+    eos = seq.append_token(TokenLogprob(tokenizer.eos_token_id, 0.0))
     assert "".join(texts) == "one two three" and eos.finish_reason == "stop" and eos.text == ""
 
     seq = make_sequence(tokenizer, max_tokens=2, stop=["thr"])
-    first, second = (seq.append_token(t) for t in ids[:2])
+    first, second = (seq.append_token(TokenLogprob(t, 0.0)) for t in ids[:2])
     assert second.finish_reason == "length" and first.text + second.text == "one two"

@@ -8,28 +8,10 @@ import httpx
 import openai
 import pytest
 
-from server_process import running_server
-
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def base_url(embedded_model_dir):
-    with running_server("--continuous-batching-batch-size", "16") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
-
-
-@pytest.fixture
-def async_client(base_url):
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
 
 
 def chat(client, messages=FRANCE, **kwargs):

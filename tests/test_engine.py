@@ -159,3 +159,50 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tokenize
         assert len(good.output_ids) == 3 and engine.alive
 
     run_with_engine(lambda: make_engine(model, tokenizer), bad_then_good)
+
+
+def test_siblings_share_one_prefill_and_sample_independently(tokenizer):
+    vocab = len(tokenizer)
+    model = tiny_model("llama", vocab, seed=4)
+    prompt = random_prompts(1, vocab, seed=8)[0]
+    calls = []
+
+    def engine():
+        built = make_engine(model, tokenizer)
+        prefill = built.runner._prefill_logits
+        built.runner._prefill_logits = lambda seqs: calls.append(
+            sum(len(s.prompt_ids) for s in seqs if s.prefix_source is None)) or prefill(seqs)
+        return built
+
+    async def three(engine):
+        greedy_three = engine.add_siblings(prompt, greedy(10), 3)
+        sampled_three = engine.add_siblings(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=5), 3)
+        await asyncio.gather(*(finish(engine, s) for s in greedy_three + sampled_three))
+        return greedy_three, sampled_three
+
+    greedy_three, sampled_three = run_with_engine(engine, three)
+    assert calls == [2 * len(prompt)], "each group's prompt is prefilled once"
+    alone = run_with_engine(lambda: make_engine(model, tokenizer), lambda e: generate_all(e, [prompt], greedy(10)))[0]
+    assert all(s.output_ids == alone.output_ids for s in greedy_three)
+    assert len({tuple(s.output_ids) for s in sampled_three}) == 3
+    seed_plus_one = run_with_engine(lambda: make_engine(model, tokenizer), lambda e: generate_all(
+        e, [prompt], SamplingParams(max_tokens=10, temperature=1.0, seed=6)))[0]
+    assert sampled_three[1].output_ids == seed_plus_one.output_ids
+
+
+def test_prompt_logprobs_match_a_plain_forward(tokenizer):
+    vocab = len(tokenizer)
+    model = tiny_model("qwen2", vocab, seed=6)
+    prompts = random_prompts(2, vocab, seed=9)
+    params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=2, prompt_logprobs=True)
+    seqs = run_with_engine(lambda: make_engine(model, tokenizer), lambda e: generate_all(e, prompts, params))
+    for seq in seqs:
+        with torch.inference_mode():
+            model.set_attn_implementation("sdpa")
+            expected = model(torch.tensor([seq.prompt_ids])).logits[0].log_softmax(dim=-1)
+            model.set_attn_implementation("batchwise")
+        assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(seq.prompt_ids)
+        for position, entry in enumerate(seq.prompt_logprobs[1:]):
+            assert entry.token_id == seq.prompt_ids[position + 1]
+            assert abs(entry.logprob - expected[position, entry.token_id].item()) < 1e-4
+            assert len(entry.top) == 2 and entry.top[0][1] >= entry.logprob - 1e-6

@@ -1,0 +1,185 @@
+"""Model forwards for one Whisper engine step, driving the HF module's own weights layer by layer.
+
+Newly admitted windows: the encoder runs once over all of them, every decoder layer's cross-attention
+K/V are projected from its output once and stored in the window's row, then the decoder prompts run
+packed. Running windows: one token per row, self-attention over the row's own cache (attended row by
+row, so a row's result does not depend on its neighbours), cross-attention over the row's stored K/V.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import WhisperForConditionalGeneration
+
+from batching.kv_cache import DecodeStep, PrefillStep, batchwise_attention
+from batching.sampler import sample
+from batching.sequence import Sequence
+from batching.whisper_cache import WhisperRowCache
+from batching.whisper_rules import WhisperLogitRules
+
+CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
+
+
+@dataclass
+class SpeechWindow:
+    """What the runner needs beyond token ids for one window, and what it reports back about it."""
+    features: torch.Tensor  # [mel bins, frames]: the window's log-mel spectrogram
+    start_index: int  # where <|startoftranscript|> sits in the prompt (no_speech_prob is read there)
+    detect_language: bool = False
+    no_speech_prob: float = 0.0
+    token_logprobs: list[float] = field(default_factory=list)
+    pending: torch.Tensor | None = None  # the last step's log-probs for this row, until its token is known
+
+    def settle(self, token: int) -> None:
+        """Record the log-probability of the token the last step chose (the sampler only says which)."""
+        if self.pending is not None:
+            self.token_logprobs.append(float(self.pending[token]))
+            self.pending = None
+
+    @property
+    def avg_logprob(self) -> float:
+        return sum(self.token_logprobs) / max(len(self.token_logprobs), 1)
+
+
+class WhisperRunner:
+    def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache,
+                 rules: WhisperLogitRules) -> None:
+        self.model = model
+        self.encoder = model.get_encoder()
+        self.decoder = model.get_decoder()
+        self.cache = cache
+        self.rules = rules
+        self.device = model.device
+        self.heads = model.config.decoder_attention_heads
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
+
+    @torch.inference_mode()
+    def step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list:
+        """Sample one token per sequence, prefilling first, then decoding."""
+        for seq in decoding:
+            seq.inputs.settle(seq.last_token)
+        logits = self.logits(prefilling, decoding)
+        seqs = prefilling + decoding
+        with self._timed("rules_and_sampling"):
+            ruled = self.rules.apply(logits, [s.output_ids for s in seqs], [s.inputs.detect_language for s in seqs])
+            for seq, logprobs in zip(seqs, ruled.log_softmax(dim=-1)):
+                seq.inputs.pending = logprobs
+            return sample(ruled, seqs)
+
+    @torch.inference_mode()
+    def logits(self, prefilling: list[Sequence], decoding: list[Sequence]) -> torch.Tensor:
+        """The model's next-token logits ([sequences, vocab] float32), before Whisper's rules."""
+        logits = []
+        if prefilling:
+            logits.append(self._prefill_logits(prefilling))
+        if decoding:
+            logits.append(self._decode_logits(decoding))
+        return torch.cat(logits)
+
+    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [seq.row for seq in seqs]
+        with self._timed("encoder"):
+            self._store_cross_attention(seqs, self._tensor(rows))
+        with self._timed("decoder_prefill"):
+            self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
+            spans, token_rows, positions, ids = [], [], [], []
+            for seq in seqs:
+                start = len(ids)
+                ids.extend(seq.prompt_ids)
+                spans.append((start, len(ids)))
+                token_rows.extend([seq.row] * len(seq.prompt_ids))
+                positions.extend(range(len(seq.prompt_ids)))
+            position_tensor = self._tensor(positions)
+            step = PrefillStep(self.cache.self_attention, self._tensor(token_rows), position_tensor, spans)
+            hidden = self._decoder(self._tensor(ids)[None], position_tensor[None], step,
+                                   partial(self._cross_prefill, spans=spans, rows=rows))
+            starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
+            ends = [end - 1 for _, end in spans]
+            logits = self.model.proj_out(hidden[0, self._tensor(starts + ends)]).float()
+            self._record_no_speech(seqs, logits[:len(seqs)])
+            return logits[len(seqs):]
+
+    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        with self._timed("decoder_steps"):
+            lengths = [s.length for s in seqs]
+            self.cache.reserve(max(lengths))
+            positions = self._tensor([length - 1 for length in lengths])
+            step = DecodeStep(self.cache.self_attention, positions, lengths)
+            ids = self._tensor([s.last_token for s in seqs])[:, None]
+            hidden = self._decoder(ids, positions[:, None], step, self._cross_decode)
+            return self.model.proj_out(hidden[:, -1]).float()
+
+    def _store_cross_attention(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
+        features = torch.stack([s.inputs.features for s in seqs]).to(self.device, self.model.dtype)
+        encoded = self.encoder(features).last_hidden_state
+        for index, layer in enumerate(self.decoder.layers):
+            attention = layer.encoder_attn
+            self.cache.store_cross(index, rows, self._split_heads(attention.k_proj(encoded)),
+                                   self._split_heads(attention.v_proj(encoded)))
+
+    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, step: PrefillStep | DecodeStep,
+                 cross_attend: CrossAttend) -> torch.Tensor:
+        """ids/positions: [N, L]; the same arithmetic, in the same order, as WhisperDecoder's forward."""
+        hidden = self.decoder.embed_tokens(ids) + self.decoder.embed_positions(ids, position_ids=positions)
+        for index, layer in enumerate(self.decoder.layers):
+            hidden = hidden + self._self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden), step)
+            hidden = hidden + self._cross_attention(layer.encoder_attn, layer.encoder_attn_layer_norm(hidden),
+                                                    partial(cross_attend, index))
+            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+        return self.decoder.layer_norm(hidden)
+
+    def _self_attention(self, attention: torch.nn.Module, hidden: torch.Tensor,
+                        step: PrefillStep | DecodeStep) -> torch.Tensor:
+        query = self._split_heads(attention.q_proj(hidden) * attention.scaling)
+        key, value = self._split_heads(attention.k_proj(hidden)), self._split_heads(attention.v_proj(hidden))
+        output, _ = batchwise_attention(attention, query, key, value, None, scaling=1.0, batchwise_step=step)
+        return attention.out_proj(output.reshape(hidden.shape))
+
+    def _cross_attention(self, attention: torch.nn.Module, hidden: torch.Tensor,
+                         attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        output = attend(self._split_heads(attention.q_proj(hidden) * attention.scaling))
+        return attention.out_proj(output.transpose(1, 2).reshape(hidden.shape))
+
+    def _cross_prefill(self, layer: int, query: torch.Tensor, spans: list[tuple[int, int]],
+                       rows: list[int]) -> torch.Tensor:
+        """Packed prompts ([1, heads, tokens, dim]): each span attends to its own row's audio."""
+        outputs = []
+        for (start, end), row in zip(spans, rows):
+            keys, values = self.cache.cross_rows(layer, row, row + 1)
+            outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, scale=1.0))
+        return torch.cat(outputs, dim=2)
+
+    def _cross_decode(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """One token per row ([B, heads, 1, dim]); every row's audio has the same length, so no mask."""
+        keys, values = self.cache.cross_rows(layer, 0, query.shape[0])
+        return F.scaled_dot_product_attention(query, keys, values, scale=1.0)
+
+    def _record_no_speech(self, seqs: list[Sequence], start_logits: torch.Tensor) -> None:
+        no_speech = self.rules.tokens.no_speech
+        if no_speech is None:
+            return
+        for seq, probability in zip(seqs, start_logits.softmax(dim=-1)[:, no_speech].tolist()):
+            seq.inputs.no_speech_prob = probability
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        """[N, L, heads * dim] -> [N, heads, L, dim]"""
+        return states.view(*states.shape[:2], self.heads, -1).transpose(1, 2)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        if self.device.type == "cuda":  # kernels run asynchronously: wait so the time lands in its phase
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] += time.perf_counter() - started
