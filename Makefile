@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install install-dev run test bench clean
+.PHONY: install install-dev run test lint bench clean
 
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ install-dev: $(BIN)/.dev
 run: install
 	$(BIN)/python main.py $(ARGS)
 
-test: install-dev
+lint: install-dev
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest
 
 bench: install-dev

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import time
 import uuid
 from typing import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from audio_api import WHISPER_ENDPOINTS, audio_router
 from config import Config
-from model_manager import build_engine, load_model
 from models import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList
-from serving import (APIError, Generator, chat_chunks, chat_response, completion_chunks, completion_response)
+from serving import (APIError, Generator, chat_chunks, chat_response, completion_chunks, completion_response,
+                     start_chat_service)
+from transcription import start_transcription_service
 
 __version__ = "0.1.0"
 
@@ -84,7 +89,8 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     param = ".".join(location) or None
-    return (f"Invalid value for '{param}': {first.get('msg')}" if param else f"Invalid request: {first.get('msg')}"), param
+    message = str(first.get("msg", "")).removeprefix("Value error, ")
+    return (f"Invalid value for '{param}': {message}" if param else f"Invalid request: {message}"), param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -102,9 +108,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        message = f"Unknown route {request.method} {request.url.path}" if error.status_code == 404 else str(error.detail)
-        return error_response(error.status_code, message, kind)
+        if error.status_code == 404:
+            return error_response(404, f"Unknown route {request.method} {request.url.path}", "not_found_error")
+        return error_response(error.status_code, str(error.detail), "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -125,8 +131,46 @@ def sse(events: AsyncIterator[BaseModel], rid: str) -> EventStream:
     return EventStream(lines())
 
 
+class ServerState:
+    """What the routes share: the generator once the model is up, and whether we are draining."""
+
+    def __init__(self) -> None:
+        self.generator: Generator | None = None
+        self.draining = False
+
+    def ready(self) -> Generator:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="service_unavailable")
+        if self.generator is None or not self.generator.engine.alive:
+            raise APIError(503, "the model is still loading", type="service_unavailable", headers={"Retry-After": "5"})
+        return self.generator
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Refuse new work, then wait (at most grace_seconds) for running requests to finish."""
+        self.draining = True
+        deadline = time.monotonic() + grace_seconds
+        while self.generator and not self.generator.engine.scheduler.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def api_key_checker(keys: list[str]) -> Callable[[Request], None]:
+    encoded = [key.encode() for key in keys]
+
+    def require_api_key(request: Request) -> None:
+        if not encoded:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # compare against every key, so the time taken does not tell which (or how much) matched
+        matched = [hmac.compare_digest(given, key) for key in encoded]
+        if scheme.lower() != "bearer" or not any(matched):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return require_api_key
+
+
 def create_app(config: Config) -> FastAPI:
-    state: dict[str, Generator] = {}
+    state = ServerState()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -136,74 +180,73 @@ def create_app(config: Config) -> FastAPI:
         finally:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
-            if "generator" in state:
-                await state["generator"].engine.stop()
+            if state.generator:
+                await state.generator.engine.stop()
 
     async def start_engine() -> None:
-        try:
-            loaded = await asyncio.to_thread(load_model, config)
-        except Exception:
-            logger.exception("could not load the model %s", config.hf_model)
-            raise
-        engine = build_engine(loaded, config)
-        engine.start()
-        state["generator"] = Generator(engine, loaded)
-        logger.info("serving %s on http://%s:%d", loaded.name, config.host, config.port)
-
-    def ready_generator() -> Generator:
-        generator = state.get("generator")
-        if generator is None or not generator.engine.alive:
-            raise APIError(503, "the model is still loading", type="service_unavailable", headers={"Retry-After": "5"})
-        return generator
+        start = start_transcription_service if config.serving_type == "whisper" else start_chat_service
+        state.generator = await start(config)
 
     app = FastAPI(title="Batchwise", version=__version__, lifespan=lifespan)
+    app.state.server = state
     install_error_handlers(app)
-
     app.add_middleware(RequestIdMiddleware)
+    if config.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.origins, allow_methods=["*"], allow_headers=["*"])
+    api = APIRouter(prefix="/v1", dependencies=[Depends(api_key_checker(config.api_keys()))])
 
     @app.get("/")
     async def root() -> dict:
-        generator = state.get("generator")
+        generator = state.generator
+        endpoints = WHISPER_ENDPOINTS if config.serving_type == "whisper" else ENDPOINTS
         return {"name": "Batchwise", "version": __version__, "model": generator.model_name if generator else None,
-                "serving_type": config.serving_type, "endpoints": ENDPOINTS}
+                "serving_type": config.serving_type, "endpoints": endpoints}
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        generator = state.get("generator")
-        if generator is None or not generator.engine.alive:
-            return JSONResponse({"status": "loading" if generator is None else "engine stopped"}, status_code=503)
+        generator = state.generator
+        if state.draining or generator is None or not generator.engine.alive:
+            status = "draining" if state.draining else "loading" if generator is None else "engine stopped"
+            return JSONResponse({"status": status}, status_code=503)
         stats = generator.engine.stats()
         return JSONResponse({"status": "ok", "model": generator.model_name, "running": stats.running,
                              "waiting": stats.waiting, "steps": stats.steps})
 
-    @app.get("/v1/models")
-    async def list_models(generator: Generator = Depends(ready_generator)) -> ModelList:
-        return ModelList(data=[ModelCard(id=generator.model_name)])
+    @api.get("/models")
+    async def list_models(generator: Generator = Depends(state.ready)) -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in generator.served_names])
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, generator: Generator = Depends(ready_generator)) -> ModelCard:
+    @api.get("/models/{model_id:path}")
+    async def get_model(model_id: str, generator: Generator = Depends(state.ready)) -> ModelCard:
         generator.check_model(model_id)
         return ModelCard(id=model_id)
 
-    @app.post("/v1/chat/completions")
+    if config.serving_type == "whisper":
+        api.include_router(audio_router(state.ready, sse, config.max_audio_mb))
+        app.include_router(api)
+        return app
+
+    @api.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               generator: Generator = Depends(ready_generator)):
+                               generator: Generator = Depends(state.ready)):
         generator.check_model(body.model)
         rid = f"chatcmpl-{request_id(request)}"
-        choices = generator.start(body, [generator.chat_prompt(body)], rid)
+        ids = generator.chat_prompt(body)
+        choices = generator.start(body, [(ids, "")], rid, body.n)
         if body.stream:
             return sse(chat_chunks(generator, body, choices, rid), rid)
         await generator.collect(choices, request.is_disconnected)
-        return chat_response(rid, generator.model_name, choices)
+        return chat_response(generator, body, rid, choices)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request, generator: Generator = Depends(ready_generator)):
+    @api.post("/completions")
+    async def completions(body: CompletionRequest, request: Request, generator: Generator = Depends(state.ready)):
         generator.check_model(body.model)
         rid = f"cmpl-{request_id(request)}"
-        choices = generator.start(body, generator.completion_prompts(body), rid)
+        choices = generator.start(body, generator.completion_prompts(body), rid, body.candidates)
         if body.stream:
             return sse(completion_chunks(generator, body, choices, rid), rid)
         await generator.collect(choices, request.is_disconnected)
-        return completion_response(rid, generator.model_name, choices)
+        return completion_response(generator, body, rid, choices)
 
+    app.include_router(api)
     return app

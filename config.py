@@ -50,15 +50,17 @@ class Config:
     processor_type: str = option("--processor-type", "PROCESSOR_TYPE", "transformers Auto class for the processor",
                                  "AutoTokenizer")
     hf_model: str = option("--hf-model", "HF_MODEL",
-                           "Hugging Face model id, local folder or .gguf file (default: the embedded model)",
+                           "Hugging Face model id, local folder or .gguf file; the default is the built-in model",
                            EMBEDDED_CHAT_MODEL)
     torch_dtype: str | None = option("--torch-dtype", "TORCH_DTYPE",
-                                     "model dtype (default: bfloat16 on CUDA, float32 on CPU)", None,
+                                     "model dtype; unset: bfloat16 on CUDA, float32 on CPU", None,
                                      choices=["float32", "bfloat16", "float16"])
     architecture_type: str = option("--architecture-type", "ARCHITECTURE_TYPE", "model architecture", "decoder",
                                     choices=["decoder", "encoder-decoder"])
     serving_type: str = option("--serving-type", "SERVING_TYPE", "what the server serves", "chat",
                                choices=["chat", "whisper"])
+    max_audio_mb: int = option("--max-audio-mb", "MAX_AUDIO_MB", "largest audio upload in MB (whisper serving)",
+                               25, int)
     continuous_batching_microsleep: float = option(
         "--continuous-batching-microsleep", "CONTINUOUS_BATCHING_MICROSLEEP",
         "seconds the scheduler yields between steps so new requests can join", 0.001, float)
@@ -72,7 +74,7 @@ class Config:
     static_cache_decoder_max_length: int = option(
         "--static-cache-decoder-max-length", "STATIC_CACHE_DECODER_MAX_LENGTH", "static cache decoder length", 256, int)
     accelerator_type: str = option("--accelerator-type", "ACCELERATOR_TYPE",
-                                   "device to run on (default: cuda when available, else cpu)", None,
+                                   "device to run on; unset: cuda when available, else cpu", None,
                                    choices=["cuda", "cpu"])
     max_concurrent: int = option("--max-concurrent", "MAX_CONCURRENT",
                                  "most requests running plus waiting; beyond it requests get 429", 100, int)
@@ -83,16 +85,29 @@ class Config:
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE", "torch.compile mode",
                                      "reduce-overhead")
     max_model_len: int | None = option("--max-model-len", "MAX_MODEL_LEN",
-                                       "longest prompt plus completion in tokens (default: the model's context)",
+                                       "longest prompt plus completion in tokens; unset: the model's context",
                                        None, int)
+    served_model_name: str | None = option("--served-model-name", "SERVED_MODEL_NAME",
+                                           "name(s) clients use for the model, comma-separated; unset: the model id",
+                                           None)
+    api_key: str | None = option("--api-key", "API_KEY",
+                                 "require 'Authorization: Bearer <key>' on /v1: one key, a comma-separated list, "
+                                 "or a file with one key per line", None)
+    request_timeout: float = option("--request-timeout", "REQUEST_TIMEOUT",
+                                    "seconds a request may take before it is cancelled (0: no limit)", 600.0, float)
+    shutdown_grace: float = option("--shutdown-grace", "SHUTDOWN_GRACE",
+                                   "seconds running requests may take to finish after SIGTERM", 30.0, float)
+    allowed_origins: str = option("--allowed-origins", "ALLOWED_ORIGINS",
+                                  "comma-separated origins allowed by CORS, or *; empty: CORS off", "")
+    reasoning_parser: str = option("--reasoning-parser", "REASONING_PARSER",
+                                   "split <think> reasoning into reasoning_content (auto: when the chat template "
+                                   "opens a think block)", "auto", choices=["none", "auto", "deepseek_r1"])
     model_cache_dir: str = option("--model-cache-dir", "BATCHWISE_CACHE_DIR",
                                   "folder for converted model copies (GGUF to safetensors)",
                                   os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))
 
     def validate(self) -> None:
         not_yet = {
-            "--serving-type whisper": self.serving_type == "whisper",
-            "--architecture-type encoder-decoder": self.architecture_type == "encoder-decoder",
             "--static-cache": self.static_cache,
             "--torch-compile": self.torch_compile,
             "--hqq": self.hqq,
@@ -105,15 +120,36 @@ class Config:
             raise ConfigError("--accelerator-type cuda was requested but CUDA is not available")
         positive = {
             "--port": self.port, "--continuous-batching-batch-size": self.continuous_batching_batch_size,
-            "--max-concurrent": self.max_concurrent,
+            "--max-concurrent": self.max_concurrent, "--max-audio-mb": self.max_audio_mb,
         }
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.continuous_batching_microsleep < 0:
             raise ConfigError("--continuous-batching-microsleep must not be negative")
+        for flag, value in {"--request-timeout": self.request_timeout, "--shutdown-grace": self.shutdown_grace}.items():
+            if value < 0:
+                raise ConfigError(f"{flag} must not be negative")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("--max-model-len must be at least 2")
+
+    def served_names(self, model_name: str) -> tuple[str, ...]:
+        """The names clients may use for the model: --served-model-name's list, else the model's own name."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        return tuple(names) or (model_name,)
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
+
+    def api_keys(self) -> list[str]:
+        """Keys from --api-key: a file of keys (one per line) when it names a file, else a comma-separated list."""
+        if not self.api_key:
+            return []
+        if os.path.isfile(self.api_key):
+            with open(self.api_key) as keys:
+                return [line.strip() for line in keys if line.strip() and not line.startswith("#")]
+        return [key.strip() for key in self.api_key.split(",") if key.strip()]
 
     @property
     def device(self) -> str:

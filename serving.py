@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import AsyncIterator, Awaitable, Callable
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
-from model_manager import LoadedModel
+from config import Config
+from model_manager import LoadedModel, build_engine, load_model, load_off_loop
 from models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                     ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice,
                     CompletionLogprobs, CompletionRequest, R1Settings, SamplingRequest, TopLogprob, Usage)
@@ -17,6 +19,8 @@ from reasoning import (ReasoningParser, Split, add_math_instruction, apply_few_s
                        template_opens_think)
 
 DISCONNECT_POLL_SECONDS = 0.05
+
+logger = logging.getLogger("batchwise.serving")
 
 
 class APIError(Exception):
@@ -71,9 +75,7 @@ class Generator:
         return opened if parser == "deepseek_r1" or opened else None
 
     def check_model(self, name: str) -> None:
-        if name not in self.served_names:
-            raise APIError(404, f"The model '{name}' does not exist. Served models: {', '.join(self.served_names)}",
-                           param="model", code="model_not_found")
+        check_model_name(name, self.served_names)
 
     def render(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -217,7 +219,8 @@ class Generator:
             text = self.token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
         return ChatLogprobs(content=[
-            ChatTokenLogprob(**entry(t.token_id, t.logprob), top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top])
+            ChatTokenLogprob(**entry(t.token_id, t.logprob),
+                             top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top])
             for t in logprobs])
 
     def completion_logprobs(self, logprobs: list[TokenLogprob | None], offset: int) -> CompletionLogprobs:
@@ -231,6 +234,22 @@ class Generator:
             result.text_offset.append(offset)
             offset += len(text)
         return result
+
+
+def check_model_name(name: str, served_names: tuple[str, ...], aliases: tuple[str, ...] = ()) -> None:
+    if name not in served_names and name not in aliases:
+        raise APIError(404, f"The model '{name}' does not exist. Served models: {', '.join(served_names)}",
+                       param="model", code="model_not_found")
+
+
+async def start_chat_service(config: Config) -> Generator:
+    loaded = await load_off_loop(load_model, config)
+    engine = build_engine(loaded, config)
+    engine.start()
+    options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
+                             config.reasoning_parser)
+    logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
+    return Generator(engine, loaded, options)
 
 
 def timeout_error(seconds: float | None) -> APIError:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from batching.sequence import Sequence
+
 ATTENTION_NAME = "batchwise"
 
 
@@ -35,6 +37,17 @@ class DecodeStep:
     @property
     def rows(self) -> torch.Tensor:
         return torch.arange(len(self.lengths), device=self.positions.device)
+
+
+def pack_prompts(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+    """The prompts laid end to end: token ids, each token's position and row, and each prompt's span."""
+    ids, positions, rows, spans = [], [], [], []
+    for seq in seqs:
+        spans.append((len(ids), len(ids) + len(seq.prompt_ids)))
+        ids.extend(seq.prompt_ids)
+        positions.extend(range(len(seq.prompt_ids)))
+        rows.extend([seq.row] * len(seq.prompt_ids))
+    return ids, positions, rows, spans
 
 
 class RowKVCache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from batching.kv_cache import DecodeStep, PrefillStep, RowKVCache
+from batching.kv_cache import DecodeStep, PrefillStep, RowKVCache, pack_prompts
 from batching.sampler import sample, token_logprobs
 from batching.sequence import Sequence, TokenLogprob
 
@@ -30,14 +30,9 @@ class ModelRunner:
         """Prefill each distinct prompt once; siblings sharing a prefix get a copy of its KV row."""
         owners = [s for s in seqs if s.prefix_source is None]
         self.cache.reserve(max(len(s.prompt_ids) for s in owners))
-        spans, rows, positions, ids, kept = [], [], [], [], []
-        for seq in owners:
-            start = len(ids)
-            ids.extend(seq.prompt_ids)
-            spans.append((start, len(ids)))
-            rows.extend([seq.row] * len(seq.prompt_ids))
-            positions.extend(range(len(seq.prompt_ids)))
-            kept.extend(range(start, len(ids)) if seq.params.prompt_logprobs else [len(ids) - 1])
+        ids, positions, rows, spans = pack_prompts(owners)
+        kept = [index for seq, (start, end) in zip(owners, spans)
+                for index in (range(start, end) if seq.params.prompt_logprobs else [end - 1])]
         position_tensor = self._tensor(positions)
         step = PrefillStep(self.cache, self._tensor(rows), position_tensor, spans)
         output = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
@@ -49,8 +44,9 @@ class ModelRunner:
             seq_logits = output.logits[0, offset:offset + count]
             offset += count
             if seq.params.prompt_logprobs:
-                seq.prompt_logprobs = [None, *token_logprobs(seq_logits[:-1].float().log_softmax(dim=-1),
-                                                             seq.prompt_ids[1:], [seq.params.logprobs or 0] * (count - 1))]
+                top_counts = [seq.params.logprobs or 0] * (count - 1)
+                logprobs = seq_logits[:-1].float().log_softmax(dim=-1)
+                seq.prompt_logprobs = [None, *token_logprobs(logprobs, seq.prompt_ids[1:], top_counts)]
             next_token_logits[seq] = seq_logits[-1]
         for seq in seqs:
             if seq.prefix_source is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration
 
-from batching.kv_cache import DecodeStep, PrefillStep, batchwise_attention
+from batching.kv_cache import DecodeStep, PrefillStep, batchwise_attention, pack_prompts
 from batching.sampler import sample
 from batching.sequence import Sequence
 from batching.whisper_cache import WhisperRowCache
@@ -90,13 +90,7 @@ class WhisperRunner:
             self._store_cross_attention(seqs, self._tensor(rows))
         with self._timed("decoder_prefill"):
             self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
-            spans, token_rows, positions, ids = [], [], [], []
-            for seq in seqs:
-                start = len(ids)
-                ids.extend(seq.prompt_ids)
-                spans.append((start, len(ids)))
-                token_rows.extend([seq.row] * len(seq.prompt_ids))
-                positions.extend(range(len(seq.prompt_ids)))
+            ids, positions, token_rows, spans = pack_prompts(seqs)
             position_tensor = self._tensor(positions)
             step = PrefillStep(self.cache.self_attention, self._tensor(token_rows), position_tensor, spans)
             hidden = self._decoder(self._tensor(ids)[None], position_tensor[None], step,

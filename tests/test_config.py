@@ -37,7 +37,7 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
     (["--torch-compile", "1"], "--torch-compile"),
     (["--hqq", "TRUE"], "--hqq"),
     (["--torch-profiling", "true"], "--torch-profiling"),
-    (["--serving-type", "whisper"], "--serving-type whisper"),
+    (["--max-audio-mb", "0"], "--max-audio-mb"),
     (["--tokenizer-use-fast", "maybe"], "maybe"),
     (["--continuous-batching-batch-size", "0"], "--continuous-batching-batch-size"),
 ])

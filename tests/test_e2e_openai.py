@@ -115,7 +115,8 @@ def test_context_overflow_and_unknown_model(client):
 
 def test_raw_http_errors_keep_the_openai_shape(base_url, client):
     cases = [
-        httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}),
         httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": FRANCE, "max_tokens": "many"}),
         httpx.post(f"{base_url}/v1/completions", json={"model": MODEL}),
         httpx.get(f"{base_url}/v1/nothing-here"),

@@ -1,0 +1,217 @@
+"""Speech-to-text throughput: seconds of audio transcribed per wall second by the whisper server with 1 and
+8 concurrent clients, against transformers' own ASR pipeline run sequentially on the same model and clips
+(in its own process, after the server stops: both are CPU-bound), and where the server's time goes.
+
+    python -m bench.whisper_bench
+    python -m bench.whisper_bench --requests 24 --server-args "--torch-dtype bfloat16"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+from bench.report import fmt
+from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, process_env
+from bench.stats import percentile
+from server_process import running_server
+from synthetic_speech import SENTENCES, spoken_clip, wav_seconds
+
+# about 5 s, 15 s and 45 s of speech with pauses
+CLIP_SENTENCES = {"short": (SENTENCES[:1], 1.0), "medium": (SENTENCES[1:3], 2.5), "long": (SENTENCES[3:10], 1.5)}
+LEVELS = (1, 8)
+CHUNK_SECONDS = 30
+
+
+@dataclass
+class Clip:
+    name: str
+    path: str
+    seconds: float
+
+
+@dataclass
+class AudioMeasurement:
+    configuration: str
+    audio_s: float
+    wall_s: float
+    first_text_s: list[float] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def audio_per_wall(self) -> float:
+        return self.audio_s / self.wall_s
+
+
+def make_clips(folder: Path) -> list[Clip]:
+    clips = []
+    for name, (sentences, pause) in CLIP_SENTENCES.items():
+        data = spoken_clip(sentences, pause)
+        path = folder / f"{name}.wav"
+        path.write_bytes(data)
+        clips.append(Clip(name, str(path), wav_seconds(data)))
+    return clips
+
+
+def workload(clips: list[Clip], requests: int) -> list[Clip]:
+    return [clips[index % len(clips)] for index in range(requests)]
+
+
+def transcribe_streaming(client: OpenAI, clip: Clip) -> tuple[float, float]:
+    """(seconds to the first text, seconds to the whole transcript)"""
+    started = time.perf_counter()
+    first_text = None
+    with open(clip.path, "rb") as audio:
+        for event in client.audio.transcriptions.create(file=audio, model="whisper-1", temperature=0, stream=True):
+            if event.type == "transcript.text.delta" and first_text is None:
+                first_text = time.perf_counter() - started
+    return first_text or float("nan"), time.perf_counter() - started
+
+
+def run_level(base_url: str, clips: list[Clip], concurrency: int) -> AudioMeasurement:
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda clip: transcribe_streaming(client, clip), clips))
+    wall = time.perf_counter() - started
+    return AudioMeasurement(f"server, {concurrency} concurrent client{'s' * (concurrency > 1)}",
+                            sum(c.seconds for c in clips), wall, [r[0] for r in results], [r[1] for r in results])
+
+
+def server_snapshot(base_url: str) -> dict[str, float]:
+    timings = httpx.get(f"{base_url}/v1/audio/timings").json()
+    return {**timings, "steps": httpx.get(f"{base_url}/health").json()["steps"]}
+
+
+def run_server(clips: list[Clip], requests: int, server_args: list[str],
+               env: dict[str, str]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
+    results = []
+    with running_server("--serving-type", "whisper", *server_args, env=env,
+                        log_path=RESULTS / "whisper-server.log") as base_url:
+        run_level(base_url, clips[:1], 1)  # warm-up
+        for level in LEVELS:
+            before = server_snapshot(base_url)
+            measurement = run_level(base_url, workload(clips, requests), level)
+            after = server_snapshot(base_url)
+            results.append((measurement, {key: after[key] - before.get(key, 0.0) for key in after}))
+            print(f"{measurement.configuration}: {measurement.audio_per_wall:.1f} audio s / wall s", flush=True)
+    return results
+
+
+def run_baseline(clips: list[Clip], requests: int, env: dict[str, str]) -> AudioMeasurement:
+    with tempfile.NamedTemporaryFile(suffix=".json") as output:
+        command = [sys.executable, "-m", "bench.whisper_bench", "--baseline-only", output.name,
+                   "--requests", str(requests), "--clips", json.dumps([asdict(c) for c in clips])]
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+        return AudioMeasurement(**json.loads(Path(output.name).read_text()))
+
+
+def baseline(clips: list[Clip], requests: int) -> AudioMeasurement:
+    """transformers' pipeline, one clip at a time, on the converted model the server loads; audio decoding is
+    inside the timing, as it is for the server."""
+    import torch
+    from transformers import pipeline
+
+    from audio import SAMPLE_RATE, decode_audio
+    from config import Config
+    from whisper_loader import whisper_source
+
+    recognizer = pipeline("automatic-speech-recognition", model=str(whisper_source(Config())), device="cpu",
+                          dtype=torch.float32)
+
+    def transcribe(clip: Clip) -> float:
+        started = time.perf_counter()
+        audio = decode_audio(Path(clip.path).read_bytes())
+        chunking = {"chunk_length_s": CHUNK_SECONDS} if clip.seconds > CHUNK_SECONDS else {}
+        recognizer({"raw": audio, "sampling_rate": SAMPLE_RATE}, **chunking)
+        return time.perf_counter() - started
+
+    transcribe(clips[0])  # warm-up
+    started = time.perf_counter()
+    latencies = [transcribe(clip) for clip in workload(clips, requests)]
+    return AudioMeasurement("transformers pipeline, sequential", sum(c.seconds for c in workload(clips, requests)),
+                            time.perf_counter() - started, [], latencies)
+
+
+def table(measurements: list[AudioMeasurement], base: AudioMeasurement, requests: int) -> list[str]:
+    lines = ["| configuration | requests | audio s / wall s | first text p50 / p95 (s) | latency p50 / p95 (s) "
+             "| ratio vs pipeline |", "|---|---|---|---|---|---|"]
+    for m in [*measurements, base]:
+        first = f"{fmt(percentile(m.first_text_s, 0.5))} / {fmt(percentile(m.first_text_s, 0.95))}" \
+            if m.first_text_s else "n/a"
+        latency = f"{fmt(percentile(m.latencies_s, 0.5))} / {fmt(percentile(m.latencies_s, 0.95))}"
+        lines.append(f"| {m.configuration} | {requests} | {m.audio_per_wall:.1f} | {first} | {latency} "
+                     f"| {m.audio_per_wall / base.audio_per_wall:.2f}x |")
+    return lines
+
+
+def breakdown(measurement: AudioMeasurement, phases: dict[str, float]) -> list[str]:
+    """Seconds per phase during one level. Engine phases run one after another on the engine thread; audio
+    decoding and feature extraction run on other threads, overlapping them."""
+    steps = phases.pop("steps")
+    engine = sum(phases.get(p, 0.0) for p in ("encoder", "decoder_prefill", "decoder_steps", "rules_and_sampling"))
+    lines = [f"{measurement.configuration}: wall {measurement.wall_s:.1f} s, {steps:.0f} engine steps "
+             f"({1000 * phases.get('decoder_steps', 0.0) / max(steps, 1):.1f} ms decode forward per step), "
+             f"engine busy {engine:.1f} s"]
+    lines += [f"- {phase}: {seconds:.2f} s ({100 * seconds / measurement.wall_s:.0f}% of wall)"
+              for phase, seconds in sorted(phases.items(), key=lambda item: -item[1])]
+    return lines
+
+
+def report(clips: list[Clip], requests: int, server_args: list[str],
+           server: list[tuple[AudioMeasurement, dict[str, float]]], base: AudioMeasurement) -> str:
+    lines = [f"# Batchwise whisper benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             f"- server flags: `--serving-type whisper {shlex.join(server_args)}`; {os.cpu_count()} CPUs",
+             "- clips (espeak-ng at 120 wpm): " + ", ".join(f"{c.name} {c.seconds:.1f} s" for c in clips)
+             + f"; {requests} requests cycling through them, streaming, temperature 0",
+             f"- baseline: `pipeline('automatic-speech-recognition')` on the same converted model, one clip at a "
+             f"time, chunk_length_s={CHUNK_SECONDS} for clips longer than {CHUNK_SECONDS} s",
+             "- target (issue): at 8 concurrent clients, at least 3x the pipeline's audio s / wall s", "",
+             *table([m for m, _ in server], base, requests), "", "## Where the server's time goes", ""]
+    for measurement, phases in server:
+        lines += [*breakdown(measurement, dict(phases)), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Batchwise whisper benchmark against transformers' pipeline.")
+    parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default 16)")
+    parser.add_argument("--server-args", default="", help="extra flags for main.py")
+    parser.add_argument("--baseline-only", metavar="OUTPUT", help=argparse.SUPPRESS)
+    parser.add_argument("--clips", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.baseline_only:
+        clips = [Clip(**c) for c in json.loads(args.clips)]
+        Path(args.baseline_only).write_text(json.dumps(asdict(baseline(clips, args.requests))))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env = process_env(os.environ.get("MKL_CBWR", DEFAULT_MKL_CBWR))
+    server_args = shlex.split(args.server_args)
+    with tempfile.TemporaryDirectory() as folder:
+        clips = make_clips(Path(folder))
+        server = run_server(clips, args.requests, server_args, env)
+        base = run_baseline(clips, args.requests, env)
+    text = report(clips, args.requests, server_args, server, base)
+    (RESULTS / "whisper-latest.md").write_text(text + "\n")
+    print("\n" + text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Long audio as a chain of 30 s windows, following OpenAI's transcribe(): how one window's tokens become
+timed segments, how far the next window starts (seeking by the timestamps the model emitted), and which
+streamed text is final."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batching.whisper_runner import SpeechWindow
+
+FRAMES_PER_SECOND = 100  # log-mel frames (hop of 160 samples at 16 kHz)
+FRAMES_PER_TIMESTAMP = 2  # one timestamp step is one encoder position, two mel frames
+SECONDS_PER_TIMESTAMP = FRAMES_PER_TIMESTAMP / FRAMES_PER_SECOND
+NO_SPEECH_THRESHOLD = 0.6  # a window is silence when <|nospeech|> is this likely...
+LOGPROB_THRESHOLD = -1.0  # ...and its tokens are on average less likely than this
+
+
+@dataclass
+class TimedTokens:
+    tokens: list[int]  # timestamp tokens included
+    start: float  # seconds from the window's start
+    end: float
+
+
+def is_silent(window: SpeechWindow) -> bool:
+    return window.no_speech_prob > NO_SPEECH_THRESHOLD and window.avg_logprob < LOGPROB_THRESHOLD
+
+
+def split_window(tokens: list[int], timestamp_begin: int, window_frames: int,
+                 final: bool) -> tuple[list[TimedTokens], int]:
+    """Segments with text in one window's tokens (end of text excluded), and how many frames to advance.
+
+    Segments end where an end timestamp is followed by the next start timestamp. A window that ends inside
+    a segment is cut at the last complete one and the next window starts there, so that speech is decoded
+    again with its full audio; in the audio's final window there is no more audio, so the unfinished
+    segment is kept and runs to the window's end."""
+    def seconds(token: int) -> float:
+        return (token - timestamp_begin) * SECONDS_PER_TIMESTAMP
+
+    is_timestamp = [token >= timestamp_begin for token in tokens]
+    window_seconds = window_frames / FRAMES_PER_SECOND
+    pair_starts = [i + 1 for i in range(len(tokens) - 1) if is_timestamp[i] and is_timestamp[i + 1]]
+    if not pair_starts:
+        if not tokens:
+            return [], window_frames
+        start = seconds(tokens[0]) if is_timestamp[0] else 0.0
+        end = seconds(tokens[-1]) if is_timestamp[-1] and len(tokens) > 1 else window_seconds
+        return _with_text([TimedTokens(tokens, start, end)], timestamp_begin), window_frames
+    ends_with_segment = is_timestamp[-2:] == [False, True]
+    cuts = pair_starts + ([len(tokens)] if ends_with_segment else [])
+    segments, last = [], 0
+    for cut in cuts:
+        part = tokens[last:cut]
+        segments.append(TimedTokens(part, seconds(part[0]), seconds(part[-1])))
+        last = cut
+    if ends_with_segment:
+        return _with_text(segments, timestamp_begin), window_frames
+    if final:
+        segments.append(TimedTokens(tokens[last:], seconds(tokens[last]), window_seconds))
+        return _with_text(segments, timestamp_begin), window_frames
+    last_end = tokens[last - 1] - timestamp_begin
+    return _with_text(segments, timestamp_begin), last_end * FRAMES_PER_TIMESTAMP
+
+
+def _with_text(segments: list[TimedTokens], timestamp_begin: int) -> list[TimedTokens]:
+    return [s for s in segments if any(token < timestamp_begin for token in s.tokens)]
+
+
+class StreamedText:
+    """Releases a window's streamed text once the transcript is sure to keep it.
+
+    In the audio's final window that is at once. In earlier windows, text after the window's first pair of
+    timestamps waits for the timestamp that closes its segment: an unclosed last segment is dropped and
+    decoded again by the next window. A window that may be judged silent holds all its text to the end."""
+
+    def __init__(self, window: SpeechWindow, timestamp_begin: int, final: bool) -> None:
+        self.window = window
+        self.timestamp_begin = timestamp_begin
+        self.final = final
+        self.kept = ""
+        self.unclosed = ""
+        self.paired = False
+        self.previous_was_timestamp = False
+
+    def feed(self, text: str, token_ids: list[int]) -> str:
+        timestamp_seen = False
+        for token in token_ids:
+            is_timestamp = token >= self.timestamp_begin
+            self.paired |= is_timestamp and self.previous_was_timestamp
+            timestamp_seen |= is_timestamp
+            self.previous_was_timestamp = is_timestamp
+        if self.paired and not self.final:
+            self.unclosed += text
+        else:
+            self.kept += text
+        if timestamp_seen:
+            self.kept, self.unclosed = self.kept + self.unclosed, ""
+        if self.window.no_speech_prob > NO_SPEECH_THRESHOLD:
+            return ""
+        released, self.kept = self.kept, ""
+        return released
+
+    def finish(self) -> str:
+        """The held text that stays, once the window has finished."""
+        return "" if is_silent(self.window) else self.kept

@@ -1,0 +1,76 @@
+"""Reasoning end to end: a tiny model whose chat template opens a think block, served from a folder."""
+
+import openai
+import pytest
+import transformers
+
+from conftest import tiny_model
+from server_process import running_server
+
+pytestmark = pytest.mark.e2e
+
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": "What is 1+1?"}]
+
+
+@pytest.fixture(scope="module")
+def thinking_model(embedded_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("thinking-model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer.add_tokens(["</think>"])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tiny_model("llama", len(tokenizer), seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer.convert_tokens_to_ids("</think>")
+
+
+@pytest.fixture(scope="module")
+def client(thinking_model):
+    folder, _ = thinking_model
+    with running_server("--hf-model", str(folder), "--served-model-name", "thinker") as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+
+
+def raw_completion(client, thinking_model, **kwargs) -> str:
+    """The same generation without reasoning parsing: the rendered chat prompt sent as a completion."""
+    folder, _ = thinking_model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(ids, add_special_tokens=False).input_ids
+    return client.completions.create(model="thinker", prompt=prompt_ids, temperature=0, **kwargs).choices[0].text
+
+
+def test_text_after_a_template_opened_think_is_reasoning(client, thinking_model):
+    raw = raw_completion(client, thinking_model, max_tokens=12)
+    assert "</think>" not in raw and raw
+    response = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=12)
+    message = response.choices[0].message
+    assert message.reasoning_content == raw and message.content == ""
+    chunks = list(client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=12,
+                                                 stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == raw
+    assert "".join(d.content or "" for d in deltas) == ""
+
+
+def test_closing_tag_moves_the_rest_to_content(client, thinking_model):
+    _, close_id = thinking_model
+    response = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=3,
+                                              logit_bias={str(close_id): 100})
+    message = response.choices[0].message
+    assert getattr(message, "reasoning_content", None) is None
+    assert message.content == "</think></think>"
+
+
+def test_r1_settings_can_drop_the_reasoning(client):
+    response = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=6,
+                                              extra_body={"r1_settings": {"return_think_data": False,
+                                                                          "few_shot_mode": "DROP"}})
+    assert getattr(response.choices[0].message, "reasoning_content", None) is None
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=2,
+                                       extra_body={"r1_settings": {"few_shot_mode": "SOMETIMES"}})
+    assert error.value.body["param"] == "r1_settings.few_shot_mode"

@@ -1,0 +1,192 @@
+"""The real server with `--serving-type whisper` (the embedded tiny.en), driven by the official OpenAI SDK with
+speech synthesised by espeak-ng."""
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from server_process import running_server
+from synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_seconds
+
+pytestmark = pytest.mark.e2e
+
+SRT_TIME = r"(\d\d):(\d\d):(\d\d),(\d\d\d)"
+VTT_TIME = r"(\d\d):(\d\d):(\d\d)\.(\d\d\d)"
+
+
+@pytest.fixture(scope="session")
+def clips() -> dict[str, bytes]:
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); it synthesises the test speech")
+    return {"fox": spoken_clip(SENTENCES[:1], pause_seconds=0.5),
+            "long": spoken_clip(SENTENCES, pause_seconds=2.5),
+            "very long": spoken_clip(SENTENCES * 3, pause_seconds=2.5),  # about 3.5 minutes
+            **{f"short{i}": spoken_clip([sentence], pause_seconds=0.5) for i, sentence in enumerate(SENTENCES[1:7])}}
+
+
+@pytest.fixture(scope="module")
+def server() -> str:
+    with running_server("--serving-type", "whisper") as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def transcribe(client: OpenAI, data: bytes, **options):
+    return client.audio.transcriptions.create(file=("speech.wav", data), model="whisper-1", temperature=0, **options)
+
+
+def seconds(match: tuple[str, str, str, str]) -> float:
+    hours, minutes, whole, milliseconds = map(int, match)
+    return hours * 3600 + minutes * 60 + whole + milliseconds / 1000
+
+
+def assert_cues_are_monotonic(times: list[float], duration: float) -> None:
+    starts, ends = times[0::2], times[1::2]
+    assert starts and len(starts) == len(ends)
+    assert all(0 <= start <= end <= duration + 1e-3 for start, end in zip(starts, ends))
+    assert times == sorted(times)
+
+
+def test_server_reports_the_audio_endpoints(server):
+    root = httpx.get(server).json()
+    assert root["serving_type"] == "whisper" and "/v1/audio/transcriptions" in root["endpoints"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]] == ["whisper-tiny.en"]
+
+
+def test_transcribes_the_fox(client, clips):
+    text = transcribe(client, clips["fox"]).text.lower()
+    for words in ("quick", "fox", "lazy dog"):
+        assert words in text, text
+
+
+def test_every_response_format(client, clips):
+    fox, duration = clips["fox"], wav_seconds(clips["fox"])
+    text = transcribe(client, fox).text
+    assert transcribe(client, fox, response_format="text") == text + "\n"
+
+    srt = transcribe(client, fox, response_format="srt")
+    assert re.match(rf"1\n{SRT_TIME} --> {SRT_TIME}\n\S", srt), srt
+    assert_cues_are_monotonic([seconds(m) for m in re.findall(SRT_TIME, srt)], duration)
+
+    vtt = transcribe(client, fox, response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n"), vtt
+    assert_cues_are_monotonic([seconds(m) for m in re.findall(VTT_TIME, vtt)], duration)
+
+    verbose = transcribe(client, fox, response_format="verbose_json", timestamp_granularities=["segment"])
+    assert (verbose.language, verbose.text, verbose.task) == ("english", text, "transcribe")
+    assert verbose.duration == pytest.approx(duration, abs=0.01)
+    first = verbose.segments[0]
+    assert first.id == 0 and first.seek == 0 and "fox" in first.text.lower()
+    assert -1 < first.avg_logprob < 0 and 0 <= first.no_speech_prob < 0.5 and 0 < first.compression_ratio < 2.4
+    assert first.tokens[0] >= 50363 and first.tokens[-1] >= 50363  # tiny.en's timestamps: kept in the tokens
+    assert verbose.usage.seconds == pytest.approx(duration, abs=0.01)
+
+
+def test_streaming_sends_text_deltas_then_the_whole_text(client, clips):
+    events = list(transcribe(client, clips["fox"], stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) >= 5  # token by token, not one final chunk
+    assert [e.type for e in events][-1] == "transcript.text.done"
+    assert "".join(deltas) == events[-1].text == transcribe(client, clips["fox"]).text
+
+
+def test_a_long_clip_is_transcribed_whole(client, clips):
+    duration = wav_seconds(clips["long"])
+    assert 65 < duration < 80
+    verbose = transcribe(client, clips["long"], response_format="verbose_json")
+    segments = verbose.segments
+    assert segments[0].start < 2.0 and segments[-1].end > duration - 8
+    assert_cues_are_monotonic([t for s in segments for t in (s.start, s.end)], duration)
+    assert len({s.seek for s in segments}) >= 2  # more than one 30 s window
+    text = verbose.text.lower()
+    for word in ("fox", "journey", "weather", "meeting", "library", "engineers"):
+        assert word in text, text
+    streamed = list(transcribe(client, clips["long"], stream=True))
+    assert "".join(e.delta for e in streamed[:-1]) == streamed[-1].text == verbose.text
+
+
+def test_concurrent_transcriptions_equal_each_alone(client, clips):
+    names = ["long", "fox", *(f"short{i}" for i in range(6))]
+
+    def segments(name: str) -> list[tuple]:
+        result = transcribe(client, clips[name], response_format="verbose_json")
+        return [(s.start, s.end, s.text, tuple(s.tokens)) for s in result.segments]
+
+    alone = [segments(name) for name in names]
+    with ThreadPoolExecutor(len(names)) as pool:
+        together = list(pool.map(segments, names))
+    assert together == alone
+
+
+@pytest.mark.parametrize("name, data", [
+    ("notes.txt", b"This is a text file, not a recording.\n" * 40),
+    ("noise.wav", bytes(range(256)) * 64),
+    ("empty.wav", b""),
+])
+def test_what_is_not_audio_is_a_400(client, name, data):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.audio.transcriptions.create(file=(name, data), model="whisper-1")
+    assert error.value.body["param"] == "file"
+    assert re.search("not audio|empty", error.value.body["message"])
+
+
+def test_bad_fields_are_a_400_naming_the_field(server, clips):
+    url = f"{server}/v1/audio/transcriptions"
+    files = {"file": ("fox.wav", clips["fox"])}
+    for data, param in [({"model": "whisper-1", "response_format": "xml"}, "response_format"),
+                        ({"model": "whisper-1", "temperature": "3"}, "temperature"),
+                        ({"response_format": "json"}, "model"),
+                        ({"model": "whisper-1", "language": "de"}, "language")]:
+        response = httpx.post(url, files=files, data=data, timeout=60)
+        assert response.status_code == 400, data
+        assert response.json()["error"]["param"] == param
+    assert httpx.post(url, data={"model": "whisper-1"}).json()["error"]["param"] == "file"
+
+
+def test_prompt_and_language_are_accepted(client, clips):
+    text = transcribe(client, clips["fox"], prompt="A sentence about a fox and a dog.", language="en").text.lower()
+    assert "fox" in text and "dog" in text
+
+
+def test_translation_needs_a_multilingual_model(client, clips):
+    with pytest.raises(openai.BadRequestError, match="English-only"):
+        client.audio.translations.create(file=("fox.wav", clips["fox"]), model="whisper-1")
+
+
+def test_oversize_upload_is_a_413(clips):
+    big = clips["long"] * 2  # ~4.5 MB of WAV
+    with running_server("--serving-type", "whisper", "--max-audio-mb", "1") as base_url:
+        response = httpx.post(f"{base_url}/v1/audio/transcriptions", files={"file": ("big.wav", big)},
+                              data={"model": "whisper-1"}, timeout=60)
+    assert response.status_code == 413
+    assert response.json()["error"]["param"] == "file" and "1 MB" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_stops_its_decoding(server, clips, stream):
+    url = f"{server}/v1/audio/transcriptions"
+    request = {"files": {"file": ("long.wav", clips["very long"])},
+               "data": {"model": "whisper-1", "stream": str(stream)}}
+    if stream:
+        with httpx.stream("POST", url, timeout=60, **request) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, timeout=1.0, **request)  # gives up while the server is still decoding
+    deadline = time.monotonic() + 3  # decoding the whole clip takes several times longer
+    while httpx.get(f"{server}/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = httpx.get(f"{server}/health").json()
+    assert (health["running"], health["waiting"]) == (0, 0)
+    time.sleep(0.5)
+    assert httpx.get(f"{server}/health").json()["steps"] == health["steps"]

@@ -1,0 +1,400 @@
+"""Whisper serving without the HTTP server: subtitle formatting, the decoding rules against transformers'
+own logits processors, long-form segmentation and streaming, the batched runner against
+WhisperForConditionalGeneration (a random small model and the embedded tiny.en), and audio decoding."""
+
+import asyncio
+import dataclasses
+import io
+
+import av
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor, WhisperTimeStampLogitsProcessor
+
+from audio import SAMPLE_RATE, AudioDecodeError, decode_audio
+from audio_api import render
+from audio_models import TranscriptionSegment
+from batching import Sequence
+from batching.detokenizer import IncrementalDetokenizer
+from batching.whisper_cache import WhisperRowCache
+from batching.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
+from batching.whisper_runner import SpeechWindow, WhisperRunner
+from config import Config
+from engine_helpers import finish, greedy, run_with_engine
+from long_form import StreamedText, split_window
+from serving import APIError
+from subtitles import clock, to_srt, to_vtt
+from synthetic_speech import wav_bytes
+from transcription import Transcript, TranscriptionOptions, TranscriptionService, compression_ratio
+from whisper_loader import LoadedWhisper, build_whisper_engine, load_whisper
+
+# ---------------------------------------------------------------- subtitles and response formats
+
+
+def segment(index: int, start: float, end: float, text: str) -> TranscriptionSegment:
+    return TranscriptionSegment(id=index, seek=0, start=start, end=end, text=text, tokens=[], temperature=0.0,
+                                avg_logprob=-0.1, compression_ratio=1.0, no_speech_prob=0.0)
+
+
+SEGMENTS = [segment(0, 0.0, 1.5, " Hello there."), segment(1, 1.5, 3661.25, " General Kenobi.")]
+
+
+def test_clock_formats_hours_minutes_seconds_and_milliseconds():
+    assert clock(0.0, ",") == "00:00:00,000"
+    assert clock(1.5, ",") == "00:00:01,500"
+    assert clock(3661.25, ".") == "01:01:01.250"
+    assert clock(59.9996, ".") == "00:01:00.000"  # milliseconds round into the next second
+
+
+def test_srt():
+    assert to_srt(SEGMENTS) == ("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n"
+                                "2\n00:00:01,500 --> 01:01:01,250\nGeneral Kenobi.\n\n")
+
+
+def test_vtt():
+    assert to_vtt(SEGMENTS) == ("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n\n"
+                                "00:00:01.500 --> 01:01:01.250\nGeneral Kenobi.\n\n")
+
+
+def test_text_and_json_render_the_transcript_without_leading_space():
+    transcript = Transcript("transcribe", duration=2.0, language="english", segments=[])
+    assert transcript.text == ""
+    transcript.segments = SEGMENTS
+    assert render(transcript, "text").body == b"Hello there. General Kenobi.\n"
+    assert render(transcript, "json").body == b'{"text":"Hello there. General Kenobi.","usage":{"type":"duration",' \
+                                              b'"seconds":2.0}}'
+    assert b'"segments":[{"id":0,"seek":0,"start":0.0,"end":1.5' in render(transcript, "verbose_json").body
+
+
+def test_compression_ratio_flags_repetition():
+    assert compression_ratio("") == 0.0
+    assert compression_ratio("The quick brown fox jumps over the lazy dog.") < 1.5
+    assert compression_ratio("I'm sorry. " * 30) > 2.4  # OpenAI's threshold for a failed, looping decode
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def tiny_en() -> LoadedWhisper:
+    """The embedded tiny.en, converted once into the cache folder the server uses."""
+    return load_whisper(Config(serving_type="whisper"))
+
+
+@pytest.fixture(scope="module")
+def random_whisper(tiny_en) -> LoadedWhisper:
+    """A random small Whisper with tiny.en's vocabulary, tokenizer, special ids and 30 s windows."""
+    torch.manual_seed(0)
+    real = tiny_en.model.config
+    config = WhisperConfig(vocab_size=real.vocab_size, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                           decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=64,
+                           decoder_start_token_id=real.decoder_start_token_id, eos_token_id=real.eos_token_id,
+                           pad_token_id=real.pad_token_id, bos_token_id=real.bos_token_id)
+    model = WhisperForConditionalGeneration(config).eval()
+    for parameter in model.parameters():  # biases and norms start at 0/1: make every value distinctive
+        torch.nn.init.normal_(parameter.data, std=0.3)
+    return LoadedWhisper(model, tiny_en.processor, "random", tiny_en.tokens, tiny_en.rules)
+
+
+def frames(loaded: LoadedWhisper) -> int:
+    return 2 * loaded.model.config.max_source_positions
+
+
+def window_sequence(loaded: LoadedWhisper, prompt: list[int], features: torch.Tensor, row: int = -1) -> Sequence:
+    seq = Sequence(prompt, greedy(16), IncrementalDetokenizer(loaded.processor.tokenizer, prompt),
+                   frozenset({loaded.tokens.end_of_text}), inputs=window(loaded, prompt, features))
+    seq.row = row
+    return seq
+
+
+def window(loaded: LoadedWhisper, prompt: list[int], features: torch.Tensor) -> SpeechWindow:
+    return SpeechWindow(features, start_index=prompt.index(loaded.tokens.start_of_transcript))
+
+
+def prompts(loaded: LoadedWhisper) -> list[list[int]]:
+    """Windows with no previous text, a short and a longer previous text."""
+    sot, previous = loaded.tokens.start_of_transcript, loaded.tokens.start_of_previous
+    return [[sot], [previous, 383, 2068, 7586, sot], [previous, *range(400, 420), sot]]
+
+
+def runner_for(loaded: LoadedWhisper, rows: int = 4) -> WhisperRunner:
+    cache = WhisperRowCache(rows, loaded.model.config.max_target_positions)
+    return WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
+
+
+def assert_logits_match_transformers(loaded: LoadedWhisper, features: torch.Tensor, steps: int) -> None:
+    """Prefill several windows together, then decode them together; every row's logits at every step equal
+    the full transformers forward over the same tokens."""
+    model = loaded.model
+    runner = runner_for(loaded)
+    seqs = [window_sequence(loaded, prompt, f, row) for row, (prompt, f) in enumerate(zip(prompts(loaded), features))]
+    with torch.inference_mode():
+        encoded = [model.get_encoder()(f[None]) for f in features]
+        logits = runner.logits(seqs, [])
+        for _ in range(steps):
+            for seq, row_logits, encoder_outputs in zip(seqs, logits, encoded):
+                ids = torch.tensor([seq.prompt_ids + seq.output_ids])
+                expected = model(encoder_outputs=encoder_outputs, decoder_input_ids=ids).logits[0, -1]
+                torch.testing.assert_close(row_logits, expected, atol=1e-4, rtol=0)
+            for seq, row_logits in zip(seqs, logits):
+                seq.output_ids.append(int(row_logits.argmax()))
+            logits = runner.logits([], seqs)
+
+
+def test_runner_matches_transformers_on_a_random_whisper(random_whisper):
+    torch.manual_seed(1)
+    assert_logits_match_transformers(random_whisper, torch.randn(3, 80, frames(random_whisper)), steps=6)
+
+
+def test_runner_matches_transformers_on_tiny_en(tiny_en):
+    torch.manual_seed(2)
+    assert_logits_match_transformers(tiny_en, torch.randn(3, 80, frames(tiny_en)) * 0.5, steps=3)
+
+
+def decode_windows(loaded: LoadedWhisper, windows: list[tuple[list[int], torch.Tensor, int]],
+                   batch_size: int = 8) -> list[Sequence]:
+    """Run (prompt, features, max_tokens) windows through the real engine at once; they finish at different
+    steps, so rows are freed and refilled by moving the last row (with its cross-attention K/V)."""
+    async def body(engine):
+        seqs = [engine.add(prompt, greedy(limit), inputs=window(loaded, prompt, features))
+                for prompt, features, limit in windows]
+        return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
+    config = Config(serving_type="whisper", continuous_batching_batch_size=batch_size)
+    return run_with_engine(lambda: build_whisper_engine(loaded, config), body)
+
+
+def test_batched_windows_decode_exactly_as_alone(random_whisper):
+    torch.manual_seed(3)
+    features = torch.randn(3, 80, frames(random_whisper))
+    windows = [(prompt, f, limit) for prompt, f, limit in zip(prompts(random_whisper), features, (5, 30, 12))]
+    together = decode_windows(random_whisper, windows)
+    alone = [decode_windows(random_whisper, [w])[0] for w in windows]
+    assert [s.output_ids for s in together] == [s.output_ids for s in alone]
+    assert len({len(s.output_ids) for s in together}) > 1, "windows should finish at different steps"
+    for seq in together:
+        assert seq.output_ids[0] >= random_whisper.tokens.timestamp_begin  # every window starts at a timestamp
+        seq.inputs.settle(seq.output_ids[-1])
+        assert len(seq.inputs.token_logprobs) == len(seq.output_ids)
+        assert all(logprob <= 0 for logprob in seq.inputs.token_logprobs)
+        assert 0 < seq.inputs.no_speech_prob < 1
+
+
+def test_windows_joining_a_running_batch_decode_as_alone(random_whisper):
+    torch.manual_seed(4)
+    features = torch.randn(3, 80, frames(random_whisper))
+    windows = [(prompt, f, 20) for prompt, f in zip(prompts(random_whisper), features)]
+
+    async def staggered(engine):
+        seqs = []
+        for prompt, f, limit in windows:
+            seqs.append(engine.add(prompt, greedy(limit), inputs=window(random_whisper, prompt, f)))
+            while len(seqs[-1].output_ids) < 3:  # the next window joins once this one is decoding
+                await asyncio.sleep(0.001)
+        return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
+    config = Config(serving_type="whisper", continuous_batching_batch_size=4)
+    joined = run_with_engine(lambda: build_whisper_engine(random_whisper, config), staggered)
+    alone = [decode_windows(random_whisper, [w])[0] for w in windows]
+    assert [s.output_ids for s in joined] == [s.output_ids for s in alone]
+
+# ---------------------------------------------------------------- the transcription service, in process
+
+ENGLISH, GERMAN = 50258, 50261  # language tokens in tiny.en's vocabulary (an English-only model never uses them)
+
+
+def multilingual(loaded: LoadedWhisper) -> LoadedWhisper:
+    tokens = dataclasses.replace(loaded.tokens, languages={"en": ENGLISH, "de": GERMAN})
+    return LoadedWhisper(loaded.model, loaded.processor, loaded.name, tokens, loaded.rules)
+
+
+def test_decoder_prompts(tiny_en, random_whisper):
+    tokens = tiny_en.tokens
+    sot, previous = tokens.start_of_transcript, tokens.start_of_previous
+    english = TranscriptionService(None, tiny_en, ("tiny.en",))
+    assert english.decoder_prompt([], "en", "transcribe") == ([sot], 0)
+    assert english.decoder_prompt([11, 12], "en", "transcribe") == ([previous, 11, 12, sot], 3)
+    prompt, start = english.decoder_prompt(list(range(1000)), "en", "transcribe")
+    assert prompt[1:start] == list(range(1000 - 223, 1000))  # half the decoder's 448 positions, less one
+    many = TranscriptionService(None, multilingual(random_whisper), ("random",))
+    assert many.decoder_prompt([], "de", "translate") == ([sot, GERMAN, tokens.translate], 0)
+    assert many.decoder_prompt([11], "en", "transcribe") == ([previous, 11, sot, ENGLISH, tokens.transcribe], 2)
+
+
+@pytest.mark.parametrize("multilingual_model, options, param", [
+    (False, TranscriptionOptions(task="translate"), "model"),
+    (False, TranscriptionOptions(language="de"), "language"),
+    (True, TranscriptionOptions(language="xx"), "language"),
+])
+def test_options_a_model_cannot_serve_are_a_400(random_whisper, multilingual_model, options, param):
+    loaded = multilingual(random_whisper) if multilingual_model else random_whisper
+    with pytest.raises(APIError) as error:
+        TranscriptionService(None, loaded, ("random",)).check_options(options)
+    assert (error.value.status, error.value.param) == (400, param)
+
+
+def test_long_audio_runs_window_after_window_with_language_detection(random_whisper):
+    """A random multilingual model on 65 s of tone: whatever it emits, the windows advance to the end, the
+    segments stay in order within the audio, and the stream carries exactly the transcript's text."""
+    loaded = multilingual(random_whisper)
+    seconds = np.arange(65 * SAMPLE_RATE) / SAMPLE_RATE
+    upload = wav_bytes((3000 * np.sin(2 * np.pi * 300 * seconds)).astype(np.int16), SAMPLE_RATE)
+
+    async def body(engine):
+        service = TranscriptionService(engine, loaded, ("random",))
+        job = await service.start(upload, TranscriptionOptions(task="translate"), "test")
+        return job, "".join([text async for text in job.deltas()])
+    config = Config(serving_type="whisper")
+    job, streamed = run_with_engine(lambda: build_whisper_engine(loaded, config), body)
+    transcript = job.transcript
+    assert transcript.language in ("english", "german")
+    assert job.windows >= 3
+    assert transcript.duration == pytest.approx(65.0)
+    times = [t for s in transcript.segments for t in (s.start, s.end)]
+    assert all(0 <= t <= 65.0 for t in times) and times == sorted(times)
+    assert streamed == transcript.text
+
+# ---------------------------------------------------------------- decoding rules
+
+
+def test_rules_match_transformers_processors(tiny_en):
+    tokens, generation = tiny_en.tokens, tiny_en.model.generation_config
+    rules = WhisperLogitRules(tokens, tiny_en.rules)
+    prompt = [tokens.start_of_previous, 383, tokens.start_of_transcript]
+    processors = [SuppressTokensLogitsProcessor(generation.suppress_tokens),
+                  WhisperTimeStampLogitsProcessor(generation, begin_index=len(prompt))]
+    t = tokens.timestamp_begin
+    histories = [[], [t + 3], [t + 3, 400], [t + 3, 400, t + 20], [t + 3, 400, t + 20, t + 20],
+                 [t + 3, 400, t + 20, t + 25, 500, 600], [t + 3, 400, t + 20, t + 25, 500]]
+    torch.manual_seed(5)
+    logits = torch.randn(len(histories), len(tiny_en.processor.tokenizer)) * 3
+    logits[-1, t:] += 8  # together the timestamps outweigh every text token: a timestamp is forced
+    ruled = rules.apply(logits.clone(), histories)
+    for row, history in enumerate(histories):
+        expected = logits[row:row + 1].clone()
+        for processor in processors:
+            expected = processor(torch.tensor([prompt + history]), expected)
+        assert torch.equal(ruled[row], expected[0]), f"history {history}"
+    assert torch.isinf(ruled[-1, :t]).all()
+    assert torch.isinf(ruled[0, :t]).all() and torch.isinf(ruled[0, t + 51:]).all()  # first: a timestamp <= 1 s
+
+
+def test_language_detection_rows_may_only_choose_a_language():
+    tokens = WhisperTokens(end_of_text=0, start_of_transcript=1, no_timestamps=10, languages={"en": 3, "de": 5})
+    rules = WhisperLogitRules(tokens, RuleSettings())
+    logits = torch.arange(20, dtype=torch.float32).repeat(2, 1)
+    ruled = rules.apply(logits, [[], []], detecting_language=[True, False])
+    assert torch.isfinite(ruled[0]).nonzero().flatten().tolist() == [3, 5]
+    assert torch.isfinite(ruled[1]).nonzero().flatten().tolist() == list(range(11, 20))
+
+# ---------------------------------------------------------------- long-form segmentation and streaming
+
+T = 100  # the first timestamp id in these made-up windows; each step is 0.02 s
+
+
+def seconds(parts):
+    return [(part.start, part.end) for part in parts]
+
+
+def test_complete_segments_advance_a_whole_window():
+    parts, advance = split_window([T, 5, 6, T + 50, T + 50, 7, T + 100], T, 3000, final=False)
+    assert seconds(parts) == [(0.0, 1.0), (1.0, 2.0)]
+    assert [p.tokens for p in parts] == [[T, 5, 6, T + 50], [T + 50, 7, T + 100]]
+    assert advance == 3000
+
+
+def test_an_unfinished_segment_is_decoded_again_by_the_next_window():
+    parts, advance = split_window([T, 5, T + 50, T + 60, 7, 8], T, 3000, final=False)
+    assert seconds(parts) == [(0.0, 1.0)]
+    assert advance == 100  # frames: the next window starts where the last complete segment ended
+
+
+def test_the_final_window_keeps_its_unfinished_segment():
+    parts, advance = split_window([T, 5, T + 50, T + 60, 7, 8], T, 1234, final=True)
+    assert seconds(parts) == [(0.0, 1.0), (1.2, 12.34)]
+    assert advance == 1234
+
+
+def test_windows_without_timestamp_pairs_are_one_segment():
+    assert seconds(split_window([T + 10, 5, 6], T, 3000, final=False)[0]) == [(0.2, 30.0)]
+    assert seconds(split_window([T + 10, 5, T + 60], T, 3000, final=False)[0]) == [(0.2, 1.2)]
+    assert split_window([T + 10], T, 3000, final=False) == ([], 3000)  # no text, no segment
+    assert split_window([], T, 3000, final=True) == ([], 3000)
+
+
+def feed_all(gate: StreamedText, steps: list[tuple[str, int]]) -> list[str]:
+    return [gate.feed(text, [token]) for text, token in steps]
+
+
+STEPS = [("", T), (" a", 5), ("", T + 50), ("", T + 50), (" b", 6), ("", T + 80), ("", T + 80), (" c", 7)]
+
+
+def test_streamed_text_waits_for_segments_to_close_in_earlier_windows():
+    gate = StreamedText(SpeechWindow(torch.zeros(1), 0), T, final=False)
+    assert feed_all(gate, STEPS) == ["", " a", "", "", "", " b", "", ""]
+    assert gate.finish() == ""  # " c" never closed: the next window decodes it again
+
+
+def test_streamed_text_flows_at_once_in_the_final_window():
+    gate = StreamedText(SpeechWindow(torch.zeros(1), 0), T, final=True)
+    assert feed_all(gate, STEPS) == ["", " a", "", "", " b", "", "", " c"]
+    assert gate.finish() == ""
+
+
+def test_a_window_that_may_be_silent_holds_its_text_to_the_end():
+    likely_silent = SpeechWindow(torch.zeros(1), 0, no_speech_prob=0.9, token_logprobs=[-0.2])
+    gate = StreamedText(likely_silent, T, final=True)
+    assert feed_all(gate, STEPS) == [""] * len(STEPS)
+    assert gate.finish() == " a b c"  # confident tokens: it was speech after all
+    silent = SpeechWindow(torch.zeros(1), 0, no_speech_prob=0.9, token_logprobs=[-2.0])
+    gate = StreamedText(silent, T, final=True)
+    feed_all(gate, STEPS)
+    assert gate.finish() == ""
+
+# ---------------------------------------------------------------- audio decoding
+
+
+def encoded_tone(container: str, codec: str, rate: int, seconds: float = 2.0) -> bytes:
+    """A 440 Hz stereo tone at `rate`, encoded by PyAV's FFmpeg."""
+    t = np.arange(int(rate * seconds)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as output:
+        stream = output.add_stream(codec, rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            output.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("container, codec, rate", [
+    ("wav", "pcm_s16le", 44100), ("flac", "flac", 22050), ("mp3", "libmp3lame", 44100), ("ogg", "libopus", 48000),
+    ("webm", "libopus", 48000), ("ipod", "aac", 44100),  # ipod is FFmpeg's name for .m4a
+])
+def test_decodes_common_containers_to_16k_mono(container, codec, rate):
+    samples = decode_audio(encoded_tone(container, codec, rate))
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert len(samples) / SAMPLE_RATE == pytest.approx(2.0, abs=0.06)  # encoders may pad a frame
+    peak_hz = np.argmax(np.abs(np.fft.rfft(samples))) * SAMPLE_RATE / len(samples)
+    assert peak_hz == pytest.approx(440, abs=2)
+    rms = np.sqrt(np.mean(samples[1000:-1000] ** 2))
+    # FFmpeg's downmix, as `ffmpeg -ac 1` (OpenAI's loader) does it: each channel at -3 dB, so the sum of two
+    # equal channels has sqrt(2) times a channel's RMS (0.3 / sqrt(2))
+    assert rms == pytest.approx(0.3, rel=0.05)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"This is a text file, not a recording.\n" * 50, "not audio"),
+    (bytes(range(256)) * 40, "not audio"),
+])
+def test_rejects_what_is_not_audio(data, message):
+    with pytest.raises(AudioDecodeError, match=message):
+        decode_audio(data)
+
+
+def test_rejects_a_corrupt_file():
+    wav = encoded_tone("wav", "pcm_s16le", 16000)
+    with pytest.raises(AudioDecodeError, match="corrupt|not audio"):
+        decode_audio(wav[:60])  # a header that promises audio, then nothing

@@ -1,0 +1,255 @@
+"""Speech to text on the continuous-batching engine. An upload's audio becomes a chain of 30 s windows, each
+decoded as one engine sequence, so windows of many uploads share every decode step; text streams back as
+it becomes final, and the windows' segments make the transcript."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Literal, TypeVar
+
+import numpy as np
+import torch
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+from audio import SAMPLE_RATE, AudioDecodeError, decode_audio
+from audio_models import TranscriptionSegment
+from batching import Engine, QueueFullError, SamplingParams, Sequence
+from batching.whisper_runner import SpeechWindow
+from config import Config
+from model_manager import load_off_loop
+from long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window
+from serving import APIError, check_error, check_model_name
+from whisper_loader import LoadedWhisper, build_whisper_engine, load_whisper
+
+logger = logging.getLogger("batchwise.transcription")
+T = TypeVar("T")
+
+MODEL_ALIASES = ("whisper-1",)  # what OpenAI clients send by default
+CONDITION_MAX_TEMPERATURE = 0.5  # above it OpenAI stops conditioning a window on the text before it
+
+
+@dataclass(frozen=True)
+class TranscriptionOptions:
+    task: Literal["transcribe", "translate"] = "transcribe"
+    language: str | None = None  # an ISO-639-1 code; detected when None on multilingual models
+    prompt: str | None = None
+    temperature: float = 0.0
+
+
+@dataclass
+class Transcript:
+    task: str
+    duration: float
+    language: str = ""
+    segments: list[TranscriptionSegment] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(segment.text for segment in self.segments).strip()
+
+
+def compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+class TranscriptionService:
+    def __init__(self, engine: Engine, loaded: LoadedWhisper, served_names: tuple[str, ...]) -> None:
+        self.engine = engine
+        self.served_names = served_names
+        self.model_name = served_names[0]
+        self.multilingual = loaded.multilingual
+        self.tokens = loaded.tokens
+        self.tokenizer = loaded.processor.tokenizer
+        self.feature_extractor = loaded.processor.feature_extractor
+        self.max_positions = loaded.model.config.max_target_positions
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
+
+    def check_model(self, name: str) -> None:
+        check_model_name(name, self.served_names, MODEL_ALIASES)
+
+    def check_options(self, options: TranscriptionOptions) -> None:
+        if options.task == "translate" and not self.multilingual:
+            raise APIError(400, f"{self.model_name} is an English-only model; translation needs a multilingual "
+                                "Whisper model", param="model")
+        if options.language is None:
+            return
+        if not self.multilingual and options.language != "en":
+            raise APIError(400, f"{self.model_name} is an English-only model; 'language' can only be 'en'",
+                           param="language")
+        if self.multilingual and options.language not in self.tokens.languages:
+            raise APIError(400, f"Unknown language '{options.language}': use an ISO-639-1 code such as 'en'",
+                           param="language")
+
+    async def start(self, data: bytes, options: TranscriptionOptions, request_id: str) -> TranscriptionJob:
+        """Decode the upload (400 if it is not usable audio) and prepare its transcription."""
+        started = time.perf_counter()
+        try:
+            audio = await asyncio.to_thread(self._timed, "audio_decode", decode_audio, data)
+        except AudioDecodeError as error:
+            raise APIError(400, str(error), param="file") from None
+        return TranscriptionJob(self, audio, options, request_id, started)
+
+    async def window_features(self, audio: np.ndarray, seek: int) -> torch.Tensor:
+        """The log-mel features of the 30 s window starting `seek` frames into the audio (zero-padded)."""
+        extractor = self.feature_extractor
+        start = seek * extractor.hop_length
+        features = await asyncio.to_thread(self._timed, "features", extractor, audio[start:start + extractor.n_samples],
+                                           sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        return features.input_features[0]
+
+    def decoder_prompt(self, previous: list[int], language: str, task: str) -> tuple[list[int], int]:
+        """<|startofprev|> and the latest previous text, then the start-of-transcript sequence; and where
+        <|startoftranscript|> sits."""
+        tokens = self.tokens
+        context = []
+        if previous and tokens.start_of_previous is not None:
+            context = [tokens.start_of_previous, *previous[-(self.max_positions // 2 - 1):]]
+        start = [tokens.start_of_transcript]
+        if self.multilingual:
+            start += [tokens.languages[language], tokens.translate if task == "translate" else tokens.transcribe]
+        return context + start, len(context)
+
+    def add(self, prompt: list[int], window: SpeechWindow, temperature: float, request_id: str,
+            max_tokens: int | None = None) -> Sequence:
+        limit = max_tokens or min(self.max_positions // 2, self.max_positions - len(prompt))
+        try:
+            return self.engine.add(prompt, SamplingParams(max_tokens=limit, temperature=temperature), request_id,
+                                   inputs=window)
+        except QueueFullError as error:
+            raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+
+    def language_code(self, token_id: int) -> str:
+        return next(code for code, language_id in self.tokens.languages.items() if language_id == token_id)
+
+    def timings(self) -> dict[str, float]:
+        return {phase: round(seconds, 3) for phase, seconds in {**self.engine.runner.seconds, **self.seconds}.items()}
+
+    def _timed(self, phase: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.seconds[phase] += time.perf_counter() - started
+
+
+class TranscriptionJob:
+    """One upload's transcription: iterate deltas() for its text; `transcript` is complete when that ends."""
+
+    def __init__(self, service: TranscriptionService, audio: np.ndarray, options: TranscriptionOptions,
+                 request_id: str, started: float) -> None:
+        self.service = service
+        self.audio = audio
+        self.options = options
+        self.request_id = request_id
+        self.started = started
+        self.transcript = Transcript(options.task, duration=len(audio) / SAMPLE_RATE)
+        self.content_frames = len(audio) // service.feature_extractor.hop_length
+        self.window_frames = service.feature_extractor.nb_max_frames
+        self.first_token_at: float | None = None
+        self.generated_tokens = 0
+        self.windows = 0
+        self._text_started = False
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The transcript's text as it becomes final, window after window; leaving early cancels the decoding."""
+        language = self.options.language or await self._detect_language()
+        self.transcript.language = LANGUAGES.get(language, language)
+        previous = self._initial_prompt()
+        seek = 0
+        while seek < self.content_frames:
+            final = seek + self.window_frames >= self.content_frames
+            seq = await self._submit_window(seek, previous, language)
+            gate = StreamedText(seq.inputs, self.service.tokens.timestamp_begin, final)
+            async for text in self._stream_window(seq, gate):
+                yield text
+            seq.inputs.settle(seq.output_ids[-1])
+            if text := self._visible(gate.finish()):
+                yield text
+            advance, kept_tokens = self._add_segments(seq, seek, final)
+            if self.options.temperature <= CONDITION_MAX_TEMPERATURE:
+                previous.extend(kept_tokens)
+            seek += advance
+        self._log()
+
+    async def _submit_window(self, seek: int, previous: list[int], language: str) -> Sequence:
+        service = self.service
+        prompt, start_index = service.decoder_prompt(previous, language, self.options.task)
+        window = SpeechWindow(await service.window_features(self.audio, seek), start_index)
+        self.windows += 1
+        return service.add(prompt, window, self.options.temperature, self.request_id)
+
+    async def _stream_window(self, seq: Sequence, gate: StreamedText) -> AsyncIterator[str]:
+        async for delta in self.service.engine.stream(seq):
+            check_error(delta)
+            self.first_token_at = self.first_token_at or time.perf_counter()
+            self.generated_tokens += len(delta.token_ids)
+            if text := self._visible(gate.feed(delta.text, delta.token_ids)):
+                yield text
+
+    async def _detect_language(self) -> str:
+        service = self.service
+        if not service.multilingual:
+            return "en"
+        window = SpeechWindow(await service.window_features(self.audio, 0), start_index=0, detect_language=True)
+        seq = service.add([service.tokens.start_of_transcript], window, 0.0, self.request_id, max_tokens=1)
+        async for delta in service.engine.stream(seq):
+            check_error(delta)
+        return service.language_code(seq.output_ids[0])
+
+    def _initial_prompt(self) -> list[int]:
+        if self.options.prompt is None:
+            return []
+        return self.service.tokenizer.encode(" " + self.options.prompt.strip(), add_special_tokens=False)
+
+    def _add_segments(self, seq: Sequence, seek: int, final: bool) -> tuple[int, list[int]]:
+        """Append the window's segments (none if it is silence); return the frames to advance and the tokens
+        the transcript kept."""
+        window, frames = seq.inputs, min(self.window_frames, self.content_frames - seek)
+        if is_silent(window):
+            return frames, []
+        tokens = self.service.tokens
+        generated = [token for token in seq.output_ids if token != tokens.end_of_text]
+        parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
+        decode = self.service.tokenizer.decode
+        ratio = compression_ratio(decode(generated, skip_special_tokens=True))
+        offset, duration = seek / FRAMES_PER_SECOND, self.transcript.duration
+        segments = self.transcript.segments
+        for part in parts:
+            segments.append(TranscriptionSegment(
+                id=len(segments), seek=seek, start=round(min(offset + part.start, duration), 3),
+                end=round(min(offset + part.end, duration), 3), text=decode(part.tokens, skip_special_tokens=True),
+                tokens=part.tokens, temperature=self.options.temperature, avg_logprob=window.avg_logprob,
+                compression_ratio=ratio, no_speech_prob=window.no_speech_prob))
+        return advance, [token for part in parts for token in part.tokens]
+
+    def _visible(self, text: str) -> str:
+        """The transcript starts at its first non-blank character."""
+        if not self._text_started:
+            text = text.lstrip()
+            self._text_started = bool(text)
+        return text
+
+    def _log(self) -> None:
+        wall = time.perf_counter() - self.started
+        first_token = (self.first_token_at or time.perf_counter()) - self.started
+        logger.info("transcription %s: %.1f s of audio in %.2f s (%.1f audio s per wall s), first token after "
+                    "%.0f ms, %d tokens at %.1f tokens/s, %d windows", self.request_id, self.transcript.duration,
+                    wall, self.transcript.duration / wall, first_token * 1000, self.generated_tokens,
+                    self.generated_tokens / wall, self.windows)
+
+
+async def start_transcription_service(config: Config) -> TranscriptionService:
+    loaded = await load_off_loop(load_whisper, config)
+    engine = build_whisper_engine(loaded, config)
+    engine.start()
+    service = TranscriptionService(engine, loaded, config.served_names(loaded.name))
+    logger.info("serving %s (speech to text) on http://%s:%d", ", ".join(service.served_names), config.host,
+                config.port)
+    return service
