@@ -99,8 +99,9 @@ class TranscriptionService:
         """The log-mel features of the 30 s window starting `seek` frames into the audio (zero-padded)."""
         extractor = self.feature_extractor
         start = seek * extractor.hop_length
-        features = await asyncio.to_thread(self._timed, "features", extractor, audio[start:start + extractor.n_samples],
-                                           sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        features = await self.engine.on_step_thread(self._timed, "features", extractor,
+                                                    audio[start:start + extractor.n_samples],
+                                                    sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return features.input_features[0]
 
     def decoder_prompt(self, previous: list[int], language: str, task: str) -> tuple[list[int], int]:

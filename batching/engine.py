@@ -7,7 +7,8 @@ import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from functools import partial
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import torch
 
@@ -17,6 +18,8 @@ from batching.scheduler import Scheduler
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
 
 logger = logging.getLogger("batchwise.engine")
+
+T = TypeVar("T")
 
 
 class EngineError(RuntimeError):
@@ -87,6 +90,10 @@ class Engine:
         seq.generator = torch.Generator(self.runner.device).manual_seed(seed)
         return seq
 
+    async def on_step_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run other torch work (e.g. feature extraction) on the step thread, between steps (see _run_step)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(function, *args, **kwargs))
+
     def cancel(self, seq: Sequence) -> None:
         if not seq.finished:
             seq.cancelled = True
@@ -120,11 +127,17 @@ class Engine:
         seqs = prefilling + decoding
         try:
             tokens = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.runner.step, prefilling, decoding)
+                self._executor, self._run_step, prefilling, decoding)
             self._deliver(seqs, tokens)
         except Exception as error:
             self._fail(seqs, error)
         self.steps += 1
+
+    def _run_step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[TokenLogprob]:
+        """On the step thread: every torch call stays on this one thread, since each thread that calls
+        torch gets its own OpenMP pool, whose spinning workers would slow the forward down."""
+        self.scheduler.apply_moves()
+        return self.runner.step(prefilling, decoding)
 
     def _deliver(self, seqs: list[Sequence], tokens: list[TokenLogprob]) -> None:
         for seq, token in zip(seqs, tokens):

@@ -21,6 +21,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.pending_moves: list[tuple[int, int, int]] = []
 
     @property
     def idle(self) -> bool:
@@ -62,19 +63,27 @@ class Scheduler:
         return group
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out wherever it is; the last running row moves into its row."""
+        """Take a sequence out wherever it is; the last running row moves into its row (the copy
+        itself waits for apply_moves, so that all tensor work stays on the step thread)."""
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         elif seq.row >= 0:
             last = self.running.pop()
             if last is not seq:
-                self.cache.move_row(last.row, seq.row, last.length - 1)
+                self.pending_moves.append((last.row, seq.row, last.length - 1))
                 last.row = seq.row
                 self.running[seq.row] = last
         seq.row = -1
         seq.status = Status.FINISHED
         if not self.running:
+            self.pending_moves.clear()
             self.cache.release()
+
+    def apply_moves(self) -> None:
+        """Carry out the row moves that removals queued, in order (before the next forward)."""
+        for source, target, length in self.pending_moves:
+            self.cache.move_row(source, target, length)
+        self.pending_moves.clear()
 
     def reset(self) -> None:
         """Forget all running sequences and their KV memory (after a failed step)."""
@@ -82,6 +91,7 @@ class Scheduler:
             seq.row = -1
             seq.status = Status.FINISHED
         self.running.clear()
+        self.pending_moves.clear()
         self.cache.release()
 
     def drop_cancelled(self) -> list[Sequence]:

@@ -3,6 +3,7 @@ KV row reuse, cancellation."""
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -56,8 +57,13 @@ def test_rows_are_reused_and_compacted_while_others_keep_decoding(tokenizer):
     prompts = random_prompts(12, vocab, seed=11)
     limits = [3, 30, 5, 25, 1, 18, 7, 30, 2, 12, 9, 20]
 
+    move_threads = set()
+
     def engine():
-        return make_engine(model, tokenizer, batch_size=4)
+        built = make_engine(model, tokenizer, batch_size=4)
+        move = built.scheduler.cache.move_row
+        built.scheduler.cache.move_row = lambda *args: move_threads.add(threading.current_thread().name) or move(*args)
+        return built
 
     async def mixed(engine):
         seqs = [engine.add(p, greedy(n)) for p, n in zip(prompts, limits)]
@@ -68,6 +74,7 @@ def test_rows_are_reused_and_compacted_while_others_keep_decoding(tokenizer):
         return done
 
     batched = run_with_engine(engine, mixed)
+    assert move_threads and all(name.startswith("batchwise-step") for name in move_threads), move_threads
     for seq, prompt, limit in zip(batched, prompts, limits):
         alone = run_with_engine(engine, lambda e: generate_all(e, [prompt], greedy(limit)))[0]
         assert seq.output_ids == alone.output_ids
