@@ -2,12 +2,12 @@
 
 Start the server (`make run`, `.\\start.ps1` on Windows, or `docker compose up`), then:
 
-    pip install openai            # already in the dev requirements (make install-dev)
+    pip install openai            # already in .venv after `make run` (requirements.txt)
     python example_client.py
     python example_client.py --port 8000 --prompt "Write a haiku about queues."
 
 It prints one chat answer, the same question streamed token by token, and a plain text completion.
-Batchwise checks no API key; API_KEY is read from the environment only because the SDK needs one.
+The key sent is $API_KEY (or "-"): the server checks keys only when started with --api-key.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Batchwise entry point: parse the configuration, build the app, serve it with uvicorn."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(config)
     server_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.loglevel.lower(),
                                    timeout_graceful_shutdown=5)
-    DrainingServer(server_config, app.state.server, config.shutdown_grace).run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        DrainingServer(server_config, app.state.server, config.shutdown_grace).run()
 
 
 if __name__ == "__main__":
