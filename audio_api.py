@@ -3,8 +3,7 @@ subtitles or server-sent events."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,14 +14,13 @@ from starlette.datastructures import FormData, UploadFile
 from audio_models import (DurationUsage, ResponseFormat, TranscriptionForm, TranscriptTextDelta,
                           TranscriptTextDone, VerboseTranscription)
 from audio_models import Transcription as TranscriptionBody
-from serving import APIError
+from serving import APIError, finish_unless_abandoned
 from subtitles import to_srt, to_vtt
 from transcription import Transcript, TranscriptionJob, TranscriptionOptions, TranscriptionService
 
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the other fields, on top of the audio itself
-DISCONNECT_POLL_SECONDS = 0.05
 GRANULARITY_KEYS = ("timestamp_granularities[]", "timestamp_granularities")
 
 EventStreamBuilder = Callable[[AsyncIterator[BaseModel], str], Response]
@@ -45,7 +43,7 @@ def audio_router(ready_service: Callable[[], TranscriptionService], event_stream
         job = await service.start(data, options, request_id)
         if form.stream:
             return event_stream(stream_events(job), request_id)
-        await until_disconnected(drain(job), request.is_disconnected)
+        await finish_unless_abandoned(drain(job), request.is_disconnected)
         return render(job.transcript, form.response_format)
 
     @router.post("/transcriptions")
@@ -97,19 +95,6 @@ def too_large(limit: int) -> APIError:
 async def drain(job: TranscriptionJob) -> None:
     async for _ in job.deltas():
         pass
-
-
-async def until_disconnected(work: Awaitable[None], disconnected: Callable[[], Awaitable[bool]]) -> None:
-    """Await the work; if the client goes away first, cancel it (which stops its decoding)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while not task.done():
-            await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
-            if not task.done() and await disconnected():
-                task.cancel()
-        await task
-    finally:
-        task.cancel()
 
 
 async def stream_events(job: TranscriptionJob) -> AsyncIterator[BaseModel]:

@@ -169,19 +169,9 @@ class Generator:
                 check_error(delta)
                 choice.record(delta)
 
-        deadline = self._deadline()
-        work = asyncio.gather(*(drain(c) for c in choices))
         try:
-            while not work.done():
-                await asyncio.wait([work], timeout=DISCONNECT_POLL_SECONDS)
-                if work.done():
-                    break
-                if time.monotonic() > deadline:
-                    work.cancel()
-                    raise timeout_error(self.request_timeout)
-                if await disconnected():
-                    work.cancel()
-            await work
+            await finish_unless_abandoned(asyncio.gather(*(drain(c) for c in choices)), disconnected,
+                                          self.request_timeout)
         finally:
             self.cancel(choices)
 
@@ -234,6 +224,25 @@ class Generator:
             result.text_offset.append(offset)
             offset += len(text)
         return result
+
+
+async def finish_unless_abandoned(work: Awaitable[None], disconnected: Callable[[], Awaitable[bool]],
+                                  timeout: float | None = None) -> None:
+    """Await the work; cancel it if the client goes away first, or if it outlasts the timeout (408)."""
+    task = asyncio.ensure_future(work)
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
+            if task.done():
+                break
+            if time.monotonic() > deadline:
+                raise timeout_error(timeout)
+            if await disconnected():
+                task.cancel()
+        await task
+    finally:
+        task.cancel()
 
 
 def check_model_name(name: str, served_names: tuple[str, ...], aliases: tuple[str, ...] = ()) -> None:
