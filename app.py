@@ -222,7 +222,7 @@ def create_app(config: Config) -> FastAPI:
         return ModelCard(id=model_id)
 
     if config.serving_type == "whisper":
-        api.include_router(audio_router(state.ready, sse, config.max_audio_mb))
+        api.include_router(audio_router(state.ready, sse, config.max_audio_mb, config.request_timeout or None))
         app.include_router(api)
         return app
 

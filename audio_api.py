@@ -27,9 +27,10 @@ EventStreamBuilder = Callable[[AsyncIterator[BaseModel], str], Response]
 
 
 def audio_router(ready_service: Callable[[], TranscriptionService], event_stream: EventStreamBuilder,
-                 max_audio_mb: int) -> APIRouter:
+                 max_audio_mb: int, request_timeout: float | None = None) -> APIRouter:
     """Routes under /audio, for the app's /v1 router. ready_service: the app's dependency that yields the
-    service (or a 503 while it loads); event_stream: the app's SSE response for a stream of events."""
+    service (or a 503 while it loads); event_stream: the app's SSE response for a stream of events;
+    request_timeout: seconds a non-streamed transcription may take (408 after)."""
     router = APIRouter(prefix="/audio")
     limit = max_audio_mb * 1024 * 1024
 
@@ -43,7 +44,7 @@ def audio_router(ready_service: Callable[[], TranscriptionService], event_stream
         job = await service.start(data, options, request_id)
         if form.stream:
             return event_stream(stream_events(job), request_id)
-        await finish_unless_abandoned(drain(job), request.is_disconnected)
+        await finish_unless_abandoned(drain(job), request.is_disconnected, request_timeout)
         return render(job.transcript, form.response_format)
 
     @router.post("/transcriptions")

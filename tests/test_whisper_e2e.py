@@ -163,13 +163,16 @@ def test_translation_needs_a_multilingual_model(client, clips):
         client.audio.translations.create(file=("fox.wav", clips["fox"]), model="whisper-1")
 
 
-def test_oversize_upload_is_a_413(clips):
-    big = clips["long"] * 2  # ~4.5 MB of WAV
-    with running_server("--serving-type", "whisper", "--max-audio-mb", "1") as base_url:
+def test_oversize_upload_is_a_413_and_a_slow_one_a_408(clips):
+    big = clips["long"] * 2  # ~6 MB of WAV; "long" alone (70 s) is ~3 MB
+    with running_server("--serving-type", "whisper", "--max-audio-mb", "4", "--request-timeout", "0.5") as base_url:
         response = httpx.post(f"{base_url}/v1/audio/transcriptions", files={"file": ("big.wav", big)},
                               data={"model": "whisper-1"}, timeout=60)
+        slow = httpx.post(f"{base_url}/v1/audio/transcriptions", files={"file": ("long.wav", clips["long"])},
+                          data={"model": "whisper-1"}, timeout=60)
     assert response.status_code == 413
-    assert response.json()["error"]["param"] == "file" and "1 MB" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "file" and "4 MB" in response.json()["error"]["message"]
+    assert slow.status_code == 408 and slow.json()["error"]["code"] == "request_timeout"
 
 
 @pytest.mark.parametrize("stream", [True, False])
