@@ -170,7 +170,7 @@ class TranscriptionJob:
             gate = StreamedText(seq.inputs, self.service.tokens.timestamp_begin, final)
             async for text in self._stream_window(seq, gate):
                 yield text
-            seq.inputs.settle(seq.output_ids[-1])
+            seq.inputs.avg_logprob = seq.cumulative_logprob / max(len(seq.output_ids), 1)
             if text := self._visible(gate.finish()):
                 yield text
             advance, kept_tokens = self._add_segments(seq, seek, final)

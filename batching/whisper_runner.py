@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
@@ -35,18 +35,7 @@ class SpeechWindow:
     start_index: int  # where <|startoftranscript|> sits in the prompt (no_speech_prob is read there)
     detect_language: bool = False
     no_speech_prob: float = 0.0
-    token_logprobs: list[float] = field(default_factory=list)
-    pending: torch.Tensor | None = None  # the last step's log-probs for this row, until its token is known
-
-    def settle(self, token: int) -> None:
-        """Record the log-probability of the token the last step chose (the sampler only says which)."""
-        if self.pending is not None:
-            self.token_logprobs.append(float(self.pending[token]))
-            self.pending = None
-
-    @property
-    def avg_logprob(self) -> float:
-        return sum(self.token_logprobs) / max(len(self.token_logprobs), 1)
+    avg_logprob: float = 0.0  # of the window's tokens, set when its decoding ends
 
 
 class WhisperRunner:
@@ -64,14 +53,11 @@ class WhisperRunner:
     @torch.inference_mode()
     def step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list:
         """Sample one token per sequence, prefilling first, then decoding."""
-        for seq in decoding:
-            seq.inputs.settle(seq.last_token)
         logits = self.logits(prefilling, decoding)
         seqs = prefilling + decoding
         with self._timed("rules_and_sampling"):
             ruled = self.rules.apply(logits, [s.output_ids for s in seqs], [s.inputs.detect_language for s in seqs])
-            for seq, logprobs in zip(seqs, ruled.log_softmax(dim=-1)):
-                seq.inputs.pending = logprobs
+            # the sampler reports each token's log-prob under these ruled logits (seq.cumulative_logprob)
             return sample(ruled, seqs)
 
     @torch.inference_mode()
