@@ -184,7 +184,7 @@ class Generator:
                 await queue.put((choice, delta))
 
         pumps = [asyncio.create_task(pump(c)) for c in choices]
-        deadline = self._deadline()
+        deadline = deadline_after(self.request_timeout)
         unfinished = len(choices)
         try:
             while unfinished:
@@ -200,9 +200,6 @@ class Generator:
             for task in pumps:
                 task.cancel()
             self.cancel(choices)
-
-    def _deadline(self) -> float:
-        return time.monotonic() + self.request_timeout if self.request_timeout else float("inf")
 
     def chat_logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:
@@ -226,11 +223,16 @@ class Generator:
         return result
 
 
+def deadline_after(timeout: float | None) -> float:
+    """The monotonic time a request given `timeout` seconds must end by (never, without one)."""
+    return time.monotonic() + timeout if timeout else float("inf")
+
+
 async def finish_unless_abandoned(work: Awaitable[None], disconnected: Callable[[], Awaitable[bool]],
                                   timeout: float | None = None) -> None:
     """Await the work; cancel it if the client goes away first, or if it outlasts the timeout (408)."""
     task = asyncio.ensure_future(work)
-    deadline = time.monotonic() + timeout if timeout else float("inf")
+    deadline = deadline_after(timeout)
     try:
         while not task.done():
             await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
