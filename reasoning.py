@@ -9,7 +9,6 @@ from batching.detokenizer import partial_suffix_length
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PARSERS = ("none", "auto", "deepseek_r1")
 
 
 @dataclass
