@@ -13,7 +13,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import uvicorn  # noqa: E402
 
-from app import ServerState, create_app  # noqa: E402
+from api.state import ServerState  # noqa: E402
+from app import create_app  # noqa: E402
 from config import parse_config  # noqa: E402
 
 logger = logging.getLogger("batchwise")

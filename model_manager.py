@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.util
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from batching import ATTENTION_NAME, Engine, ModelRunner, RowKVCache, Scheduler
 from config import EMBEDDED_CHAT_MODEL, Config
+from converters.gguf import cached_gguf_conversion
 
 logger = logging.getLogger("batchwise.model")
 
@@ -75,30 +73,6 @@ def model_source(config: Config) -> Path | str:
             raise ModelLoadError(f"GGUF file not found: {gguf}")
         return cached_gguf_conversion(gguf, Path(config.model_cache_dir))
     return config.hf_model
-
-
-def cached_gguf_conversion(gguf: Path, cache_dir: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        logger.info("using the converted copy of %s at %s", gguf.name, target)
-        return target
-    logger.info("converting %s to safetensors once (later starts load %s in seconds)", gguf.name, target)
-    started = time.perf_counter()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # the weights are de-quantised on load; drop the GGUF quantiser so save_pretrained writes plain tensors
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.config.__dict__.pop("quantization_config", None)
-    staging = cache_dir / f".{target.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)
-    logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
-    return target
 
 
 def load_model(config: Config) -> LoadedModel:

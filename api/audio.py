@@ -11,39 +11,38 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from audio_models import (DurationUsage, ResponseFormat, TranscriptionForm, TranscriptTextDelta,
-                          TranscriptTextDone, VerboseTranscription)
-from audio_models import Transcription as TranscriptionBody
-from serving import APIError, finish_unless_abandoned
-from subtitles import to_srt, to_vtt
-from transcription import Transcript, TranscriptionJob, TranscriptionOptions, TranscriptionService
+from api.middleware import request_id
+from api.sse import sse
+from models import (DurationUsage, TranscriptFormat, TranscriptionForm, TranscriptTextDelta, TranscriptTextDone,
+                    VerboseTranscription)
+from models import Transcription as TranscriptionBody
+from serving.errors import APIError
+from serving.timeouts import finish_unless_abandoned
+from serving.transcription import Transcript, TranscriptionJob, TranscriptionOptions, TranscriptionService
+from speech.subtitles import to_srt, to_vtt
 
-WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
-                     "/health"]
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the other fields, on top of the audio itself
 GRANULARITY_KEYS = ("timestamp_granularities[]", "timestamp_granularities")
 
-EventStreamBuilder = Callable[[AsyncIterator[BaseModel], str], Response]
 
-
-def audio_router(ready_service: Callable[[], TranscriptionService], event_stream: EventStreamBuilder,
-                 max_audio_mb: int, request_timeout: float | None = None) -> APIRouter:
+def audio_router(ready_service: Callable[[], TranscriptionService], max_audio_mb: int,
+                 request_timeout: float | None = None) -> APIRouter:
     """Routes under /audio, for the app's /v1 router. ready_service: the app's dependency that yields the
-    service (or a 503 while it loads); event_stream: the app's SSE response for a stream of events;
-    request_timeout: seconds a non-streamed transcription may take (408 after)."""
+    service (or a 503 while it loads); request_timeout: seconds a non-streamed transcription may take (408
+    after)."""
     router = APIRouter(prefix="/audio")
     limit = max_audio_mb * 1024 * 1024
 
     async def respond(request: Request, service: TranscriptionService, task: str) -> Response:
-        request_id = getattr(request.state, "request_id", "-")
+        rid = request_id(request)
         form, data = await read_upload(request, limit)
         service.check_model(form.model)
         language = form.language if task == "transcribe" else None
         options = TranscriptionOptions(task, language, form.prompt, form.temperature)
         service.check_options(options)
-        job = await service.start(data, options, request_id)
+        job = await service.start(data, options, rid)
         if form.stream:
-            return event_stream(stream_events(job), request_id)
+            return sse(stream_events(job), rid)
         await finish_unless_abandoned(drain(job), request.is_disconnected, request_timeout)
         return render(job.transcript, form.response_format)
 
@@ -104,7 +103,7 @@ async def stream_events(job: TranscriptionJob) -> AsyncIterator[BaseModel]:
     yield TranscriptTextDone(text=job.transcript.text)
 
 
-def render(transcript: Transcript, response_format: ResponseFormat) -> Response:
+def render(transcript: Transcript, response_format: TranscriptFormat) -> Response:
     usage = DurationUsage(seconds=round(transcript.duration, 3))
     if response_format == "json":
         return JSONResponse(TranscriptionBody(text=transcript.text, usage=usage).model_dump())

@@ -1,7 +1,8 @@
 """The continuous-batching engine. Nothing here knows about HTTP."""
 
+from batching.attention import ATTENTION_NAME
 from batching.engine import Engine, EngineError, EngineStats
-from batching.kv_cache import ATTENTION_NAME, RowKVCache
+from batching.kv_cache import RowKVCache
 from batching.runner import ModelRunner
 from batching.scheduler import QueueFullError, Scheduler
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from batching.kv_cache import DecodeStep, PrefillStep, RowKVCache, pack_prompts
+from batching.attention import DecodeStep, PrefillStep, pack_prompts
+from batching.kv_cache import RowKVCache
 from batching.sampler import sample, token_logprobs
 from batching.sequence import Sequence, TokenLogprob
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.load import parse_levels, run_levels
 from bench.report import markdown_table, short_completion_notes
 from bench.stats import Measurement
-from server_process import running_server
+from tests.helpers.server_process import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -27,8 +27,8 @@ from openai import OpenAI
 from bench.report import fmt
 from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, process_env
 from bench.stats import percentile
-from server_process import running_server
-from synthetic_speech import SENTENCES, spoken_clip, wav_seconds
+from tests.helpers.server_process import running_server
+from tests.helpers.synthetic_speech import SENTENCES, spoken_clip, wav_seconds
 
 # about 5 s, 15 s and 45 s of speech with pauses
 CLIP_SENTENCES = {"short": (SENTENCES[:1], 1.0), "medium": (SENTENCES[1:3], 2.5), "long": (SENTENCES[3:10], 1.5)}

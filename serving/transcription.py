@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 
 import numpy as np
-import torch
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from audio import SAMPLE_RATE, AudioDecodeError, decode_audio
-from audio_models import TranscriptionSegment
 from batching import Engine, QueueFullError, SamplingParams, Sequence
-from batching.whisper_runner import SpeechWindow
+from batching.families.whisper_runner import SpeechWindow
 from config import Config
 from model_manager import load_off_loop
-from long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window
-from serving import APIError, check_error, check_model_name
-from whisper_loader import LoadedWhisper, build_whisper_engine, load_whisper
+from models import TranscriptionSegment
+from serving.errors import APIError, check_error, check_model_name, server_busy
+from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
+from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
+from speech.long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window, window_features
 
 logger = logging.getLogger("batchwise.transcription")
 T = TypeVar("T")
@@ -95,14 +94,12 @@ class TranscriptionService:
             raise APIError(400, str(error), param="file") from None
         return TranscriptionJob(self, audio, options, request_id, started)
 
-    async def window_features(self, audio: np.ndarray, seek: int) -> torch.Tensor:
-        """The log-mel features of the 30 s window starting `seek` frames into the audio (zero-padded)."""
-        extractor = self.feature_extractor
-        start = seek * extractor.hop_length
-        features = await self.engine.on_step_thread(self._timed, "features", extractor,
-                                                    audio[start:start + extractor.n_samples],
-                                                    sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        return features.input_features[0]
+    async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False
+                     ) -> SpeechWindow:
+        """The 30 s window starting `seek` frames into the audio, its features computed on the step thread."""
+        features = await self.engine.on_step_thread(self._timed, "features", window_features, self.feature_extractor,
+                                                    audio, seek)
+        return SpeechWindow(features, start_index, detect_language)
 
     def decoder_prompt(self, previous: list[int], language: str, task: str) -> tuple[list[int], int]:
         """<|startofprev|> and the latest previous text, then the start-of-transcript sequence; and where
@@ -123,8 +120,7 @@ class TranscriptionService:
             return self.engine.add(prompt, SamplingParams(max_tokens=limit, temperature=temperature), request_id,
                                    inputs=window)
         except QueueFullError as error:
-            raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"}) from None
+            raise server_busy(error) from None
 
     def language_code(self, token_id: int) -> str:
         return next(code for code, language_id in self.tokens.languages.items() if language_id == token_id)
@@ -182,7 +178,7 @@ class TranscriptionJob:
     async def _submit_window(self, seek: int, previous: list[int], language: str) -> Sequence:
         service = self.service
         prompt, start_index = service.decoder_prompt(previous, language, self.options.task)
-        window = SpeechWindow(await service.window_features(self.audio, seek), start_index)
+        window = await service.window(self.audio, seek, start_index)
         self.windows += 1
         return service.add(prompt, window, self.options.temperature, self.request_id)
 
@@ -198,7 +194,7 @@ class TranscriptionJob:
         service = self.service
         if not service.multilingual:
             return "en"
-        window = SpeechWindow(await service.window_features(self.audio, 0), start_index=0, detect_language=True)
+        window = await service.window(self.audio, 0, start_index=0, detect_language=True)
         seq = service.add([service.tokens.start_of_transcript], window, 0.0, self.request_id, max_tokens=1)
         async for delta in service.engine.stream(seq):
             check_error(delta)

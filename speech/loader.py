@@ -11,16 +11,15 @@ from pathlib import Path
 from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from batching import Engine, Scheduler
-from batching.whisper_cache import WhisperRowCache
-from batching.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
-from batching.whisper_runner import WhisperRunner
+from batching.families.whisper_cache import WhisperRowCache
+from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
+from batching.families.whisper_runner import WhisperRunner
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
-from model_manager import served_name
+from model_manager import MAX_PREFILL_TOKENS, served_name
 
 logger = logging.getLogger("batchwise.model")
 
-MAX_PREFILL_TOKENS = 4096
 _MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens
 
 

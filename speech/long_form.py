@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batching.whisper_runner import SpeechWindow
+import numpy as np
+import torch
+from transformers import WhisperFeatureExtractor
+
+from batching.families.whisper_runner import SpeechWindow
+from speech.audio import SAMPLE_RATE
 
 FRAMES_PER_SECOND = 100  # log-mel frames (hop of 160 samples at 16 kHz)
 FRAMES_PER_TIMESTAMP = 2  # one timestamp step is one encoder position, two mel frames
@@ -20,6 +25,14 @@ class TimedTokens:
     tokens: list[int]  # timestamp tokens included
     start: float  # seconds from the window's start
     end: float
+
+
+def window_features(extractor: WhisperFeatureExtractor, audio: np.ndarray, seek: int) -> torch.Tensor:
+    """The log-mel features ([mel bins, frames]) of the 30 s window starting `seek` frames into the audio,
+    zero-padded."""
+    start = seek * extractor.hop_length
+    window = audio[start:start + extractor.n_samples]
+    return extractor(window, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features[0]
 
 
 def is_silent(window: SpeechWindow) -> bool:

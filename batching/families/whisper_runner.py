@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration
 
-from batching.kv_cache import DecodeStep, PrefillStep, batchwise_attention, pack_prompts
+from batching.attention import DecodeStep, PrefillStep, batchwise_attention, pack_prompts
+from batching.families.whisper_cache import WhisperRowCache
+from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
 from batching.sequence import Sequence
-from batching.whisper_cache import WhisperRowCache
-from batching.whisper_rules import WhisperLogitRules
 
 CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
 

@@ -25,9 +25,8 @@ import yaml
 from docker.utils.build import exclude_paths
 
 import config
-from server_process import free_port, running_server
+from tests.helpers.server_process import ROOT, free_port, running_server
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 START_PS1 = ROOT / "start.ps1"

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from config import Config
-from server_process import ROOT, free_port, running_server, wait_healthy
+from tests.helpers.server_process import ROOT, free_port, running_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
 

@@ -4,8 +4,8 @@ import openai
 import pytest
 import transformers
 
-from conftest import tiny_model
-from server_process import running_server
+from tests.helpers.server_process import running_server
+from tests.helpers.tiny_models import tiny_model
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from server_process import running_server
-from synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_seconds
+from tests.helpers.server_process import running_server
+from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_seconds
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_SECONDS = 900
 
 

@@ -5,7 +5,7 @@ from dataclasses import fields
 import pytest
 
 from config import Config, parse_config
-from conftest import ROOT
+from tests.helpers.server_process import ROOT
 
 
 def test_defaults_match_the_reference_cli(monkeypatch):

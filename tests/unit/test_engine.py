@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from batching import SamplingParams
-from conftest import tiny_model
-from engine_helpers import finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.tiny_models import tiny_model
 
 
 def random_prompts(count: int, vocab: int, seed: int = 1, lengths=(3, 40)) -> list[list[int]]:

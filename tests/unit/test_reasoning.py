@@ -2,8 +2,8 @@ import itertools
 
 import pytest
 
-from reasoning import (MATH_INSTRUCTION, ReasoningParser, add_math_instruction, apply_few_shot_mode, boxed_answer,
-                       template_opens_think)
+from serving.reasoning import (MATH_INSTRUCTION, ReasoningParser, add_math_instruction, apply_few_shot_mode,
+                               boxed_answer, template_opens_think)
 
 
 def parse(chunks: list[str], opened: bool) -> tuple[str, str]:

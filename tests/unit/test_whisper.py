@@ -14,22 +14,22 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor, WhisperTimeStampLogitsProcessor
 
-from audio import SAMPLE_RATE, AudioDecodeError, decode_audio
-from audio_api import render
-from audio_models import TranscriptionSegment
+from api.audio import render
 from batching import Sequence
 from batching.detokenizer import IncrementalDetokenizer
-from batching.whisper_cache import WhisperRowCache
-from batching.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
-from batching.whisper_runner import SpeechWindow, WhisperRunner
+from batching.families.whisper_cache import WhisperRowCache
+from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
+from batching.families.whisper_runner import SpeechWindow, WhisperRunner
 from config import Config
-from engine_helpers import finish, greedy, run_with_engine
-from long_form import StreamedText, split_window
-from serving import APIError
-from subtitles import clock, to_srt, to_vtt
-from synthetic_speech import wav_bytes
-from transcription import Transcript, TranscriptionOptions, TranscriptionService, compression_ratio
-from whisper_loader import LoadedWhisper, build_whisper_engine, load_whisper
+from models import TranscriptionSegment
+from serving.errors import APIError
+from serving.transcription import Transcript, TranscriptionOptions, TranscriptionService, compression_ratio
+from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
+from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
+from speech.long_form import StreamedText, split_window
+from speech.subtitles import clock, to_srt, to_vtt
+from tests.helpers.engine import finish, greedy, run_with_engine
+from tests.helpers.synthetic_speech import wav_bytes
 
 # ---------------------------------------------------------------- subtitles and response formats
 
