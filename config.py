@@ -27,8 +27,33 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r}")
 
 
-def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None) -> Any:
-    return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": type, "choices": choices})
+def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None,
+           negative: str | None = None) -> Any:
+    """A Config field: its flag, env var, help, parser and choices; `negative` names a flag that sets it false."""
+    return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": type, "choices": choices,
+                                            "negative": negative})
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+                "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_memory(text: str) -> int | float | None:
+    """'auto' -> None; a fraction in (0, 1] of the free memory -> float; '4GiB', '512MB', '1e9' -> bytes."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = text[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"expected 'auto', a fraction such as 0.5 or a size such as 4GiB, got {text!r}") from None
+    if unit not in MEMORY_UNITS or value <= 0:
+        raise ConfigError(f"expected 'auto', a fraction such as 0.5 or a size such as 4GiB, got {text!r}")
+    if not unit and value <= 1:
+        return value
+    return int(value * MEMORY_UNITS[unit])
 
 
 def default_device() -> str:
@@ -84,6 +109,17 @@ class Config:
                                  parse_bool)
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE", "torch.compile mode",
                                      "reduce-overhead")
+    kv_cache_memory: str = option("--kv-cache-memory", "KV_CACHE_MEMORY",
+                                  "KV memory budget, fixed at start-up: a size (4GiB, 512MB), a fraction of the free "
+                                  "memory after loading (0.5), or auto (0.25 of free RAM on CPU, 0.6 of free GPU "
+                                  "memory on CUDA; never more than the running batch can use)", "auto")
+    prefix_caching: bool = option("--prefix-caching", "PREFIX_CACHING",
+                                  "reuse the K/V of prompt prefixes already computed", True, parse_bool,
+                                  negative="--no-prefix-caching")
+    max_num_batched_tokens: int | None = option(
+        "--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
+        "prompt tokens one step computes at most: longer prompts are prefilled in chunks of this size between "
+        "decode steps; unset: 256 on CPU, 2048 on CUDA", None, int)
     max_model_len: int | None = option("--max-model-len", "MAX_MODEL_LEN",
                                        "longest prompt plus completion in tokens; unset: the model's context",
                                        None, int)
@@ -132,6 +168,9 @@ class Config:
                 raise ConfigError(f"{flag} must not be negative")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("--max-model-len must be at least 2")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
+            raise ConfigError("--max-num-batched-tokens must be at least 16")
+        parse_memory(self.kv_cache_memory)
 
     def served_names(self, model_name: str) -> tuple[str, ...]:
         """The names clients may use for the model: --served-model-name's list, else the model's own name."""
@@ -169,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], default=f.default, choices=meta["choices"],
                             help=f"{meta['help']} [env {meta['env']}]")
+        if meta["negative"]:
+            parser.add_argument(meta["negative"], dest=f.name, action="store_false", help=f"set {meta['flag']} false")
     return parser
 
 

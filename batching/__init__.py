@@ -1,13 +1,13 @@
 """The continuous-batching engine. Nothing here knows about HTTP."""
 
-from batching.attention import ATTENTION_NAME
+from batching.attention import ATTENTION_NAME, kv_layout
 from batching.engine import Engine, EngineError, EngineStats
-from batching.kv_cache import RowKVCache
+from batching.kv_arena import KVArena, KVLayout
 from batching.runner import ModelRunner
 from batching.scheduler import QueueFullError, Scheduler
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
 
 __all__ = [
-    "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "ModelRunner", "QueueFullError",
-    "RowKVCache", "SamplingParams", "Scheduler", "Sequence", "TokenLogprob",
+    "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "KVArena", "KVLayout", "ModelRunner",
+    "QueueFullError", "SamplingParams", "Scheduler", "Sequence", "TokenLogprob", "kv_layout",
 ]

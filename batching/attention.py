@@ -1,7 +1,12 @@
 """The attention function every HF model in the engine runs through, registered with transformers'
 AttentionInterface: the model is loaded with ``attn_implementation="batchwise"`` and called without a
 transformers Cache; each attention layer hands its new keys/values to ``batchwise_attention``, which
-writes them into the rows of ``RowKVCache`` and attends over them.
+writes them into the engine's KV memory and attends over them:
+
+- SpanStep (the chat engine): the step's tokens are packed into one [1, tokens] forward, each sequence's
+  span attends to its own extent of the KV arena (its cached prefix, then its span, causally);
+- PrefillStep / DecodeStep (row caches, as the Whisper runner uses): packed prompts, then one token per row;
+- ProbeStep: one token through the model to learn its KV layout.
 """
 
 from __future__ import annotations
@@ -10,13 +15,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from batching.kv_arena import KVArena, KVLayout
 from batching.kv_cache import RowKVCache
 from batching.sequence import Sequence
 
 ATTENTION_NAME = "batchwise"
+
+
+@dataclass
+class SpanStep:
+    arena: KVArena
+    slots: torch.Tensor  # [tokens]: where each packed token's K/V go in the arena
+    spans: list[tuple[int, int, int, int]]  # per sequence: packed query start and end, K/V base, K/V length
+
+
+@dataclass
+class ProbeStep:
+    layouts: dict[int, KVLayout]
 
 
 @dataclass
@@ -54,9 +73,53 @@ def batchwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                         batchwise_step: PrefillStep | DecodeStep | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     if batchwise_step is None:
         raise RuntimeError("batchwise attention needs a batchwise_step argument (the model runner passes it)")
+    if isinstance(batchwise_step, SpanStep):
+        return _span_attention(module, query, key, value, scaling, batchwise_step), None
+    if isinstance(batchwise_step, ProbeStep):
+        batchwise_step.layouts[module.layer_idx] = KVLayout(1, key.shape[1], key.shape[3], key.dtype)
+        return query.transpose(1, 2), None
     if isinstance(batchwise_step, PrefillStep):
         return _prefill_attention(module, query, key, value, scaling, batchwise_step), None
     return _decode_attention(module, query, key, value, scaling, batchwise_step), None
+
+
+def _span_attention(module, query, key, value, scaling, step: SpanStep) -> torch.Tensor:
+    """Packed spans ([1, heads, tokens, dim]); each attends to its sequence's extent up to its own position.
+    A one-token span (a decoding row) lays the query heads that share a KV head along the query axis, so
+    K/V are read as they lie, never repeated."""
+    step.arena.write(module.layer_idx, step.slots, key[0], value[0])
+    cached_keys, cached_values = step.arena.layer(module.layer_idx)
+    heads, head_dim = query.shape[1], query.shape[3]
+    kv_heads = cached_keys.shape[0]
+    outputs = []
+    for start, end, base, length in step.spans:
+        keys, values = cached_keys[None, :, base:base + length], cached_values[None, :, base:base + length]
+        tokens = end - start
+        if tokens == 1:
+            grouped_query = query[:, :, start].reshape(1, kv_heads, heads // kv_heads, head_dim)
+            output = F.scaled_dot_product_attention(grouped_query, keys, values, scale=scaling)
+            outputs.append(output.reshape(1, heads, 1, head_dim))
+        elif tokens == length:
+            outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, is_causal=True,
+                                                          scale=scaling, enable_gqa=True))
+        else:
+            outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values,
+                                                          attn_mask=causal_lower_right(tokens, length),
+                                                          scale=scaling, enable_gqa=True))
+    return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def kv_layout(model: torch.nn.Module) -> KVLayout:
+    """The K/V shape every layer stores, learned by running one token through the model."""
+    step = ProbeStep({})
+    ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        model(input_ids=ids, position_ids=ids, use_cache=False, batchwise_step=step)
+    shapes = set(step.layouts.values())
+    if len(shapes) != 1:
+        raise ValueError(f"the engine needs every layer to keep K/V of one shape, got {sorted(map(str, shapes))}")
+    shape = shapes.pop()
+    return KVLayout(len(step.layouts), shape.kv_heads, shape.head_dim, shape.dtype)
 
 
 def _prefill_attention(module, query, key, value, scaling, step: PrefillStep) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from batching.detokenizer import Decoder, IncrementalDetokenizer
 from batching.runner import ModelRunner
-from batching.scheduler import Scheduler
+from batching.scheduler import Scheduler, Span
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
 
 logger = logging.getLogger("batchwise.engine")
@@ -59,6 +59,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens (prompt plus completion) one sequence can hold in this engine's KV memory."""
+        return self.scheduler.memory.tokens
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive)
@@ -120,24 +125,24 @@ class Engine:
 
     async def _step(self) -> None:
         self.scheduler.drop_cancelled()
-        decoding = list(self.scheduler.running)
-        prefilling = self.scheduler.admit()
-        if not (prefilling or decoding):
+        spans = self.scheduler.plan()
+        if not spans:
+            if self.scheduler.waiting and not self.scheduler.running:  # it cannot fit even with nothing else
+                self._fail([self.scheduler.waiting[0]], MemoryError("the request does not fit in the KV memory"))
             return
-        seqs = prefilling + decoding
         try:
-            tokens = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_step, prefilling, decoding)
-            self._deliver(seqs, tokens)
+            tokens = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_step, spans)
+            self.scheduler.finished_step(spans)
+            self._deliver([span.seq for span in spans if span.samples], tokens)
         except Exception as error:
-            self._fail(seqs, error)
+            self._fail(list(self.scheduler.running), error)
         self.steps += 1
 
-    def _run_step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[TokenLogprob]:
+    def _run_step(self, spans: list[Span]) -> list[TokenLogprob]:
         """On the step thread: every torch call stays on this one thread, since each thread that calls
         torch gets its own OpenMP pool, whose spinning workers would slow the forward down."""
-        self.scheduler.apply_moves()
-        return self.runner.step(prefilling, decoding)
+        self.scheduler.memory.apply_pending()
+        return self.runner.step(spans)
 
     def _deliver(self, seqs: list[Sequence], tokens: list[TokenLogprob]) -> None:
         for seq, token in zip(seqs, tokens):
@@ -148,9 +153,9 @@ class Engine:
             if seq.finished:
                 self.scheduler.remove(seq)
 
-    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
-        logger.exception("engine step failed for requests %s", sorted({s.request_id for s in seqs}), exc_info=error)
+    def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
+        """Fail these sequences (all running ones after a failed step: their K/V may be half written)."""
+        logger.error("engine step failed for requests %s", sorted({s.request_id for s in seqs}), exc_info=error)
         for seq in seqs:
-            if not seq.finished:
-                seq.outputs.put_nowait(Delta("", [], "error"))
-        self.scheduler.reset()
+            self.scheduler.remove(seq, keep=False)
+            seq.outputs.put_nowait(Delta("", [], "error"))

@@ -1,70 +1,72 @@
-"""Model forwards for one engine step: a packed prefill of newly admitted prompts, a decode of the rest."""
+"""Model forwards for one engine step: every sequence's span (a prompt chunk, or one decoding token) packed
+into a single [1, tokens] forward, then a token sampled for each span that reached its sequence's end."""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
 
-from batching.attention import DecodeStep, PrefillStep, pack_prompts
-from batching.kv_cache import RowKVCache
+from batching.attention import SpanStep
+from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
-from batching.sequence import Sequence, TokenLogprob
+from batching.scheduler import Span
+from batching.sequence import TokenLogprob
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, cache: RowKVCache) -> None:
+    def __init__(self, model: PreTrainedModel, arena: KVArena) -> None:
         self.model = model
-        self.cache = cache
+        self.arena = arena
         self.device = model.device
 
     @torch.inference_mode()
-    def step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[TokenLogprob]:
-        """Return one sampled token per sequence, prefilling first, then decoding."""
-        logits = []
-        if prefilling:
-            logits.append(self._prefill_logits(prefilling))
-        if decoding:
-            logits.append(self._decode_logits(decoding))
-        return sample(torch.cat(logits).float(), prefilling + decoding)
-
-    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Prefill each distinct prompt once; siblings sharing a prefix get a copy of its KV row."""
-        owners = [s for s in seqs if s.prefix_source is None]
-        self.cache.reserve(max(len(s.prompt_ids) for s in owners))
-        ids, positions, rows, spans = pack_prompts(owners)
-        kept = [index for seq, (start, end) in zip(owners, spans)
-                for index in (range(start, end) if seq.params.prompt_logprobs else [end - 1])]
+    def step(self, spans: list[Span]) -> list[TokenLogprob]:
+        """One token for each span that samples, in span order."""
+        ids, positions, slots, attention_spans, kept = [], [], [], [], []
+        for span in spans:
+            seq, start = span.seq, len(ids)
+            ids.extend(seq.all_ids[span.start:span.end])
+            positions.extend(range(span.start, span.end))
+            slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
+            attention_spans.append((start, len(ids), seq.kv.start, span.end))
+            kept.extend(start + p - span.start for p in self._logit_positions(span))
         position_tensor = self._tensor(positions)
-        step = PrefillStep(self.cache, self._tensor(rows), position_tensor, spans)
-        output = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
-                            logits_to_keep=self._tensor(kept), use_cache=False, batchwise_step=step)
-        next_token_logits = {}
-        offset = 0
-        for seq in owners:
-            count = len(seq.prompt_ids) if seq.params.prompt_logprobs else 1
-            seq_logits = output.logits[0, offset:offset + count]
+        step = SpanStep(self.arena, self._tensor(slots), attention_spans)
+        logits = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
+                            logits_to_keep=self._tensor(kept), use_cache=False, batchwise_step=step).logits[0]
+        next_token_logits, offset = [], 0
+        for span in spans:
+            count = len(self._logit_positions(span))
+            span_logits = logits[offset:offset + count]
             offset += count
-            if seq.params.prompt_logprobs:
-                top_counts = [seq.params.logprobs or 0] * (count - 1)
-                logprobs = seq_logits[:-1].float().log_softmax(dim=-1)
-                seq.prompt_logprobs = [None, *token_logprobs(logprobs, seq.prompt_ids[1:], top_counts)]
-            next_token_logits[seq] = seq_logits[-1]
-        for seq in seqs:
-            if seq.prefix_source is not None:
-                self.cache.move_row(seq.prefix_source.row, seq.row, len(seq.prompt_ids))
-                next_token_logits[seq] = next_token_logits[seq.prefix_source]
-                seq.prefix_source = None
-        return torch.stack([next_token_logits[s] for s in seqs])
+            if span.seq.params.prompt_logprobs:
+                self._record_prompt_logprobs(span, span_logits)
+            if span.samples:
+                next_token_logits.append(span_logits[-1])
+        sampling = [span.seq for span in spans if span.samples]
+        return sample(torch.stack(next_token_logits).float(), sampling) if sampling else []
 
-    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        lengths = [s.length for s in seqs]
-        self.cache.reserve(max(lengths))
-        positions = self._tensor([length - 1 for length in lengths])
-        step = DecodeStep(self.cache, positions, lengths)
-        input_ids = self._tensor([s.last_token for s in seqs])[:, None]
-        output = self.model(input_ids=input_ids, position_ids=positions[:, None], logits_to_keep=1,
-                            use_cache=False, batchwise_step=step)
-        return output.logits[:, -1]
+    @staticmethod
+    def _prompt_targets(span: Span) -> range:
+        """Positions in the span whose logits score the prompt's next token (for echoed prompt logprobs)."""
+        if not span.seq.params.prompt_logprobs:
+            return range(0)
+        return range(span.start, min(span.end, len(span.seq.prompt_ids) - 1))
+
+    def _logit_positions(self, span: Span) -> list[int]:
+        positions = list(self._prompt_targets(span))
+        if span.samples:
+            positions.append(span.end - 1)
+        return positions
+
+    def _record_prompt_logprobs(self, span: Span, span_logits: torch.Tensor) -> None:
+        seq, targets = span.seq, self._prompt_targets(span)
+        if span.start == 0:
+            seq.prompt_logprobs = [None]
+        if targets:
+            logprobs = span_logits[:len(targets)].float().log_softmax(dim=-1)
+            ids = [seq.prompt_ids[p + 1] for p in targets]
+            seq.prompt_logprobs.extend(token_logprobs(logprobs, ids, [seq.params.logprobs or 0] * len(ids)))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from batching.extents import Extent
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     row: int = -1
+    kv: Extent | None = None  # where its K/V live (chat engine)
+    computed: int = 0  # leading tokens whose K/V are in memory
+    cached_tokens: int = 0  # of those, how many came from the prefix cache
     generator: torch.Generator | None = None
     inputs: Any = None  # model inputs beyond token ids (e.g. a speech window's features), for the runner
     prefix_source: Sequence | None = None  # a sibling admitted with it whose prefill (and KV) it shares
@@ -87,6 +91,7 @@ class Sequence:
     outputs: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
+        self.all_ids = [*self.prompt_ids, *self.output_ids]  # the tokens whose K/V it holds or will hold
         self.stops = StopStringMatcher(self.params.stop)
         self.stop_token_ids = frozenset(self.params.stop_token_ids) | (
             frozenset() if self.params.ignore_eos else self.eos_token_ids)
@@ -94,6 +99,14 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_length(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def kv_tokens(self) -> list[int]:
+        return self.all_ids
 
     @property
     def last_token(self) -> int:
@@ -114,6 +127,7 @@ class Sequence:
         """Record a sampled token and return the text it releases (and the finish reason, if any)."""
         token_id = sampled.token_id
         self.output_ids.append(token_id)
+        self.all_ids.append(token_id)
         self.cumulative_logprob += sampled.logprob
         logprobs = [sampled] if self.params.logprobs is not None else []
         if token_id in self.stop_token_ids:

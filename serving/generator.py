@@ -14,7 +14,7 @@ from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, To
 from config import Config
 from model_manager import LoadedModel, build_engine, load_model, load_off_loop
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
-                    SamplingRequest, TopLogprob, Usage)
+                    PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
 from serving.reasoning import template_opens_think
 from serving.timeouts import deadline_after, finish_unless_abandoned
@@ -95,14 +95,19 @@ class Generator:
     def sampling_params(self, request: SamplingRequest, prompt_tokens: int) -> SamplingParams:
         if prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
-        room = self.context_length - prompt_tokens
         limit = request.completion_limit
+        asked = f"{prompt_tokens} prompt tokens" + (f" plus {limit} completion tokens" if limit is not None else "")
+        param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        room = self.context_length - prompt_tokens
         if room < 1 or (limit is not None and limit > room):
-            asked = f" plus {limit} completion tokens" if limit is not None else ""
             raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. "
-                                f"However, you requested {prompt_tokens} prompt tokens{asked}.",
-                           param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                                f"However, you requested {asked}.", param=param, code="context_length_exceeded")
+        kv_tokens = self.engine.max_sequence_tokens
+        if prompt_tokens + (limit or 1) > kv_tokens:
+            raise APIError(400, f"This server's KV memory holds at most {kv_tokens} tokens for one request "
+                                f"(--kv-cache-memory). However, you requested {asked}.", param=param,
                            code="context_length_exceeded")
+        room = min(room, kv_tokens - prompt_tokens)
         self._check_token_ids(request.logit_bias or {}, "logit_bias")
         self._check_token_ids(request.stop_token_ids or [], "stop_token_ids")
         return SamplingParams(
@@ -183,7 +188,7 @@ class Generator:
 
 async def start_chat_service(config: Config) -> Generator:
     loaded = await load_off_loop(load_model, config)
-    engine = build_engine(loaded, config)
+    engine = await asyncio.to_thread(build_engine, loaded, config)
     engine.start()
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
                              config.reasoning_parser)
@@ -192,9 +197,14 @@ async def start_chat_service(config: Config) -> Generator:
 
 
 def usage(choices: list[Choice]) -> Usage:
-    prompts = {id(c.prompt_ids): len(c.prompt_ids) for c in choices}
+    """Each prompt counts once, however many choices share it; cached: prompt tokens the prefix cache served."""
+    prompts, cached = {}, {}
+    for choice in choices:
+        prompts[id(choice.prompt_ids)] = len(choice.prompt_ids)
+        cached[id(choice.prompt_ids)] = max(cached.get(id(choice.prompt_ids), 0), choice.seq.cached_tokens)
     prompt = sum(prompts.values())
     completion = sum(c.completion_tokens for c in choices)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
 
 

@@ -16,9 +16,11 @@ from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, Whi
 from batching.families.whisper_runner import WhisperRunner
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
-from model_manager import MAX_PREFILL_TOKENS, served_name
+from model_manager import served_name
 
 logger = logging.getLogger("batchwise.model")
+
+STEP_TOKENS = 4096  # more than any window's prompt, so prompts are never cut into chunks
 
 _MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens
 
@@ -90,8 +92,7 @@ def load_whisper(config: Config) -> LoadedWhisper:
 def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     batch_size = config.continuous_batching_batch_size
     cache = WhisperRowCache(max_rows=batch_size, max_length=loaded.model.config.max_target_positions)
-    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
-                          max_prefill_tokens=MAX_PREFILL_TOKENS)
+    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=STEP_TOKENS)
     runner = WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
                   config.continuous_batching_microsleep)

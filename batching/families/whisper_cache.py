@@ -1,11 +1,15 @@
 """Per-row memory for Whisper decoding: the growing self-attention K/V of each row, and the cross-attention
-K/V of the row's audio window, projected from the encoder once when the window is admitted."""
+K/V of the row's audio window, projected from the encoder once when the window is admitted. Running windows
+occupy rows 0..B-1 (the scheduler moves the last row into a freed one), so a decode step reads every row's
+audio K/V as one batch. It serves the scheduler as its KV memory; rows never run out, so nothing is
+preempted."""
 
 from __future__ import annotations
 
 import torch
 
 from batching.kv_cache import RowKVCache
+from batching.sequence import Sequence
 
 
 class WhisperRowCache:
@@ -13,17 +17,47 @@ class WhisperRowCache:
         self.max_rows = max_rows
         self.self_attention = RowKVCache(max_rows, max_length)
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> [rows, heads, frames, head_dim] x2
+        self.pending_moves: list[tuple[int, int, int]] = []  # (source row, target row, self-attention length)
 
-    def reserve(self, length: int) -> None:
+    def grow_rows(self, length: int) -> None:
+        """On the step thread: room for `length` self-attention positions in every row."""
         self.self_attention.reserve(length)
 
-    def release(self) -> None:
-        """Give all memory back (called when no sequence is running)."""
+    # the scheduler's KV memory protocol (see batching.scheduler.KVMemory)
+    @property
+    def tokens(self) -> int:
+        return self.self_attention.max_length
+
+    def admit(self, seq: Sequence) -> bool:
+        return True
+
+    def reserve(self, seq: Sequence, tokens: int) -> bool:
+        return tokens <= self.self_attention.max_length  # the runner grows the rows, on the step thread
+
+    def record(self, seq: Sequence) -> None:
+        pass
+
+    def release(self, seq: Sequence, keep: bool) -> None:
+        pass
+
+    def move_row(self, seq: Sequence, target: int) -> None:
+        self.pending_moves.append((seq.row, target, seq.computed))
+
+    def apply_pending(self) -> None:
+        try:
+            for source, target, length in self.pending_moves:
+                self._move(source, target, length)
+        finally:
+            self.pending_moves.clear()
+
+    def idle(self) -> None:
+        """Give all memory back (no window is running)."""
+        self.pending_moves.clear()
         self.self_attention.release()
         self.cross.clear()
 
     @torch.inference_mode()
-    def move_row(self, source: int, target: int, length: int) -> None:
+    def _move(self, source: int, target: int, length: int) -> None:
         """`length` counts the row's self-attention entries; its cross-attention K/V move whole."""
         self.self_attention.move_row(source, target, length)
         for keys, values in self.cross.values():

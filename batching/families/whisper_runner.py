@@ -23,7 +23,8 @@ from batching.attention import DecodeStep, PrefillStep, batchwise_attention, pac
 from batching.families.whisper_cache import WhisperRowCache
 from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
-from batching.sequence import Sequence
+from batching.scheduler import Span
+from batching.sequence import Sequence, TokenLogprob
 
 CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
 
@@ -51,14 +52,18 @@ class WhisperRunner:
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
-    def step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list:
-        """Sample one token per sequence, prefilling first, then decoding."""
+    def step(self, spans: list[Span]) -> list[TokenLogprob]:
+        """One token per span, in span order: new windows' prompts are prefilled whole, running ones decode
+        (rows 0..B-1, in row order)."""
+        prefilling = [span.seq for span in spans if span.start == 0]
+        decoding = [span.seq for span in spans if span.start > 0]
         logits = self.logits(prefilling, decoding)
         seqs = prefilling + decoding
         with self._timed("rules_and_sampling"):
             ruled = self.rules.apply(logits, [s.output_ids for s in seqs], [s.inputs.detect_language for s in seqs])
             # the sampler reports each token's log-prob under these ruled logits (seq.cumulative_logprob)
-            return sample(ruled, seqs)
+            tokens = dict(zip(seqs, sample(ruled, seqs)))
+        return [tokens[span.seq] for span in spans]
 
     @torch.inference_mode()
     def logits(self, prefilling: list[Sequence], decoding: list[Sequence]) -> torch.Tensor:
@@ -75,7 +80,7 @@ class WhisperRunner:
         with self._timed("encoder"):
             self._store_cross_attention(seqs, self._tensor(rows))
         with self._timed("decoder_prefill"):
-            self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
+            self.cache.grow_rows(max(len(s.prompt_ids) for s in seqs))
             ids, positions, token_rows, spans = pack_prompts(seqs)
             position_tensor = self._tensor(positions)
             step = PrefillStep(self.cache.self_attention, self._tensor(token_rows), position_tensor, spans)
@@ -90,7 +95,7 @@ class WhisperRunner:
     def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         with self._timed("decoder_steps"):
             lengths = [s.length for s in seqs]
-            self.cache.reserve(max(lengths))
+            self.cache.grow_rows(max(lengths))
             positions = self._tensor([length - 1 for length in lengths])
             step = DecodeStep(self.cache.self_attention, positions, lengths)
             ids = self._tensor([s.last_token for s in seqs])[:, None]

@@ -49,20 +49,28 @@ def test_sixteen_prompts_alone_equal_batched(architecture, tokenizer):
     assert [s.output_ids for s in batched] == [s.output_ids for s in alone]
 
 
-def test_rows_are_reused_and_compacted_while_others_keep_decoding(tokenizer):
-    """Short requests finish and leave mid-way; the long ones moved into their rows must still give
-    exactly their solo output, through several waves of admissions."""
+def test_memory_is_reused_while_others_keep_decoding(tokenizer):
+    """Short requests finish and leave mid-way, half the prompts share a prefix that the prefix cache serves;
+    the others must still give exactly their solo output, through several waves of admissions, and the K/V
+    copies happen on the step thread."""
     vocab = len(tokenizer)
     model = tiny_model("llama", vocab, seed=5)
-    prompts = random_prompts(12, vocab, seed=11)
+    shared = random_prompts(1, vocab, seed=12, lengths=(40, 40))[0]
+    prompts = [p if i % 2 else shared + p for i, p in enumerate(random_prompts(12, vocab, seed=11))]
     limits = [3, 30, 5, 25, 1, 18, 7, 30, 2, 12, 9, 20]
 
-    move_threads = set()
+    copy_threads = set()
 
     def engine():
         built = make_engine(model, tokenizer, batch_size=4)
-        move = built.scheduler.cache.move_row
-        built.scheduler.cache.move_row = lambda *args: move_threads.add(threading.current_thread().name) or move(*args)
+        arena = built.scheduler.memory
+        apply = arena.apply_pending
+
+        def recording_apply():
+            if arena.pending:
+                copy_threads.add(threading.current_thread().name)
+            apply()
+        arena.apply_pending = recording_apply
         return built
 
     async def mixed(engine):
@@ -70,11 +78,13 @@ def test_rows_are_reused_and_compacted_while_others_keep_decoding(tokenizer):
         assert engine.stats().waiting == 12
         done = await asyncio.gather(*(finish(engine, s) for s in seqs))
         assert engine.stats().running == 0 and engine.stats().waiting == 0
-        assert engine.scheduler.cache.layers == {}, "idle engine must give its KV memory back"
+        arena = engine.scheduler.memory
+        assert arena.used_tokens == arena.cached_tokens, "an idle engine holds only prefix-cache entries"
         return done
 
     batched = run_with_engine(engine, mixed)
-    assert move_threads and all(name.startswith("batchwise-step") for name in move_threads), move_threads
+    assert copy_threads and all(name.startswith("batchwise-step") for name in copy_threads), copy_threads
+    assert sum(s.cached_tokens > 0 for s in batched) >= 4, [s.cached_tokens for s in batched]
     for seq, prompt, limit in zip(batched, prompts, limits):
         alone = run_with_engine(engine, lambda e: generate_all(e, [prompt], greedy(limit)))[0]
         assert seq.output_ids == alone.output_ids
@@ -172,13 +182,13 @@ def test_siblings_share_one_prefill_and_sample_independently(tokenizer):
     vocab = len(tokenizer)
     model = tiny_model("llama", vocab, seed=4)
     prompt = random_prompts(1, vocab, seed=8)[0]
-    calls = []
+    prompt_tokens = []
 
     def engine():
-        built = make_engine(model, tokenizer)
-        prefill = built.runner._prefill_logits
-        built.runner._prefill_logits = lambda seqs: calls.append(
-            sum(len(s.prompt_ids) for s in seqs if s.prefix_source is None)) or prefill(seqs)
+        built = make_engine(model, tokenizer, prefix_caching=False)
+        step = built.runner.step
+        built.runner.step = lambda spans: prompt_tokens.extend(
+            s.end - s.start for s in spans if s.start < len(s.seq.prompt_ids)) or step(spans)
         return built
 
     async def three(engine):
@@ -188,7 +198,8 @@ def test_siblings_share_one_prefill_and_sample_independently(tokenizer):
         return greedy_three, sampled_three
 
     greedy_three, sampled_three = run_with_engine(engine, three)
-    assert calls == [2 * len(prompt)], "each group's prompt is prefilled once"
+    # each group's prompt is prefilled once; each sibling copies its K/V and computes only the last token
+    assert sum(prompt_tokens) == 2 * len(prompt) + 4, prompt_tokens
     alone = run_with_engine(lambda: make_engine(model, tokenizer), lambda e: generate_all(e, [prompt], greedy(10)))[0]
     assert all(s.output_ids == alone.output_ids for s in greedy_three)
     assert len({tuple(s.output_ids) for s in sampled_three}) == 3
