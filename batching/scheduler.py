@@ -1,16 +1,23 @@
 """Who runs in the next step, and how much of each: a bounded waiting queue, and running sequences that each
 compute one span of their tokens per step (one token when decoding, the next chunk of a prompt otherwise).
 
-Prompt chunks end on fixed multiples of `chunk_tokens`, so how a prompt is cut never depends on what else
-is running; prompt tokens per step stay within `step_tokens`, so a long prompt never stalls the decoding
-rows for more than a chunk. KV memory is asked before a sequence is admitted or grows; when it runs out,
-the most recently admitted sequence is preempted: its K/V are freed and its tokens recomputed when it is
-admitted again (its output so far is kept and streaming simply pauses)."""
+While sequences are decoding, the prompt tokens of one step stay within `step_tokens`, so a long prompt
+never stalls them for more than a small chunk; with nothing decoding, a prompt takes up to `solo_tokens` per
+step. The budget counts what a token costs: a prompt token at position p also attends to the p before it,
+so it counts 1 + p x `attention_cost` (attention's cost per earlier token relative to the token's linear
+layers), and the late chunks of a long prompt take fewer tokens than its first. In batch-invariant mode
+every prompt is cut at fixed multiples of `step_tokens` instead, so how it is cut (and so every
+floating-point sum) never depends on what else is running.
+
+KV memory is asked before a sequence is admitted or grows; when it runs out, the most recently admitted
+sequence is preempted: its K/V are freed and its tokens recomputed when it is admitted again (its output so
+far is kept and streaming simply pauses)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,12 +58,14 @@ class Span:
 
 class Scheduler:
     def __init__(self, memory: KVMemory, max_running: int, max_pending: int, step_tokens: int,
-                 chunk_tokens: int | None = None) -> None:
+                 solo_tokens: int | None = None, batch_invariant: bool = False, attention_cost: float = 0.0) -> None:
         self.memory = memory
         self.max_running = max_running
         self.max_pending = max_pending
         self.step_tokens = step_tokens
-        self.chunk_tokens = chunk_tokens or step_tokens
+        self.solo_tokens = max(solo_tokens or step_tokens, step_tokens)
+        self.batch_invariant = batch_invariant
+        self.attention_cost = attention_cost
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].row == i
         self.preemptions = 0
@@ -74,12 +83,13 @@ class Scheduler:
     def plan(self) -> list[Span]:
         """The spans of the next step: every running sequence's next span that fits, then newly admitted ones."""
         spans: list[Span] = []
-        budget = self.step_tokens
-        for seq in list(self.running):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted to make room for an older sequence
+        for seq in [s for s in self.running if s.decoding]:
+            if seq.status is Status.RUNNING and self._reserve(seq, seq.length):  # else preempted for an older one
+                spans.append(Span(seq, seq.computed, seq.length))
+        budget = self.step_tokens if spans or self.batch_invariant else self.solo_tokens
+        for seq in [s for s in self.running if not s.decoding]:
             budget = self._plan_span(seq, spans, budget)
-        while self.waiting and len(self.running) < self.max_running and budget > 0:
+        while self.waiting and len(self.running) < self.max_running and budget >= 1:
             seq = self.waiting[0]
             if not self._siblings_source_ready(seq) or not self.memory.admit(seq):
                 break
@@ -95,16 +105,33 @@ class Scheduler:
         return spans
 
     def _plan_span(self, seq: Sequence, spans: list[Span], budget: int) -> int:
-        end = self._span_end(seq)
-        prompt_tokens = 0 if end - seq.computed == 1 and seq.output_ids else end - seq.computed
-        if prompt_tokens > budget or not self._reserve(seq, end):
+        """Plan the next chunk of a sequence's prompt (or of its recomputation after preemption)."""
+        if seq.status is not Status.RUNNING:
             return budget
-        spans.append(Span(seq, seq.computed, end))
-        return budget - prompt_tokens
+        start = seq.computed
+        if self.batch_invariant:
+            end = min(seq.length, (start // self.step_tokens + 1) * self.step_tokens)
+            cost = end - start
+        else:
+            end = start + self._affordable(start, seq.length - start, budget)
+            cost = self._cost(start, end)
+        if cost > budget or not self._reserve(seq, end):
+            return budget
+        spans.append(Span(seq, start, end))
+        return budget - cost
 
-    def _span_end(self, seq: Sequence) -> int:
-        next_boundary = (seq.computed // self.chunk_tokens + 1) * self.chunk_tokens
-        return min(seq.length, next_boundary)
+    def _cost(self, start: int, end: int) -> float:
+        """Prompt tokens start..end-1, each counted 1 + position x attention_cost."""
+        tokens = end - start
+        return tokens + self.attention_cost * (tokens * start + tokens * (tokens - 1) / 2)
+
+    def _affordable(self, start: int, remaining: int, budget: float) -> int:
+        """The most of the remaining tokens from `start` on whose cost fits the budget (at least one)."""
+        a = self.attention_cost
+        if not a:
+            return max(1, min(remaining, int(budget)))
+        b = 1 + a * start - a / 2  # cost(n) = a/2 n^2 + b n
+        return max(1, min(remaining, int((-b + math.sqrt(b * b + 2 * a * budget)) / a)))
 
     def _reserve(self, seq: Sequence, tokens: int) -> bool:
         """Room for the sequence's first `tokens` positions, preempting younger sequences (or itself) if need be."""

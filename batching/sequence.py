@@ -101,6 +101,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def decoding(self) -> bool:
+        """Its prompt is computed and it has sampled tokens: each step computes one more."""
+        return bool(self.output_ids) and self.computed == self.length - 1
+
+    @property
     def max_length(self) -> int:
         return len(self.prompt_ids) + self.params.max_tokens
 

@@ -25,8 +25,9 @@ def embedded_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def base_url(embedded_model_dir):
-    """One real chat server with the embedded model, shared by the end-to-end modules."""
-    with running_server("--continuous-batching-batch-size", "16") as url:
+    """One real chat server with the embedded model, shared by the end-to-end modules; batch-invariant, so that
+    tests can compare a request's output in a batch with its output alone."""
+    with running_server("--continuous-batching-batch-size", "16", "--batch-invariant", "true") as url:
         yield url
 
 

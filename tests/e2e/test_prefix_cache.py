@@ -29,7 +29,7 @@ def conversation(client) -> list[tuple[str, int, int]]:
 
 def test_later_turns_reuse_the_earlier_ones_and_answer_as_without_the_cache(client, embedded_model_dir):
     cached = conversation(client)
-    with running_server("--no-prefix-caching") as url:
+    with running_server("--no-prefix-caching", "--batch-invariant", "true") as url:
         uncached = conversation(openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0))
     assert [reply for reply, _, _ in cached] == [reply for reply, _, _ in uncached]
     assert [hits for _, _, hits in uncached] == [0, 0, 0]

@@ -13,9 +13,11 @@ T = TypeVar("T")
 
 
 def make_engine(model, tokenizer, batch_size: int = 16, max_concurrent: int = 100,
-                context_length: int = 1024, **settings) -> Engine:
-    """The chat engine as the server builds it; `settings` are further Config fields."""
-    config = Config(continuous_batching_batch_size=batch_size, max_concurrent=max_concurrent, **settings)
+                context_length: int = 1024, batch_invariant: bool = True, **settings) -> Engine:
+    """The chat engine as the server builds it (batch-invariant, so outputs can be compared with a request's
+    output alone); `settings` are further Config fields."""
+    config = Config(continuous_batching_batch_size=batch_size, max_concurrent=max_concurrent,
+                    batch_invariant=batch_invariant, **settings)
     return build_engine(LoadedModel(model, tokenizer, "tiny", context_length), config)
 
 

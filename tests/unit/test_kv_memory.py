@@ -215,3 +215,42 @@ def test_sampling_seeds_survive_preemption(llama, tokenizer):
     both = run_with_engine(lambda: make_engine(llama, tokenizer, kv_cache_memory=budget(192), prefix_caching=False),
                            lambda e: generate_all(e, [first, second], params))
     assert both[1].output_ids == alone(llama, tokenizer, second, params).output_ids
+
+
+def test_by_default_a_prompt_alone_is_prefilled_at_once_and_beside_decoding_rows_in_small_chunks(llama, tokenizer):
+    long_prompt, short_prompt = prompts(1, len(tokenizer), 150, seed=10)[0], [5, 6, 7]
+    steps = []
+
+    def adaptive():
+        built = make_engine(llama, tokenizer, max_num_batched_tokens=32, batch_invariant=False, prefix_caching=False)
+        step = built.runner.step
+        built.runner.step = lambda spans: steps.append([(s.seq.prompt_ids[0], s.start, s.end) for s in spans]) \
+            or step(spans)
+        return built
+
+    async def alone_then_beside(engine):
+        await generate_all(engine, [long_prompt], greedy(2))
+        alone = list(steps)
+        steps.clear()
+        short = engine.add(short_prompt, greedy(40))
+        while len(short.output_ids) < 2:
+            await asyncio.sleep(0.001)
+        await finish(engine, engine.add(long_prompt, greedy(2)))
+        await finish(engine, short)
+        return alone
+
+    engine = None
+
+    def keep(built):
+        nonlocal engine
+        engine = built
+        return built
+
+    alone = run_with_engine(lambda: keep(adaptive()), alone_then_beside)
+    assert alone[0] == [(long_prompt[0], 0, 150)], "nothing else runs: the whole prompt in one step"
+    beside = [(start, end) for step in steps for first, start, end in step if first == long_prompt[0] and end <= 150]
+    assert [start for start, _ in beside[1:]] == [end for _, end in beside[:-1]] and beside[-1][1] == 150
+    costs = [engine.scheduler._cost(start, end) for start, end in beside]
+    assert all(cost <= 32 for cost in costs) and costs[0] > 29, costs
+    sizes = [end - start for start, end in beside]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-2], "later chunks attend to more: fewer tokens"
