@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse
 
 from api.audio import audio_router
 from api.auth import api_key_checker
-from api.chat import chat_router
-from api.completions import completions_router
 from api.errors import install_error_handlers
 from api.middleware import RequestIdMiddleware
 from api.state import ServerState, Service
+from api.text import text_router
 from config import Config
 from models import ModelCard, ModelList
 from serving.generator import start_chat_service
@@ -85,7 +84,6 @@ def create_app(config: Config) -> FastAPI:
     if whisper:
         api.include_router(audio_router(state.ready, config.max_audio_mb, config.request_timeout or None))
     else:
-        api.include_router(chat_router(state.ready))
-        api.include_router(completions_router(state.ready))
+        api.include_router(text_router(state.ready))
     app.include_router(api)
     return app

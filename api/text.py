@@ -1,0 +1,47 @@
+"""POST /v1/chat/completions and /v1/completions: validated, queued on the engine, then streamed as SSE
+chunks or answered with one JSON object once every choice has finished."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from api.middleware import request_id
+from api.sse import sse
+from models import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from serving.chat import chat_chunks, chat_prompt, chat_response
+from serving.completions import completion_chunks, completion_prompts, completion_response
+from serving.generator import Choice, Generator
+
+Prompts = list[tuple[list[int], str]]
+
+
+def text_router(ready: Callable[[], Generator]) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, generator: Generator = Depends(ready)):
+        return await generate(generator, body, request, "chatcmpl", lambda: [(chat_prompt(generator, body), "")],
+                              body.n, chat_chunks, chat_response)
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request, generator: Generator = Depends(ready)):
+        return await generate(generator, body, request, "cmpl", lambda: completion_prompts(generator, body),
+                              body.candidates, completion_chunks, completion_response)
+
+    return router
+
+
+async def generate(generator: Generator, body: SamplingRequest, request: Request, id_prefix: str,
+                   prompts: Callable[[], Prompts], per_prompt: int, chunks: Callable[..., AsyncIterator[BaseModel]],
+                   response: Callable[..., BaseModel]):
+    """What both endpoints do: check the model, queue `per_prompt` choices per prompt, then stream or wait."""
+    generator.check_model(body.model)
+    rid = f"{id_prefix}-{request_id(request)}"
+    choices: list[Choice] = generator.start(body, prompts(), rid, per_prompt)
+    if body.stream:
+        return sse(chunks(generator, body, choices, rid), rid)
+    await generator.collect(choices, request.is_disconnected)
+    return response(generator, body, rid, choices)
