@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install install-dev run test lint bench clean
+.PHONY: install install-dev install-bench run test lint bench clean
 
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,15 @@ $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
+$(BIN)/.bench: $(BIN)/.dev requirements-bench.txt
+	$(BIN)/pip install -q -r requirements-bench.txt
+	touch $@
+
 install: $(BIN)/.runtime
 
 install-dev: $(BIN)/.dev
+
+install-bench: $(BIN)/.bench
 
 run: install
 	$(BIN)/python main.py $(ARGS)
@@ -31,7 +37,7 @@ lint: install-dev
 test: lint
 	$(BIN)/python -m pytest
 
-bench: install-dev
+bench: install-bench
 	$(BIN)/python -m bench.run_all $(ARGS)
 
 clean:

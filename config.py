@@ -40,17 +40,18 @@ MEMORY_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1
 
 def parse_memory(text: str) -> int | float | None:
     """'auto' -> None; a fraction in (0, 1] of the free memory -> float; '4GiB', '512MB', '1e9' -> bytes."""
-    text = text.strip().lower()
-    if text == "auto":
+    lowered = text.strip().lower()
+    if lowered == "auto":
         return None
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
-    unit = text[len(number):].strip()
+    number = lowered.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = lowered[len(number):].strip()
+    invalid = ConfigError(f"expected 'auto', a fraction such as 0.5 or a size such as 4GiB, got {text!r}")
     try:
         value = float(number)
     except ValueError:
-        raise ConfigError(f"expected 'auto', a fraction such as 0.5 or a size such as 4GiB, got {text!r}") from None
+        raise invalid from None
     if unit not in MEMORY_UNITS or value <= 0:
-        raise ConfigError(f"expected 'auto', a fraction such as 0.5 or a size such as 4GiB, got {text!r}")
+        raise invalid
     if not unit and value <= 1:
         return value
     return int(value * MEMORY_UNITS[unit])
@@ -58,6 +59,28 @@ def parse_memory(text: str) -> int | float | None:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of bfloat16 matrix instructions
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def auto_dtype(device: str, flags: set[str]) -> tuple[str, str]:
+    """--torch-dtype auto: the dtype, and why. bfloat16 where the hardware multiplies it natively (CUDA, or a
+    CPU with AMX or AVX512-BF16); float32 otherwise, since emulated bfloat16 matmuls are several times slower."""
+    if device == "cuda":
+        return "bfloat16", "CUDA"
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+    if native:
+        return "bfloat16", f"the CPU has bfloat16 matrix instructions ({', '.join(native)})"
+    return "float32", "the CPU has no bfloat16 matrix instructions (amx_bf16, avx512_bf16): bfloat16 would be emulated"
 
 
 @dataclass
@@ -77,9 +100,10 @@ class Config:
     hf_model: str = option("--hf-model", "HF_MODEL",
                            "Hugging Face model id, local folder or .gguf file; the default is the built-in model",
                            EMBEDDED_CHAT_MODEL)
-    torch_dtype: str | None = option("--torch-dtype", "TORCH_DTYPE",
-                                     "model dtype; unset: bfloat16 on CUDA, float32 on CPU", None,
-                                     choices=["float32", "bfloat16", "float16"])
+    torch_dtype: str = option("--torch-dtype", "TORCH_DTYPE",
+                              "model dtype; auto: bfloat16 on CUDA and on CPUs with bfloat16 matrix instructions "
+                              "(AMX, AVX512-BF16), else float32", "auto",
+                              choices=["auto", "float32", "bfloat16", "float16"])
     architecture_type: str = option("--architecture-type", "ARCHITECTURE_TYPE", "model architecture", "decoder",
                                     choices=["decoder", "encoder-decoder"])
     serving_type: str = option("--serving-type", "SERVING_TYPE", "what the server serves", "chat",
@@ -92,23 +116,38 @@ class Config:
     continuous_batching_batch_size: int = option(
         "--continuous-batching-batch-size", "CONTINUOUS_BATCHING_BATCH_SIZE",
         "most sequences decoded together in one step", 20, int)
-    static_cache: bool = option("--static-cache", "STATIC_CACHE", "allocate the KV cache once at fixed lengths",
-                                False, parse_bool)
+    static_cache: bool = option("--static-cache", "STATIC_CACHE",
+                                "give every batch row a fixed K/V slot of --static-cache-decoder-max-length tokens and "
+                                "decode in one static-shape step (what --torch-compile compiles)", False, parse_bool)
     static_cache_encoder_max_length: int = option(
-        "--static-cache-encoder-max-length", "STATIC_CACHE_ENCODER_MAX_LENGTH", "static cache encoder length", 256, int)
+        "--static-cache-encoder-max-length", "STATIC_CACHE_ENCODER_MAX_LENGTH",
+        "static cache: longest encoder input (encoder-decoder models)", 256, int)
     static_cache_decoder_max_length: int = option(
-        "--static-cache-decoder-max-length", "STATIC_CACHE_DECODER_MAX_LENGTH", "static cache decoder length", 256, int)
+        "--static-cache-decoder-max-length", "STATIC_CACHE_DECODER_MAX_LENGTH",
+        "static cache: tokens per row (prompt plus completion)", 256, int)
     accelerator_type: str = option("--accelerator-type", "ACCELERATOR_TYPE",
                                    "device to run on; unset: cuda when available, else cpu", None,
                                    choices=["cuda", "cpu"])
     max_concurrent: int = option("--max-concurrent", "MAX_CONCURRENT",
                                  "most requests running plus waiting; beyond it requests get 429", 100, int)
-    torch_profiling: bool = option("--torch-profiling", "TORCH_PROFILING", "profile engine steps", False, parse_bool)
-    hqq: bool = option("--hqq", "HQQ", "quantise linear layers to HQQ int4", False, parse_bool)
+    torch_profiling: bool = option("--torch-profiling", "TORCH_PROFILING",
+                                   "profile the first engine steps with torch.profiler: Chrome traces, and a table of "
+                                   "the top operators logged at shutdown", False, parse_bool)
+    torch_profiling_dir: str = option("--torch-profiling-dir", "TORCH_PROFILING_DIR",
+                                      "folder for the profiler's traces and summary", "batchwise-profiles")
+    torch_profiling_steps: int = option("--torch-profiling-steps", "TORCH_PROFILING_STEPS",
+                                        "how many engine steps to profile", 20, int)
+    hqq: bool = option("--hqq", "HQQ", "quantise the linear layers with HQQ (weight-only; not the embeddings or the "
+                       "LM head): less memory, and on CUDA int4 matmul kernels", False, parse_bool)
+    hqq_nbits: int = option("--hqq-nbits", "HQQ_NBITS", "HQQ bits per weight", 4, int, choices=[2, 3, 4, 8])
+    hqq_group_size: int = option("--hqq-group-size", "HQQ_GROUP_SIZE", "HQQ weights per scale and zero", 64, int,
+                                 choices=[32, 64, 128, 256])
     torch_compile: bool = option("--torch-compile", "TORCH_COMPILE", "torch.compile the decode step", False,
                                  parse_bool)
-    torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE", "torch.compile mode",
-                                     "reduce-overhead")
+    torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE",
+                                     "torch.compile mode of the decode step (reduce-overhead: CUDA graphs on CUDA)",
+                                     "reduce-overhead", choices=["default", "reduce-overhead", "max-autotune",
+                                                                 "max-autotune-no-cudagraphs"])
     kv_cache_memory: str = option("--kv-cache-memory", "KV_CACHE_MEMORY",
                                   "KV memory budget, fixed at start-up: a size (4GiB, 512MB), a fraction of the free "
                                   "memory after loading (0.5), or auto (0.25 of free RAM on CPU, 0.6 of free GPU "
@@ -147,20 +186,12 @@ class Config:
                                   os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))
 
     def validate(self) -> None:
-        not_yet = {
-            "--static-cache": self.static_cache,
-            "--torch-compile": self.torch_compile,
-            "--hqq": self.hqq,
-            "--torch-profiling": self.torch_profiling,
-        }
-        for flag, requested in not_yet.items():
-            if requested:
-                raise ConfigError(f"{flag} is not implemented yet in this version of Batchwise")
         if self.accelerator_type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--accelerator-type cuda was requested but CUDA is not available")
         positive = {
             "--port": self.port, "--continuous-batching-batch-size": self.continuous_batching_batch_size,
             "--max-concurrent": self.max_concurrent, "--max-audio-mb": self.max_audio_mb,
+            "--torch-profiling-steps": self.torch_profiling_steps,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -200,8 +231,13 @@ class Config:
 
     @property
     def dtype(self) -> torch.dtype:
-        name = self.torch_dtype or ("bfloat16" if self.device == "cuda" else "float32")
-        return getattr(torch, name)
+        return getattr(torch, self.dtype_choice()[0])
+
+    def dtype_choice(self) -> tuple[str, str]:
+        """The model's dtype name, and why it was chosen."""
+        if self.torch_dtype != "auto":
+            return self.torch_dtype, "--torch-dtype"
+        return auto_dtype(self.device, cpu_flags())
 
 
 def build_parser() -> argparse.ArgumentParser:

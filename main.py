@@ -7,15 +7,11 @@ import os
 import signal
 import sys
 
-# MKL's strict reproducible mode makes a row's matmul result independent of how many rows share
-# the batch, so greedy output does not depend on who else is being served. Must precede torch.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import uvicorn
 
-import uvicorn  # noqa: E402
-
-from api.state import ServerState  # noqa: E402
-from app import create_app  # noqa: E402
-from config import parse_config  # noqa: E402
+from api.state import ServerState
+from app import create_app
+from config import parse_config
 
 logger = logging.getLogger("batchwise")
 
@@ -43,6 +39,10 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
+    if config.batch_invariant:
+        # MKL's reproducible mode gives a matmul row the same result however many rows share it (from 4 rows:
+        # the runner pads to that). MKL reads it at its first call, which no import has made yet.
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     logging.basicConfig(level=config.loglevel.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)

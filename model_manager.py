@@ -15,9 +15,12 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from batching import ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, kv_layout
+from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
+                      StepProfiler, kv_layout)
+from batching.runner import MIN_INVARIANT_ROWS
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
+from converters.hqq import quantize_linears
 
 logger = logging.getLogger("batchwise.model")
 
@@ -81,13 +84,15 @@ def model_source(config: Config) -> Path | str:
 
 def load_model(config: Config) -> LoadedModel:
     source = model_source(config)
-    logger.info("loading %s on %s as %s", source, config.device, str(config.dtype).removeprefix("torch."))
+    logger.info("loading %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
     model_class = getattr(transformers, config.model_type)
     tokenizer_class = getattr(transformers, config.tokenizer_type)
     tokenizer = tokenizer_class.from_pretrained(source, use_fast=config.tokenizer_use_fast)
     model = model_class.from_pretrained(source, dtype=config.dtype, attn_implementation=ATTENTION_NAME)
     model.to(config.device).eval()
+    if config.hqq:
+        logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
     model_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
     context_length = min(config.max_model_len or model_context, model_context)
     logger.info("loaded %s in %.1f s (context %d tokens)", source, time.perf_counter() - started, context_length)
@@ -141,7 +146,13 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     layout = kv_layout(loaded.model)
     # the running batch at full context, plus as much again for the prefix cache
     tokens = kv_budget_tokens(config, layout, device, 2 * batch_size * loaded.context_length)
-    arena = KVArena(layout, tokens, device, config.prefix_caching)
+    slots = None
+    if config.static_cache or config.torch_compile:
+        if not config.static_cache:
+            logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+        slots = Slots(batch_size, min(config.static_cache_decoder_max_length, loaded.context_length))
+        logger.info("static cache: %d rows of %d tokens", slots.rows, slots.length)
+    arena = KVArena(layout, tokens, device, config.prefix_caching, slots)
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
     logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; %d prompt tokens per step "
                 "beside decoding rows%s", tokens, tokens * layout.bytes_per_token / 2**30,
@@ -150,5 +161,16 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     scheduler = Scheduler(arena, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens,
                           solo_tokens=SOLO_PREFILL_TOKENS, batch_invariant=config.batch_invariant,
                           attention_cost=attention_cost(loaded.model, layout))
-    return Engine(ModelRunner(loaded.model, arena), scheduler, loaded.tokenizer, loaded.eos_token_ids,
-                  config.continuous_batching_microsleep)
+    static = None
+    if slots is not None:
+        static = StaticDecoder(loaded.model, arena, config.torch_compile_mode if config.torch_compile else None,
+                               MIN_INVARIANT_ROWS if config.batch_invariant else 1)
+    runner = ModelRunner(loaded.model, arena, static, config.batch_invariant)
+    return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
+                  step_profiler(config))
+
+
+def step_profiler(config: Config) -> StepProfiler | None:
+    if not config.torch_profiling:
+        return None
+    return StepProfiler(Path(config.torch_profiling_dir), config.torch_profiling_steps)

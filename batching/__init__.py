@@ -2,12 +2,15 @@
 
 from batching.attention import ATTENTION_NAME, kv_layout
 from batching.engine import Engine, EngineError, EngineStats
-from batching.kv_arena import KVArena, KVLayout
+from batching.kv_arena import KVArena, KVLayout, Slots
+from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import QueueFullError, Scheduler
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
+from batching.static_decode import StaticDecoder
 
 __all__ = [
     "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "KVArena", "KVLayout", "ModelRunner",
-    "QueueFullError", "SamplingParams", "Scheduler", "Sequence", "TokenLogprob", "kv_layout",
+    "QueueFullError", "SamplingParams", "Scheduler", "Sequence", "Slots", "StaticDecoder", "StepProfiler",
+    "TokenLogprob", "kv_layout",
 ]

@@ -5,6 +5,9 @@ writes them into the engine's KV memory and attends over them:
 
 - SpanStep (the chat engine): the step's tokens are packed into one [1, tokens] forward, each sequence's
   span attends to its own extent of the KV arena (its cached prefix, then its span, causally);
+- StaticDecodeStep (the chat engine with a static cache): one token per row of a [rows, 1] batch, every
+  row attending over its whole fixed-length slot, masked to its own length: shapes never change, so the
+  step compiles once per batch size;
 - PrefillStep / DecodeStep (row caches, as the Whisper runner uses): packed prompts, then one token per row;
 - ProbeStep: one token through the model to learn its KV layout.
 """
@@ -34,6 +37,15 @@ class SpanStep:
 
 
 @dataclass
+class StaticDecodeStep:
+    keys: list[torch.Tensor]  # the arena's, per layer: [kv_heads, tokens, head_dim]
+    values: list[torch.Tensor]
+    slot_length: int
+    lengths: torch.Tensor  # [rows]: each row's keys after this token
+    positions: torch.Tensor  # [rows]: arena position of each row's new token
+
+
+@dataclass
 class ProbeStep:
     layouts: dict[int, KVLayout]
 
@@ -57,6 +69,9 @@ class DecodeStep:
         return torch.arange(len(self.lengths), device=self.positions.device)
 
 
+Step = SpanStep | StaticDecodeStep | ProbeStep | PrefillStep | DecodeStep
+
+
 def pack_prompts(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
     """The prompts laid end to end: token ids, each token's position and row, and each prompt's span."""
     ids, positions, rows, spans = [], [], [], []
@@ -70,11 +85,13 @@ def pack_prompts(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int],
 
 def batchwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None,
-                        batchwise_step: PrefillStep | DecodeStep | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                        batchwise_step: Step | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     if batchwise_step is None:
         raise RuntimeError("batchwise attention needs a batchwise_step argument (the model runner passes it)")
     if isinstance(batchwise_step, SpanStep):
         return _span_attention(module, query, key, value, scaling, batchwise_step), None
+    if isinstance(batchwise_step, StaticDecodeStep):
+        return _static_decode_attention(module, query, key, value, scaling, batchwise_step), None
     if isinstance(batchwise_step, ProbeStep):
         batchwise_step.layouts[module.layer_idx] = KVLayout(1, key.shape[1], key.shape[3], key.dtype)
         return query.transpose(1, 2), None
@@ -107,6 +124,21 @@ def _span_attention(module, query, key, value, scaling, step: SpanStep) -> torch
                                                           attn_mask=causal_lower_right(tokens, length),
                                                           scale=scaling, enable_gqa=True))
     return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def _static_decode_attention(module, query, key, value, scaling, step: StaticDecodeStep) -> torch.Tensor:
+    """One token per row ([rows, heads, 1, dim]); row r's slot is arena positions r x L .. (r + 1) x L, every
+    row attends over all L of them with the positions past its length masked out."""
+    rows, kv_heads, head_dim, length = query.shape[0], key.shape[1], key.shape[3], step.slot_length
+    cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
+    cached_keys[:, step.positions] = key[:, :, 0].transpose(0, 1)
+    cached_values[:, step.positions] = value[:, :, 0].transpose(0, 1)
+    keys = cached_keys[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
+    values = cached_values[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
+    mask = torch.arange(length, device=query.device) < step.lengths[:, None]
+    output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None, None, :], scale=scaling,
+                                            enable_gqa=True)
+    return output.transpose(1, 2)
 
 
 def kv_layout(model: torch.nn.Module) -> KVLayout:

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import torch
 
 from batching.detokenizer import Decoder, IncrementalDetokenizer
+from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler, Span
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
@@ -36,8 +37,9 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Decoder,
-                 eos_token_ids: frozenset[int], microsleep: float) -> None:
+                 eos_token_ids: frozenset[int], microsleep: float, profiler: StepProfiler | None = None) -> None:
         self.runner = runner
+        self.profiler = profiler
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -55,6 +57,8 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        if self.profiler:
+            self.profiler.report()
 
     @property
     def alive(self) -> bool:
@@ -63,7 +67,7 @@ class Engine:
     @property
     def max_sequence_tokens(self) -> int:
         """The most tokens (prompt plus completion) one sequence can hold in this engine's KV memory."""
-        return self.scheduler.memory.tokens
+        return self.scheduler.memory.sequence_capacity
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive)
@@ -142,6 +146,8 @@ class Engine:
         """On the step thread: every torch call stays on this one thread, since each thread that calls
         torch gets its own OpenMP pool, whose spinning workers would slow the forward down."""
         self.scheduler.memory.apply_pending()
+        if self.profiler:
+            return self.profiler.run(spans, self.runner.step)
         return self.runner.step(spans)
 
     def _deliver(self, seqs: list[Sequence], tokens: list[TokenLogprob]) -> None:

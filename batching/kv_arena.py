@@ -4,6 +4,10 @@ holds and grown as it decodes, so attention reads them as a plain view. A finish
 as a prefix-cache entry until the memory is needed; a new prompt that starts with cached tokens gets a copy
 of their K/V instead of computing them.
 
+With a static cache (`slots`), the arena starts with one fixed extent per batch row, all of one length, so
+the running rows' K/V form one [rows, kv_heads, length, head_dim] view that a decode step of static shape
+attends over; the rest of the budget holds prefix-cache entries.
+
 Bookkeeping runs on the event loop while a step is planned; the tensor copies it implies (prefix reuse,
 growth, defragmentation) are queued and carried out, in order, on the step thread before the forward."""
 
@@ -21,6 +25,7 @@ from batching.sequence import Sequence
 logger = logging.getLogger("batchwise.kv")
 
 FIRST_DECODE_ROOM = 64  # tokens reserved past the prompt at admission, so short answers never grow
+SCRATCH_TOKENS = 8  # where padding tokens write their K/V
 
 
 @dataclass(frozen=True)
@@ -39,22 +44,57 @@ def round_up(tokens: int) -> int:
     return -(-tokens // BLOCK_TOKENS) * BLOCK_TOKENS
 
 
+@dataclass(frozen=True)
+class Slots:
+    """The static cache: `rows` fixed extents of `length` positions, then one more that padding rows write to."""
+    rows: int
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return (self.rows + 1) * self.length
+
+    def extent(self, row: int) -> Extent:
+        return Extent(row * self.length, self.length)
+
+
 class KVArena:
-    def __init__(self, layout: KVLayout, tokens: int, device: torch.device | str, prefix_caching: bool = True) -> None:
+    def __init__(self, layout: KVLayout, tokens: int, device: torch.device | str, prefix_caching: bool = True,
+                 slots: Slots | None = None) -> None:
+        if slots is not None and slots.tokens > tokens:
+            raise ValueError(f"the static cache needs {slots.tokens} token positions ({slots.rows} rows of "
+                             f"{slots.length}, plus one for padding), more than the KV budget's {tokens}")
         self.layout = layout
         self.tokens = tokens
-        # untouched pages cost nothing on CPU: resident memory follows the tokens actually written
-        # head-major, so that a sequence's keys for one head are contiguous, as attention kernels like them
-        self.kv = torch.empty((layout.layers, 2, layout.kv_heads, tokens, layout.head_dim), dtype=layout.dtype,
-                              device=device)
+        self.slots = slots
+        # one tensor per layer, so a compiled step updates each in place; head-major, so that a sequence's keys
+        # for one head are contiguous, as attention kernels like them; untouched pages cost nothing on CPU
+        shape = (layout.kv_heads, tokens, layout.head_dim)
+        self.keys = [torch.empty(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+        self.values = [torch.empty(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
         self.allocator = ExtentAllocator(tokens)
         self.prefix_cache = PrefixCache() if prefix_caching else None
         self.live: set[Extent] = set()
         self.pending: list[tuple[int, int, int]] = []  # (source, target, tokens) copies, in order
+        if slots is not None:  # a static step reads whole slots, masked: unwritten positions must not hold NaNs
+            for tensor in (*self.keys, *self.values):
+                tensor[:, :slots.tokens].zero_()
+        self.rows_used = 0
+        # the slots (the rest holds cache entries), or a few positions where padding tokens write
+        self.reserved = self.allocator.allocate(slots.tokens if slots else SCRATCH_TOKENS)
+        self.live.add(self.reserved)
+        self.scratch = slots.extent(slots.rows) if slots else self.reserved
+
+    @property
+    def sequence_capacity(self) -> int:
+        """The most tokens one sequence can hold."""
+        return self.slots.length if self.slots else self.tokens - SCRATCH_TOKENS
 
     @property
     def used_tokens(self) -> int:
-        return self.tokens - self.allocator.free
+        """Positions that hold K/V of running sequences or cache entries."""
+        held = self.tokens - self.allocator.free - self.reserved.size
+        return held + (self.rows_used * self.slots.length if self.slots else 0)
 
     @property
     def cached_tokens(self) -> int:
@@ -64,10 +104,14 @@ class KVArena:
         """Give a waiting sequence its extent, filled with whatever prefix of its tokens is already computed
         (its siblings' prompt, or the prefix cache); False when it does not fit yet."""
         holder, matched = self._reusable(seq)
-        protect = holder if isinstance(holder, CachedPrefix) else None
-        extent = self._allocate(min(round_up(seq.length + FIRST_DECODE_ROOM), seq.max_length), protect)
+        if self.slots is not None:
+            extent = self.slots.extent(self.rows_used) if self.rows_used < self.slots.rows else None
+        else:
+            protect = holder if isinstance(holder, CachedPrefix) else None
+            extent = self._allocate(min(round_up(seq.length + FIRST_DECODE_ROOM), seq.max_length), protect)
         if extent is None:
             return False
+        self.rows_used += 1
         seq.kv = extent
         if matched:
             self.pending.append((self._extent_of(holder).start, extent.start, matched))
@@ -81,6 +125,8 @@ class KVArena:
         extent = seq.kv
         if tokens <= extent.size:
             return True
+        if self.slots is not None:
+            return False
         generous = min(max(round_up(tokens), 2 * extent.size), max(seq.max_length, tokens))
         for size in dict.fromkeys((generous, tokens)):
             if self.allocator.extend(extent, size):
@@ -104,21 +150,39 @@ class KVArena:
         extent, seq.kv = seq.kv, None
         if extent is None:
             return
+        self.rows_used -= 1
         cache = self.prefix_cache
         if keep and cache is not None and seq.computed >= BLOCK_TOKENS and not seq.params.prompt_logprobs:
-            self.allocator.shrink(extent, seq.computed)
-            entry = CachedPrefix(seq.all_ids[:seq.computed], extent)
-            cache.hand_over(seq, entry)
-            cache.keep(entry)
-            for orphan in cache.register(entry, seq.computed):
-                self._free(orphan.extent)
-            return
+            entry_extent = self._keep_extent(extent, seq.computed)
+            if entry_extent is not None:
+                entry = CachedPrefix(seq.all_ids[:seq.computed], entry_extent)
+                cache.hand_over(seq, entry)
+                cache.keep(entry)
+                for orphan in cache.register(entry, seq.computed):
+                    self._free(orphan.extent)
+                return
         if cache is not None:
             cache.drop(seq)
-        self._free(extent)
+        if self.slots is None:
+            self._free(extent)
+
+    def _keep_extent(self, extent: Extent, tokens: int) -> Extent | None:
+        """Where a leaving sequence's first `tokens` positions stay cached: its own extent, trimmed; a copy out
+        of its slot with a static cache (None when there is no room)."""
+        if self.slots is None:
+            self.allocator.shrink(extent, tokens)
+            return extent
+        kept = self._allocate(tokens)
+        if kept is not None:
+            self.pending.append((extent.start, kept.start, tokens))
+        return kept
 
     def move_row(self, seq: Sequence, target: int) -> None:
-        pass  # a sequence's K/V stay where they are whatever its row
+        """With a static cache a row's K/V move to its new slot; otherwise they stay where they are."""
+        if self.slots is not None:
+            slot = self.slots.extent(target)
+            self.pending.append((seq.kv.start, slot.start, seq.computed))
+            seq.kv = slot
 
     def idle(self) -> None:
         pass  # the prefix cache keeps what it holds
@@ -127,21 +191,20 @@ class KVArena:
         """On the step thread: carry out the queued copies in order."""
         try:
             for source, target, tokens in self.pending:
-                data = self.kv[:, :, :, source:source + tokens]
-                if abs(source - target) < tokens:
-                    data = data.clone()
-                self.kv[:, :, :, target:target + tokens] = data
+                for tensor in (*self.keys, *self.values):
+                    data = tensor[:, source:source + tokens]
+                    tensor[:, target:target + tokens] = data.clone() if abs(source - target) < tokens else data
         finally:
             self.pending.clear()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's keys and values, each [kv_heads, tokens, head_dim]."""
-        return self.kv[index, 0], self.kv[index, 1]
+        return self.keys[index], self.values[index]
 
-    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values: [kv_heads, len(slots), head_dim], stored at arena positions `slots`."""
-        self.kv[layer, 0][:, slots] = keys
-        self.kv[layer, 1][:, slots] = values
+    def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values: [kv_heads, len(positions), head_dim], stored at arena positions `positions`."""
+        self.keys[layer][:, positions] = keys
+        self.values[layer][:, positions] = values
 
     def _reusable(self, seq: Sequence) -> tuple[Sequence | CachedPrefix | None, int]:
         limit = seq.length - 1  # the last token is always computed, so the step has logits to sample from

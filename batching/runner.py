@@ -1,5 +1,7 @@
 """Model forwards for one engine step: every sequence's span (a prompt chunk, or one decoding token) packed
-into a single [1, tokens] forward, then a token sampled for each span that reached its sequence's end."""
+into a single [1, tokens] forward, then a token sampled for each span that reached its sequence's end.
+With a static cache, the decoding rows run in the static-shape decode step instead (batching.static_decode)
+and only prompt chunks are packed."""
 
 from __future__ import annotations
 
@@ -11,17 +13,48 @@ from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
 from batching.sequence import TokenLogprob
+from batching.static_decode import StaticDecoder
+
+
+# MKL's reproducible mode (MKL_CBWR=AUTO,STRICT) gives a matmul row the same result whatever the number of
+# rows, from 4 rows up (measured: 1, 2 and 3 rows each round differently), so batch-invariant forwards never
+# run fewer rows than this: padding tokens fill them up.
+MIN_INVARIANT_ROWS = 4
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, arena: KVArena) -> None:
+    def __init__(self, model: PreTrainedModel, arena: KVArena, static: StaticDecoder | None = None,
+                 batch_invariant: bool = False) -> None:
         self.model = model
         self.arena = arena
+        self.static = static
+        self.min_rows = MIN_INVARIANT_ROWS if batch_invariant else 1
         self.device = model.device
 
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
         """One token for each span that samples, in span order."""
+        static = [i for i, span in enumerate(spans) if self.static and span.seq.decoding]
+        packed = sorted(set(range(len(spans))) - set(static))
+        next_token_logits: dict[int, torch.Tensor] = {}
+        if packed:
+            next_token_logits.update(zip(
+                [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
+        if static:
+            next_token_logits.update(zip(static, self.static.decode([spans[i] for i in static])))
+        sampling = [i for i, span in enumerate(spans) if span.samples]
+        if not sampling:
+            return []
+        logits = torch.stack([next_token_logits[i] for i in sampling]).float()
+        return sample(logits, [spans[i].seq for i in sampling])
+
+    def warm_up(self) -> None:
+        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step."""
+        if self.static is not None:
+            self.static.warm_up()
+
+    def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
+        """One [1, tokens] forward over the spans; next-token logits of those that sample, in order."""
         ids, positions, slots, attention_spans, kept = [], [], [], [], []
         for span in spans:
             seq, start = span.seq, len(ids)
@@ -30,6 +63,7 @@ class ModelRunner:
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
             attention_spans.append((start, len(ids), seq.kv.start, span.end))
             kept.extend(start + p - span.start for p in self._logit_positions(span))
+        self._pad(ids, positions, slots, attention_spans, kept)
         position_tensor = self._tensor(positions)
         step = SpanStep(self.arena, self._tensor(slots), attention_spans)
         logits = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
@@ -43,8 +77,20 @@ class ModelRunner:
                 self._record_prompt_logprobs(span, span_logits)
             if span.samples:
                 next_token_logits.append(span_logits[-1])
-        sampling = [span.seq for span in spans if span.samples]
-        return sample(torch.stack(next_token_logits).float(), sampling) if sampling else []
+        return next_token_logits
+
+    def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list, kept: list[int]
+             ) -> None:
+        """Fill the forward and its kept logits up to `min_rows` rows: padding tokens form a span of their own
+        that writes to the arena's scratch positions; extra kept rows repeat the last one and are dropped."""
+        missing = self.min_rows - len(ids)
+        if missing > 0:
+            start, scratch = len(ids), self.arena.scratch.start
+            ids.extend([0] * missing)
+            positions.extend(range(missing))
+            slots.extend(range(scratch, scratch + missing))
+            attention_spans.append((start, start + missing, scratch, missing))
+        kept.extend([kept[-1] if kept else 0] * (self.min_rows - len(kept)))
 
     @staticmethod
     def _prompt_targets(span: Span) -> range:

@@ -32,7 +32,7 @@ class QueueFullError(RuntimeError):
 
 
 class KVMemory(Protocol):
-    tokens: int  # the most tokens one sequence can ever hold
+    sequence_capacity: int  # the most tokens one sequence can ever hold
 
     def admit(self, seq: Sequence) -> bool: ...
     def reserve(self, seq: Sequence, tokens: int) -> bool: ...
@@ -175,13 +175,14 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def _leave_running(self, seq: Sequence, keep: bool) -> None:
-        """Free the sequence's memory and its row; the last running row moves into it."""
+        """Free the sequence's memory and its row; the last running row moves into it (after the release, so
+        that a static cache copies the leaving row's K/V out before another row's overwrite them)."""
+        self.memory.release(seq, keep)
         last = self.running.pop()
         if last is not seq:
             self.memory.move_row(last, seq.row)
             last.row = seq.row
             self.running[seq.row] = last
-        self.memory.release(seq, keep)
         seq.row = -1
         if not self.running:
             self.memory.idle()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-# same default as main.py so both sides run the same MKL code path; must precede torch
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# the same MKL mode as the server (run_all passes it on); must precede torch
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

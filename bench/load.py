@@ -77,10 +77,11 @@ async def run_level(client: httpx.AsyncClient, model: str, concurrency: int, req
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarise(label, results, time.perf_counter() - started, max_tokens)
+    return summarise(label, results, time.perf_counter() - started, max_tokens, concurrency)
 
 
-def summarise(label: str, results: list[RequestResult], wall_s: float, max_tokens: int) -> Measurement:
+def summarise(label: str, results: list[RequestResult], wall_s: float, max_tokens: int,
+              concurrency: int) -> Measurement:
     succeeded = [r for r in results if r.error is None]
     for error in sorted({r.error for r in results if r.error is not None}):
         print(f"  {label}: failed request: {error}", flush=True)
@@ -88,7 +89,7 @@ def summarise(label: str, results: list[RequestResult], wall_s: float, max_token
                        completion_tokens=sum(r.completion_tokens for r in succeeded), wall_s=wall_s,
                        ttfts_s=[r.ttft_s for r in succeeded if r.ttft_s is not None],
                        latencies_s=[r.latency_s for r in succeeded], failed=len(results) - len(succeeded),
-                       requested_tokens_each=max_tokens)
+                       requested_tokens_each=max_tokens, concurrency=concurrency)
 
 
 def make_client(base_url: str, concurrency: int) -> httpx.AsyncClient:
@@ -103,11 +104,12 @@ async def served_model(client: httpx.AsyncClient) -> str:
 
 
 async def run_levels(base_url: str, levels: list[int], max_tokens: int, requests_per_level: int,
-                     label_for: dict[int, str] | None = None) -> list[Measurement]:
-    """Runs each level in turn after one short warm-up request; `requests_per_level` multiplies concurrency."""
+                     label_for: dict[int, str] | None = None, model: str | None = None) -> list[Measurement]:
+    """Runs each level in turn after one short warm-up request; `requests_per_level` multiplies concurrency.
+    `model` is the request's model field (default: the first the server lists)."""
     label_for = label_for or {}
     async with make_client(base_url, max(levels)) as client:
-        model = await served_model(client)
+        model = model or await served_model(client)
         await stream_one(client, model, prompt_for(0), max_tokens=4)
         measurements = []
         for concurrency in levels:

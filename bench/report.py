@@ -6,6 +6,8 @@ import math
 
 from bench.stats import Measurement
 
+TRANSFORMERS_SERVE = "transformers serve"
+
 
 def fmt(value: float, digits: int = 2) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
@@ -22,7 +24,8 @@ def requests_cell(measurement: Measurement) -> str:
     return f"{cell} ({measurement.failed} failed)" if measurement.failed else cell
 
 
-def row(measurement: Measurement, sequential: Measurement | None, static_batch: Measurement | None) -> str:
+def row(measurement: Measurement, sequential: Measurement | None, static_batch: Measurement | None,
+        peer: Measurement | None) -> str:
     cells = [
         measurement.configuration,
         requests_cell(measurement),
@@ -31,18 +34,22 @@ def row(measurement: Measurement, sequential: Measurement | None, static_batch: 
         f"{fmt(measurement.latency(0.5))} / {fmt(measurement.latency(0.95))}",
         ratio(measurement, sequential),
         ratio(measurement, static_batch),
+        ratio(measurement, peer),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown_table(server: list[Measurement], sequential: Measurement | None,
+def markdown_table(servers: list[Measurement], sequential: Measurement | None,
                    static_batch: Measurement | None) -> str:
+    """Every server level and baseline, with its ratio to each baseline and to `transformers serve` at the same
+    concurrency (when that was measured)."""
     static_name = f"generate@{static_batch.requests}" if static_batch else "generate"
     header = ["configuration", "requests", "completion tokens/s", "TTFT p50 / p95 (s)", "latency p50 / p95 (s)",
-              "ratio vs sequential generate", f"ratio vs static-batch {static_name}"]
+              "vs sequential generate", f"vs static-batch {static_name}", "vs transformers serve"]
+    peers = {m.concurrency: m for m in servers if m.configuration.startswith(TRANSFORMERS_SERVE)}
     baselines = [m for m in (sequential, static_batch) if m is not None]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [row(m, sequential, static_batch) for m in [*server, *baselines]]
+    lines += [row(m, sequential, static_batch, peers.get(m.concurrency)) for m in [*servers, *baselines]]
     return "\n".join(lines)
 
 

@@ -1,8 +1,12 @@
-"""Full benchmark: start the server, run the load levels, stop it, then run the generate() baselines
-in their own process (never at the same time: both are CPU-bound), and print one markdown table.
+"""Full benchmark, one command, one run: Batchwise in each speed configuration (eager, static cache +
+torch.compile, HQQ int4, HQQ + compile), then `transformers serve --continuous-batching`, each streaming
+128-token chat completions at concurrency 1, 8 and 32, one server at a time; then sequential and
+static-batch `model.generate` in their own process (never at the same time: all are CPU-bound). Prints one
+markdown table and draws tokens/s against concurrency (bench/results/throughput.png).
 
-    python -m bench.run_all                      # levels 1, 8, 32; 128 tokens each
-    python -m bench.run_all --quick              # smoke test: levels 1, 4; 16 tokens; tiny baseline
+    python -m bench.run_all                                   # everything above
+    python -m bench.run_all --configs eager --no-transformers-serve
+    python -m bench.run_all --quick                           # smoke test: levels 1, 4; 16 tokens
     python -m bench.run_all --server-args "--torch-dtype bfloat16"
 """
 
@@ -13,37 +17,58 @@ import asyncio
 import datetime
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from bench.load import parse_levels, run_levels
+from bench.plot import plot_throughput
 from bench.report import markdown_table, short_completion_notes
 from bench.stats import Measurement
+from bench.transformers_serve import running_transformers_serve
 from tests.helpers.server_process import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SERVER_DEFAULT_BATCH_SIZE = 20
 BATCH_SIZE_FLAG = "--continuous-batching-batch-size"
-DEFAULT_MKL_CBWR = "AUTO,STRICT"  # what main.py sets when the environment does not
+DEFAULT_MKL_CBWR = "AUTO"  # MKL's own choice, as main.py leaves it without --batch-invariant
+SERVER_CONFIGS: dict[str, list[str]] = {
+    "eager": [],
+    "static+compile": ["--torch-compile", "true"],  # compiling turns the static cache on
+    "hqq": ["--hqq", "true"],
+    "hqq+compile": ["--hqq", "true", "--torch-compile", "true"],
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Batchwise load benchmark against generate() baselines.")
+    parser = argparse.ArgumentParser(description="Batchwise load benchmark against other servers and generate().")
+    parser.add_argument("--configs", type=parse_configs, default=list(SERVER_CONFIGS),
+                        help=f"comma-separated, among {', '.join(SERVER_CONFIGS)} (default all)")
+    parser.add_argument("--no-transformers-serve", dest="transformers_serve", action="store_false",
+                        help="skip `transformers serve --continuous-batching`")
     parser.add_argument("--levels", type=parse_levels, help="concurrency levels, e.g. '1,8,32' (default 1,8,32)")
     parser.add_argument("--max-tokens", type=int, help="completion tokens per request (default 128)")
     parser.add_argument("--requests-per-level", type=int, default=2, help="requests per level = this x concurrency")
-    parser.add_argument("--server-args", default="", help="extra flags for main.py, e.g. '--torch-dtype bfloat16'")
+    parser.add_argument("--server-args", default="", help="flags for every main.py, e.g. '--torch-dtype bfloat16'")
     parser.add_argument("--sequential-prompts", type=int, help="prompts for sequential generate (default 4)")
     parser.add_argument("--static-batch-size", type=int, help="batch for static-batch generate (default 32)")
-    parser.add_argument("--baseline-mkl-cbwr", help="MKL_CBWR for the baseline process (default: the server's)")
-    parser.add_argument("--skip-baseline", action="store_true", help="server levels only")
+    parser.add_argument("--skip-baseline", action="store_true", help="no generate() baselines")
     parser.add_argument("--quick", action="store_true", help="smoke test: levels 1,4; 16 tokens; tiny baseline")
     args = parser.parse_args(argv)
     apply_defaults(args)
     return args
+
+
+def parse_configs(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SERVER_CONFIGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown configuration {', '.join(unknown)}; "
+                                         f"choose among {', '.join(SERVER_CONFIGS)}")
+    return names
 
 
 def apply_defaults(args: argparse.Namespace) -> None:
@@ -54,41 +79,42 @@ def apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
-def server_argv(args: argparse.Namespace) -> list[str]:
-    """The user's server flags, plus a batch size large enough that the top level is decoded as one batch."""
-    extra = shlex.split(args.server_args)
+def server_argv(args: argparse.Namespace, config: str = "eager") -> list[str]:
+    """The user's flags and the configuration's, plus a batch size large enough that the top level is decoded as
+    one batch."""
+    extra = shlex.split(args.server_args) + SERVER_CONFIGS[config]
     if not any(a == BATCH_SIZE_FLAG or a.startswith(BATCH_SIZE_FLAG + "=") for a in extra):
         extra += [BATCH_SIZE_FLAG, str(max(SERVER_DEFAULT_BATCH_SIZE, *args.levels))]
     return extra
 
 
-def flag_value(argv: list[str], flag: str) -> str | None:
-    for index, arg in enumerate(argv):
-        if arg == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+def level_labels(name: str, levels: list[int]) -> dict[int, str]:
+    return {level: f"{name}, concurrency {level}" for level in levels}
 
 
-def server_labels(levels: list[int], batch_size: str) -> dict[int, str]:
-    return {level: f"server, concurrency {level} (batch size {batch_size})" for level in levels}
-
-
-def run_server(args: argparse.Namespace, argv: list[str], env: dict[str, str]) -> list[Measurement]:
-    log_path = RESULTS / "server.log"
+def run_batchwise(args: argparse.Namespace, config: str, env: dict[str, str]) -> list[Measurement]:
+    argv = server_argv(args, config)
+    log_path = RESULTS / f"server-{config.replace('+', '-')}.log"
     print(f"server: main.py {shlex.join(argv)} (log: {log_path})", flush=True)
     with running_server(*argv, env=env, log_path=log_path) as base_url:
-        labels = server_labels(args.levels, flag_value(argv, BATCH_SIZE_FLAG) or str(SERVER_DEFAULT_BATCH_SIZE))
+        labels = level_labels(f"Batchwise {config}", args.levels)
         return asyncio.run(run_levels(base_url, args.levels, args.max_tokens, args.requests_per_level, labels))
 
 
-def run_baseline(args: argparse.Namespace, argv: list[str], env: dict[str, str]) -> list[Measurement]:
+def run_transformers_serve(args: argparse.Namespace, env: dict[str, str]) -> list[Measurement]:
+    log_path = RESULTS / "transformers-serve.log"
+    with running_transformers_serve(shlex.split(args.server_args), env, log_path) as (base_url, model):
+        labels = level_labels("transformers serve --continuous-batching", args.levels)
+        return asyncio.run(run_levels(base_url, args.levels, args.max_tokens, args.requests_per_level, labels,
+                                      model=model))
+
+
+def run_baseline(args: argparse.Namespace, env: dict[str, str]) -> list[Measurement]:
     output = RESULTS / "baseline.json"
-    command = [sys.executable, "-m", "bench.baseline", "--server-args", shlex.join(argv),
+    command = [sys.executable, "-m", "bench.baseline", "--server-args", args.server_args,
                "--sequential-prompts", str(args.sequential_prompts), "--batch-size", str(args.static_batch_size),
                "--max-new-tokens", str(args.max_tokens), "--output", str(output)]
-    print(f"baseline: MKL_CBWR={env['MKL_CBWR']}: {shlex.join(command)}", flush=True)
+    print(f"baseline: {shlex.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     result = json.loads(output.read_text())
     return [Measurement.from_json(m) for m in result["measurements"]]
@@ -100,37 +126,45 @@ def process_env(mkl_cbwr: str) -> dict[str, str]:
     return env
 
 
-def report(args: argparse.Namespace, argv: list[str], server: list[Measurement], baselines: list[Measurement],
-           server_mkl: str, baseline_mkl: str | None) -> str:
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def report(args: argparse.Namespace, servers: list[Measurement], baselines: list[Measurement], mkl: str) -> str:
     sequential, static_batch = baselines if baselines else (None, None)
     lines = [
         f"# Batchwise benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
-        f"- server flags: `{shlex.join(argv)}`; MKL_CBWR={server_mkl}",
-        f"- baseline MKL_CBWR={baseline_mkl}" if baseline_mkl else "- baseline: skipped",
+        f"- {cpu_model()}, {os.cpu_count()} CPUs; MKL_CBWR={mkl}; extra server flags: `{args.server_args}`",
         f"- {args.max_tokens} completion tokens per request, streaming, temperature 0; "
-        f"{args.requests_per_level} x concurrency requests per level; {os.cpu_count()} CPUs",
-        "- target (issue): at concurrency 32, at least 6x sequential generate and at least 0.8x "
-        "static-batch generate@32 in completion tokens/s",
+        f"{args.requests_per_level} x concurrency requests per level",
         "",
-        markdown_table(server, sequential, static_batch),
+        markdown_table(servers, sequential, static_batch),
     ]
-    notes = short_completion_notes(server + baselines)
+    notes = short_completion_notes(servers + baselines)
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    server_args = server_argv(args)
-    server_mkl = os.environ.get("MKL_CBWR", DEFAULT_MKL_CBWR)
-    baseline_mkl = None if args.skip_baseline else (args.baseline_mkl_cbwr or server_mkl)
-    server = run_server(args, server_args, process_env(server_mkl))
-    baselines = [] if baseline_mkl is None else run_baseline(args, server_args, process_env(baseline_mkl))
-    text = report(args, server_args, server, baselines, server_mkl, baseline_mkl)
+    mkl = os.environ.get("MKL_CBWR", DEFAULT_MKL_CBWR)
+    env = process_env(mkl)
+    servers = [m for config in args.configs for m in run_batchwise(args, config, env)]
+    if args.transformers_serve:
+        servers += run_transformers_serve(args, env)
+    baselines = [] if args.skip_baseline else run_baseline(args, env)
+    text = report(args, servers, baselines, mkl)
     (RESULTS / "latest.md").write_text(text)
+    plot_throughput(servers, baselines, RESULTS / "throughput.png", cpu_model())
     print("\n" + text, flush=True)
-    print(f"written to {RESULTS / 'latest.md'}")
+    print(f"written to {RESULTS / 'latest.md'} and {RESULTS / 'throughput.png'}")
 
 
 if __name__ == "__main__":

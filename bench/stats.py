@@ -28,6 +28,7 @@ class Measurement:
     latencies_s: list[float] = field(default_factory=list)
     failed: int = 0
     requested_tokens_each: int = 0
+    concurrency: int = 0  # requests kept in flight; 0 for the in-process baselines
 
     @property
     def tokens_per_s(self) -> float:

@@ -189,6 +189,7 @@ class Generator:
 async def start_chat_service(config: Config) -> Generator:
     loaded = await load_off_loop(load_model, config)
     engine = await asyncio.to_thread(build_engine, loaded, config)
+    await engine.on_step_thread(engine.runner.warm_up)
     engine.start()
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
                              config.reasoning_parser)

@@ -16,7 +16,7 @@ from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, Whi
 from batching.families.whisper_runner import WhisperRunner
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
-from model_manager import served_name
+from model_manager import served_name, step_profiler
 
 logger = logging.getLogger("batchwise.model")
 
@@ -76,7 +76,11 @@ def rule_settings(generation: GenerationConfig) -> RuleSettings:
 
 def load_whisper(config: Config) -> LoadedWhisper:
     source = whisper_source(config)
-    logger.info("loading Whisper %s on %s as %s", source, config.device, str(config.dtype).removeprefix("torch."))
+    logger.info("loading Whisper %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
+    ignored = [flag for flag, on in (("--static-cache", config.static_cache), ("--torch-compile", config.torch_compile),
+                                     ("--hqq", config.hqq)) if on]
+    if ignored:
+        logger.warning("%s: not applied to Whisper in this version (the chat engine only)", ", ".join(ignored))
     started = time.perf_counter()
     processor = WhisperProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype)
@@ -95,4 +99,4 @@ def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=STEP_TOKENS)
     runner = WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
-                  config.continuous_batching_microsleep)
+                  config.continuous_batching_microsleep, step_profiler(config))

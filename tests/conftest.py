@@ -4,7 +4,8 @@ modules, its OpenAI clients, and the architectures the engine tests run on."""
 import os
 from pathlib import Path
 
-# same reproducible-MKL setting main.py uses; must be set before torch loads MKL
+# the engine tests compare batched output with alone output: MKL's reproducible mode, as main.py sets it with
+# --batch-invariant; before torch makes its first MKL call
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import openai  # noqa: E402

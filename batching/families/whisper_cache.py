@@ -25,7 +25,7 @@ class WhisperRowCache:
 
     # the scheduler's KV memory protocol (see batching.scheduler.KVMemory)
     @property
-    def tokens(self) -> int:
+    def sequence_capacity(self) -> int:
         return self.self_attention.max_length
 
     def admit(self, seq: Sequence) -> bool:

@@ -33,10 +33,12 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--static-cache", "true"], "--static-cache"),
-    (["--torch-compile", "1"], "--torch-compile"),
-    (["--hqq", "TRUE"], "--hqq"),
-    (["--torch-profiling", "true"], "--torch-profiling"),
+    (["--torch-compile-mode", "fastest"], "--torch-compile-mode"),
+    (["--kv-cache-memory", "lots"], "lots"),
+    (["--kv-cache-memory=0GiB"], "0GiB"),
+    (["--max-num-batched-tokens", "8"], "--max-num-batched-tokens"),
+    (["--hqq-nbits", "5"], "--hqq-nbits"),
+    (["--torch-profiling-steps", "0"], "--torch-profiling-steps"),
     (["--max-audio-mb", "0"], "--max-audio-mb"),
     (["--tokenizer-use-fast", "maybe"], "maybe"),
     (["--continuous-batching-batch-size", "0"], "--continuous-batching-batch-size"),

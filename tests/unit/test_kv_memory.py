@@ -20,6 +20,7 @@ TOKEN_BYTES = {"llama": 2 * 2 * 2 * 16 * 4}  # layers x (K, V) x kv heads x head
 
 
 def budget(tokens: int) -> str:
+    """A KV budget of `tokens` positions, 8 of which take padding rows' writes."""
     return str(tokens * TOKEN_BYTES["llama"])
 
 
@@ -154,7 +155,7 @@ def test_running_out_while_decoding_preempts_the_youngest_and_resumes_it(llama, 
     first, second = prompts(2, len(tokenizer), 20, seed=7)
 
     def engine():
-        return make_engine(llama, tokenizer, kv_cache_memory=budget(192), prefix_caching=False)
+        return make_engine(llama, tokenizer, kv_cache_memory=budget(200), prefix_caching=False)
 
     async def both(engine):
         seqs = await generate_all(engine, [first, second], greedy(100))
@@ -175,7 +176,7 @@ def test_a_request_that_can_never_fit_gets_a_400_with_the_numbers(llama, tokeniz
         default = generator.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=None), 100)
         return refused.value, default
 
-    error, default = run_with_engine(lambda: make_engine(llama, tokenizer, kv_cache_memory=budget(200)), check)
+    error, default = run_with_engine(lambda: make_engine(llama, tokenizer, kv_cache_memory=budget(208)), check)
     assert error.status == 400 and "200 tokens" in error.message and "100 prompt tokens plus 150" in error.message
     assert default.max_tokens == 100, "without max_tokens the completion may fill what the budget leaves"
 
@@ -212,7 +213,7 @@ def test_sampling_seeds_survive_preemption(llama, tokenizer):
     """A preempted request keeps its generator: seeded sampling gives the same text as alone."""
     first, second = prompts(2, len(tokenizer), 20, seed=9)
     params = SamplingParams(max_tokens=100, temperature=1.0, seed=7)
-    both = run_with_engine(lambda: make_engine(llama, tokenizer, kv_cache_memory=budget(192), prefix_caching=False),
+    both = run_with_engine(lambda: make_engine(llama, tokenizer, kv_cache_memory=budget(200), prefix_caching=False),
                            lambda e: generate_all(e, [first, second], params))
     assert both[1].output_ids == alone(llama, tokenizer, second, params).output_ids
 

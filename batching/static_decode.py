@@ -1,0 +1,103 @@
+"""The decode step of a static cache, gpt-fast style: the decoding rows padded to a bucket of fixed size
+(1, 2, 4, 8, ... up to the batch size), one token each, attending over their fixed-length slots. Its shapes
+depend only on the bucket, so with --torch-compile it is compiled once per bucket at start-up (CUDA graphs
+on CUDA with mode reduce-overhead) and never while serving."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from batching.attention import StaticDecodeStep
+from batching.kv_arena import KVArena
+from batching.scheduler import Span
+
+logger = logging.getLogger("batchwise.compile")
+
+
+def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
+    """1, 2, 4, 8, ... (from `smallest`) up to and including `rows`."""
+    sizes, size = [], smallest
+    while size < rows:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, rows]
+
+
+class DecodeForward(torch.nn.Module):
+    """What is compiled: the model's forward for [rows, 1] tokens, with the arena's K/V as buffers, so that a
+    compiled graph updates them in place (and CUDA graphs see fixed addresses)."""
+
+    def __init__(self, model: PreTrainedModel, arena: KVArena) -> None:
+        super().__init__()
+        self.model = model
+        self.slot_length = arena.slots.length
+        for layer, (keys, values) in enumerate(zip(arena.keys, arena.values)):
+            self.register_buffer(f"keys_{layer}", keys, persistent=False)
+            self.register_buffer(f"values_{layer}", values, persistent=False)
+        self.layers = len(arena.keys)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                arena_positions: torch.Tensor) -> torch.Tensor:
+        """ids/positions: [rows, 1]; lengths, arena_positions: [rows]; returns next-token logits [rows, vocab]."""
+        step = StaticDecodeStep([getattr(self, f"keys_{i}") for i in range(self.layers)],
+                                [getattr(self, f"values_{i}") for i in range(self.layers)],
+                                self.slot_length, lengths, arena_positions)
+        output = self.model(input_ids=ids, position_ids=positions, logits_to_keep=1, use_cache=False,
+                            batchwise_step=step)
+        return output.logits[:, -1]
+
+
+class StaticDecoder:
+    def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
+                 min_rows: int = 1) -> None:
+        self.slots = arena.slots
+        self.device = model.device
+        self.buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
+        self.compile_mode = compile_mode
+        forward = DecodeForward(model, arena)
+        self.step = self._compiled(forward) if compile_mode else forward
+
+    @torch.inference_mode()
+    def decode(self, spans: list[Span]) -> torch.Tensor:
+        """Next-token logits ([len(spans), vocab]) for decoding rows; rows without a span in the bucket write to
+        the padding slot and their logits are dropped."""
+        rows = self.bucket(max(span.seq.row for span in spans) + 1)
+        length, padding = self.slots.length, self.slots.rows * self.slots.length
+        ids, positions, arena_positions = [0] * rows, [0] * rows, [padding] * rows
+        for span in spans:
+            row, position = span.seq.row, span.start
+            ids[row], positions[row] = span.seq.all_ids[position], position
+            arena_positions[row] = row * length + position
+        position_tensor = self._tensor(positions)
+        logits = self.step(self._tensor(ids)[:, None], position_tensor[:, None], position_tensor + 1,
+                           self._tensor(arena_positions))
+        return logits[self._tensor([span.seq.row for span in spans])]
+
+    def bucket(self, rows: int) -> int:
+        return next(size for size in self.buckets if size >= rows)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the
+        first requests never wait for a compilation."""
+        padding = self.slots.rows * self.slots.length
+        for rows in self.buckets:
+            started = time.perf_counter()
+            zeros = self._tensor([0] * rows)
+            for _ in range(2):
+                self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + padding)
+            logger.info("decode step for %d row%s ready in %.1f s", rows, "" if rows == 1 else "s",
+                        time.perf_counter() - started)
+
+    def _compiled(self, forward: DecodeForward) -> torch.nn.Module:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
+        logger.info("compiling the decode step (torch.compile mode %s) for batch sizes %s", self.compile_mode,
+                    ", ".join(map(str, self.buckets)))
+        return torch.compile(forward, mode=self.compile_mode, dynamic=False)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,0 +1,91 @@
+"""How close the static decode step comes to the machine's matmul speed: for each batch size, the step's time
+(eager, and compiled with --compile) against the time of its linear layers alone as `F.linear` calls on the
+same shapes (the matmul floor), with the GFLOPS both reach.
+
+    python -m bench.decode_step                          # rows 1, 8, 32; slots of 512 tokens, half full
+    python -m bench.decode_step --compile --rows 32
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO")  # as main.py leaves it without --batch-invariant; before torch
+
+import argparse  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from batching import KVArena, Slots, kv_layout  # noqa: E402
+from batching.static_decode import DecodeForward  # noqa: E402
+from bench.load import parse_levels  # noqa: E402
+from bench.run_all import cpu_model  # noqa: E402
+from config import parse_config  # noqa: E402
+from model_manager import load_model  # noqa: E402
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def linear_shapes(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
+
+
+@torch.inference_mode()
+def matmul_floor(weights: list[torch.Tensor], rows: int, repeats: int) -> tuple[float, float]:
+    """(seconds, multiply-adds) of every linear layer's product for `rows` tokens, back to back."""
+    inputs = [torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+    seconds = median_seconds(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)], repeats)
+    return seconds, sum(rows * w.numel() for w in weights)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The static decode step against the matmul floor.")
+    parser.add_argument("--server-args", default="", help="main.py flags naming the model, dtype, device, --hqq")
+    parser.add_argument("--rows", type=parse_levels, default=[1, 8, 32])
+    parser.add_argument("--length", type=int, default=512, help="tokens per slot; rows attend to half of it")
+    parser.add_argument("--compile", action="store_true", help="also time the step compiled (a minute per size)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    config = parse_config(shlex.split(args.server_args))
+    if config.hqq:
+        parser.error("the matmul floor is measured on float weights: run without --hqq")
+    model = load_model(config).model
+    slots = Slots(max(args.rows), args.length)
+    arena = KVArena(kv_layout(model), slots.tokens, model.device, prefix_caching=False, slots=slots)
+    forward = DecodeForward(model, arena)
+    compiled = torch.compile(forward, mode=config.torch_compile_mode, dynamic=False) if args.compile else None
+    weights = linear_shapes(model)
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, MKL_CBWR="
+          f"{os.environ['MKL_CBWR']}; {config.hf_model} as {config.dtype}; slots of {args.length} tokens\n")
+    print("| rows | matmul floor ms (GFLOPS) | eager step ms (fraction of floor) | compiled step ms (fraction) |")
+    print("|---|---|---|---|")
+    for rows in args.rows:
+        position = torch.full((rows,), args.length // 2, dtype=torch.long, device=model.device)
+        arguments = (torch.zeros(rows, 1, dtype=torch.long, device=model.device), position[:, None], position + 1,
+                     torch.arange(rows, device=model.device) * args.length + position)
+        floor, multiply_adds = matmul_floor(weights, rows, args.repeats)
+        cells = [str(rows), f"{floor * 1e3:.1f} ({2 * multiply_adds / floor / 1e9:.1f})"]
+        for step in (forward, compiled):
+            if step is None:
+                cells.append("not run")
+                continue
+            with torch.inference_mode():
+                seconds = median_seconds(lambda: step(*arguments), args.repeats)
+            cells.append(f"{seconds * 1e3:.1f} ({floor / seconds:.2f})")
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

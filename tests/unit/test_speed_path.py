@@ -1,0 +1,160 @@
+"""The speed path on tiny random-weight models: the static cache and its compiled decode step give the eager
+engine's greedy tokens and never recompile while serving; HQQ quantises and generates (compiled too);
+profiling writes traces; --torch-dtype auto picks by the hardware."""
+
+import asyncio
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from torch._dynamo.utils import counters
+
+from batching import ATTENTION_NAME, KVArena, Slots, kv_layout
+from batching.static_decode import DecodeForward, bucket_sizes
+from config import auto_dtype
+from converters.hqq import quantize_linears, weight_bytes
+from model_manager import LoadedModel
+from models import CompletionRequest
+from serving.errors import APIError
+from serving.generator import Generator, ServingOptions
+from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.tiny_models import tiny_model
+
+
+def random_prompts(count: int, vocab: int, seed: int, lengths=(3, 40)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))] for _ in range(count)]
+
+
+def outputs(model, tokenizer, prompts, max_tokens=16, **settings) -> list[list[int]]:
+    def build():
+        engine = make_engine(model, tokenizer, **settings)
+        engine.runner.warm_up()
+        return engine
+    return [s.output_ids for s in run_with_engine(build, lambda e: generate_all(e, prompts, greedy(max_tokens)))]
+
+
+def test_buckets_double_up_to_the_batch_size():
+    assert bucket_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert bucket_sizes(16, smallest=4) == [4, 8, 16]
+    assert bucket_sizes(3, smallest=3) == [3]
+
+
+def test_static_cache_gives_the_eager_engines_tokens_alone_and_batched(architecture, tokenizer):
+    model = tiny_model(architecture, len(tokenizer), seed=3)
+    prompts = random_prompts(12, len(tokenizer), seed=7)
+    eager = outputs(model, tokenizer, prompts)
+    static = dict(static_cache=True, static_cache_decoder_max_length=96, batch_size=8)
+    assert outputs(model, tokenizer, prompts, **static) == eager
+    assert [outputs(model, tokenizer, [p], **static)[0] for p in prompts[:3]] == eager[:3]
+
+
+def test_a_request_longer_than_the_static_length_is_refused(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+
+    async def too_long(engine):
+        generator = Generator(engine, LoadedModel(model, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
+        with pytest.raises(APIError) as refused:
+            generator.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=10), 60)
+        return refused.value
+
+    error = run_with_engine(lambda: make_engine(model, tokenizer, static_cache=True,
+                                                static_cache_decoder_max_length=64), too_long)
+    assert error.status == 400 and "at most 64 tokens" in error.message
+
+
+def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(tokenizer):
+    model = tiny_model("llama", len(tokenizer), seed=11)
+    prompts = random_prompts(10, len(tokenizer), seed=12, lengths=(2, 50))
+    eager = outputs(model, tokenizer, prompts, max_tokens=24, batch_size=6)
+    compiled_before = {}
+
+    def build():
+        engine = make_engine(model, tokenizer, batch_size=6, torch_compile=True, static_cache_decoder_max_length=96)
+        engine.runner.warm_up()
+        compiled_before.update(counters["frames"])
+        return engine
+
+    async def varied(engine):
+        """Joins mid-stream, a cancellation, batches of every size."""
+        streams = []
+        for index, prompt in enumerate(prompts):
+            streams.append(asyncio.create_task(finish(engine, engine.add(prompt, greedy(24)))))
+            if index == 3:
+                doomed = engine.add(prompts[0], greedy(24))
+                await asyncio.sleep(0.01)
+                engine.cancel(doomed)
+            if index % 3 == 0:
+                await streams[-1]
+        return [(await stream).output_ids for stream in streams]
+
+    served = run_with_engine(build, varied)
+    assert dict(counters["frames"]) == compiled_before, "a recompilation happened while serving"
+    assert served == eager
+
+
+def hqq_sized_model(vocab: int) -> transformers.PreTrainedModel:
+    """Linear layers large enough for quantisation to matter against the embeddings."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME).eval()
+
+
+def test_hqq_quantises_every_linear_but_the_head_and_generates(tokenizer):
+    model = hqq_sized_model(1000)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    before = weight_bytes(model)
+    report = quantize_linears(model, nbits=4, group_size=64)
+    assert report.layers == linears - 1 and isinstance(model.lm_head, torch.nn.Linear)
+    assert report.bytes_before == before and report.bytes_after < 0.55 * before
+    seqs = run_with_engine(lambda: make_engine(model, tokenizer, context_length=512),
+                           lambda e: generate_all(e, random_prompts(3, 1000, seed=1), greedy(8)))
+    assert all(len(s.output_ids) == 8 and all(0 <= t < 1000 for t in s.output_ids) for s in seqs)
+
+
+def test_hqq_layers_compile_to_the_same_logits():
+    model = hqq_sized_model(1000)
+    quantize_linears(model, nbits=4, group_size=64)
+    arena = KVArena(kv_layout(model), 5 * 32, "cpu", slots=Slots(4, 32))
+    for tensor in (*arena.keys, *arena.values):
+        tensor.normal_()
+    forward = DecodeForward(model, arena)
+    ids, positions = torch.tensor([[5], [6]]), torch.tensor([[3], [7]])
+    arguments = (ids, positions, positions[:, 0] + 1, torch.tensor([3, 32 + 7]))
+    with torch.inference_mode():
+        eager = forward(*arguments)
+        compiled = torch.compile(forward, dynamic=False)(*arguments)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_profiling_writes_a_trace_per_profiled_step_and_a_summary(tokenizer, tmp_path):
+    model = tiny_model("qwen2", len(tokenizer))
+    folder = tmp_path / "profiles"
+
+    async def run(engine):
+        await generate_all(engine, random_prompts(1, len(tokenizer), seed=3, lengths=(10, 20)), greedy(6))
+        await engine.stop()
+
+    run_with_engine(lambda: make_engine(model, tokenizer, torch_profiling=True, torch_profiling_dir=str(folder),
+                                        torch_profiling_steps=3), run)
+    traces = sorted(folder.glob("step-*.json"))
+    assert [t.name.split("-")[1] for t in traces] == ["001", "002", "003"]
+    assert "prefill-1seq" in traces[0].name and "decode-1seq-1tok" in traces[-1].name
+    assert any(event.get("name") == "aten::mm" for event in json.loads(traces[0].read_text())["traceEvents"])
+    summary = (folder / "summary.txt").read_text()
+    assert "top operators over 3 profiled steps" in summary and "aten::" in summary
+
+
+@pytest.mark.parametrize("device, flags, expected", [
+    ("cuda", set(), "bfloat16"),
+    ("cpu", {"avx", "avx2", "fma"}, "float32"),
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+    ("cpu", {"avx2", "amx_tile", "amx_bf16"}, "bfloat16"),
+])
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(device, flags, expected):
+    dtype, reason = auto_dtype(device, flags)
+    assert dtype == expected and reason
