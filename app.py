@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+from typing import NoReturn
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -22,10 +25,20 @@ from serving.generator import start_chat_service
 from serving.transcription import start_transcription_service
 
 __version__ = "0.1.0"
+FAULT_EXIT_DELAY = 1.0  # seconds
+
+logger = logging.getLogger("batchwise")
 
 CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
+
+
+def exit_process(reason: str) -> NoReturn:
+    """Exit at once: a wedged step thread would keep a normal interpreter exit waiting forever."""
+    logger.critical("%s: exiting", reason)
+    logging.shutdown()
+    os._exit(1)
 
 
 def create_app(config: Config) -> FastAPI:
@@ -44,8 +57,18 @@ def create_app(config: Config) -> FastAPI:
                 await state.service.engine.stop()
 
     async def start_service() -> None:
+        """Start the model's service, then watch its engine: a server that cannot serve exits non-zero, so
+        that its supervisor (Docker, Kubernetes, systemd) restarts it."""
         start = start_transcription_service if whisper else start_chat_service
-        state.service = await start(config)
+        try:
+            state.service = await start(config)
+        except Exception as error:
+            logger.exception("could not start serving %s", config.hf_model)
+            exit_process(f"the {config.serving_type} service could not start: {error}")
+        fault = await state.service.engine.stopped()
+        if fault:
+            await asyncio.sleep(FAULT_EXIT_DELAY)  # let the failed requests' error responses go out
+            exit_process(f"the engine stopped ({fault})")
 
     app = FastAPI(title="Batchwise", version=__version__, lifespan=lifespan)
     app.state.server = state
@@ -65,7 +88,8 @@ def create_app(config: Config) -> FastAPI:
         service = state.service
         if state.draining or service is None or not service.engine.alive:
             status = "draining" if state.draining else "loading" if service is None else "engine stopped"
-            return JSONResponse({"status": status}, status_code=503)
+            fault = service.engine.fault if service else None
+            return JSONResponse({"status": status, **({"error": fault} if fault else {})}, status_code=503)
         stats = service.engine.stats()
         return JSONResponse({"status": "ok", "model": service.model_name, "running": stats.running,
                              "waiting": stats.waiting, "steps": stats.steps})

@@ -176,6 +176,13 @@ class Config:
                                     "seconds a request may take before it is cancelled (0: no limit)", 600.0, float)
     shutdown_grace: float = option("--shutdown-grace", "SHUTDOWN_GRACE",
                                    "seconds running requests may take to finish after SIGTERM", 30.0, float)
+    step_timeout: float = option("--step-timeout", "STEP_TIMEOUT",
+                                 "seconds one engine step may run before the engine is declared wedged: /health turns "
+                                 "503 and the process exits non-zero, for its supervisor to restart it (0: never)",
+                                 300.0, float)
+    failpoints: str = option("--failpoints", "BATCHWISE_FAILPOINTS",
+                             "chaos testing: comma-separated STAGE:USER:KIND; a step of STAGE (prefill, decode) with a "
+                             "row whose request's user is USER does KIND (error, oom, hang) instead of running", "")
     allowed_origins: str = option("--allowed-origins", "ALLOWED_ORIGINS",
                                   "comma-separated origins allowed by CORS, or *; empty: CORS off", "")
     reasoning_parser: str = option("--reasoning-parser", "REASONING_PARSER",
@@ -198,7 +205,8 @@ class Config:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.continuous_batching_microsleep < 0:
             raise ConfigError("--continuous-batching-microsleep must not be negative")
-        for flag, value in {"--request-timeout": self.request_timeout, "--shutdown-grace": self.shutdown_grace}.items():
+        for flag, value in {"--request-timeout": self.request_timeout, "--shutdown-grace": self.shutdown_grace,
+                            "--step-timeout": self.step_timeout}.items():
             if value < 0:
                 raise ConfigError(f"{flag} must not be negative")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any
 
 import torch
 import transformers
@@ -17,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
                       StepProfiler, kv_layout)
+from batching.failpoints import Failpoints, parse_failpoints
 from batching.runner import MIN_INVARIANT_ROWS
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
@@ -30,8 +30,6 @@ EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
 SOLO_PREFILL_TOKENS = 2048  # ...and with nothing decoding
-
-T = TypeVar("T")
 
 
 class ModelLoadError(RuntimeError):
@@ -99,15 +97,6 @@ def load_model(config: Config) -> LoadedModel:
     return LoadedModel(model, tokenizer, served_name(config.hf_model, EMBEDDED_CHAT_NAME), context_length)
 
 
-async def load_off_loop(load: Callable[[Config], T], config: Config) -> T:
-    """Load in a worker thread, so the server answers (/health: 503) meanwhile; failures are logged."""
-    try:
-        return await asyncio.to_thread(load, config)
-    except Exception:
-        logger.exception("could not load the model %s", config.hf_model)
-        raise
-
-
 def free_memory_bytes(device: torch.device) -> int:
     """What the device has free now: CUDA's free memory, or the kernel's MemAvailable on CPU."""
     if device.type == "cuda":
@@ -167,10 +156,17 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
                                MIN_INVARIANT_ROWS if config.batch_invariant else 1)
     runner = ModelRunner(loaded.model, arena, static, config.batch_invariant)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
-                  step_profiler(config))
+                  **engine_options(config))
 
 
-def step_profiler(config: Config) -> StepProfiler | None:
-    if not config.torch_profiling:
-        return None
-    return StepProfiler(Path(config.torch_profiling_dir), config.torch_profiling_steps)
+def engine_options(config: Config) -> dict[str, Any]:
+    """What every engine (chat or speech) takes from the configuration beyond its model: profiling, the step
+    timeout, failpoints."""
+    profiler = StepProfiler(Path(config.torch_profiling_dir), config.torch_profiling_steps) \
+        if config.torch_profiling else None
+    failpoints = parse_failpoints(config.failpoints)
+    if failpoints:
+        logger.warning("failpoints are set (%s): requests of these users will fail on purpose",
+                       ", ".join(map(str, failpoints)))
+    return {"profiler": profiler, "step_timeout": config.step_timeout or None,
+            "failpoints": Failpoints(failpoints) if failpoints else None}

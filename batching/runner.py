@@ -28,13 +28,14 @@ class ModelRunner:
         self.model = model
         self.arena = arena
         self.static = static
+        self.batch_invariant = batch_invariant
         self.min_rows = MIN_INVARIANT_ROWS if batch_invariant else 1
         self.device = model.device
 
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
         """One token for each span that samples, in span order."""
-        static = [i for i, span in enumerate(spans) if self.static and span.seq.decoding]
+        static = [i for i, span in enumerate(spans) if span.seq.decoding] if self._runs_static(spans) else []
         packed = sorted(set(range(len(spans))) - set(static))
         next_token_logits: dict[int, torch.Tensor] = {}
         if packed:
@@ -47,6 +48,11 @@ class ModelRunner:
             return []
         logits = torch.stack([next_token_logits[i] for i in sampling]).float()
         return sample(logits, [spans[i].seq for i in sampling])
+
+    def _runs_static(self, spans: list[Span]) -> bool:
+        """Decoding rows take the static step, except beside prompt chunks: one packed forward then costs less
+        than two. Batch invariance needs every decode to attend the same way, so there they always take it."""
+        return self.static is not None and (self.batch_invariant or all(span.seq.decoding for span in spans))
 
     def warm_up(self) -> None:
         """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step."""

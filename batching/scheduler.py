@@ -26,6 +26,8 @@ from batching.sequence import Sequence, Status
 
 logger = logging.getLogger("batchwise.scheduler")
 
+ROW_RECOVERY_STEPS = 64  # good steps after which a row limit set by running out of memory rises by one
+
 
 class QueueFullError(RuntimeError):
     pass
@@ -69,6 +71,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].row == i
         self.preemptions = 0
+        self.row_limit = max_running  # lowered after running out of memory, then recovered step by step
+        self._steps_at_limit = 0
 
     @property
     def idle(self) -> bool:
@@ -89,7 +93,7 @@ class Scheduler:
         budget = self.step_tokens if spans or self.batch_invariant else self.solo_tokens
         for seq in [s for s in self.running if not s.decoding]:
             budget = self._plan_span(seq, spans, budget)
-        while self.waiting and len(self.running) < self.max_running and budget >= 1:
+        while self.waiting and len(self.running) < self.row_limit and budget >= 1:
             seq = self.waiting[0]
             if not self._siblings_source_ready(seq) or not self.memory.admit(seq):
                 break
@@ -165,6 +169,16 @@ class Scheduler:
             if span.seq.status is Status.RUNNING:
                 span.seq.computed = span.end
                 self.memory.record(span.seq)
+        if self.row_limit < self.max_running:
+            self._steps_at_limit += 1
+            if self._steps_at_limit >= ROW_RECOVERY_STEPS:
+                self.row_limit += 1
+                self._steps_at_limit = 0
+
+    def limit_rows(self, rows: int) -> None:
+        """Run at most `rows` sequences (at least one) until steps have gone well for a while."""
+        self.row_limit = max(1, min(self.row_limit, rows))
+        self._steps_at_limit = 0
 
     def remove(self, seq: Sequence, keep: bool = True) -> None:
         """Take a sequence out wherever it is; its K/V are kept for the prefix cache when `keep`."""

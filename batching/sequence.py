@@ -62,6 +62,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str = ""  # why, when finish_reason is "error"
 
 
 _ids = itertools.count()
@@ -74,6 +75,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     eos_token_ids: frozenset[int]
     request_id: str = ""
+    user: str = ""  # the request's OpenAI `user` field (failpoints match it)
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

@@ -1,6 +1,7 @@
-"""How close the static decode step comes to the machine's matmul speed: for each batch size, the step's time
-(eager, and compiled with --compile) against the time of its linear layers alone as `F.linear` calls on the
-same shapes (the matmul floor), with the GFLOPS both reach.
+"""How close a decode step comes to the machine's matmul speed: for each batch size, the time of the eager
+engine's packed forward and of the static-shape step (eager, and compiled with --compile) against the time
+of the model's linear layers alone as `F.linear` calls on the same shapes (the matmul floor, with the GFLOPS
+it reaches).
 
     python -m bench.decode_step                          # rows 1, 8, 32; slots of 512 tokens, half full
     python -m bench.decode_step --compile --rows 32
@@ -16,11 +17,13 @@ import argparse  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
 from batching import KVArena, Slots, kv_layout  # noqa: E402
+from batching.attention import SpanStep  # noqa: E402
 from batching.static_decode import DecodeForward  # noqa: E402
 from bench.load import parse_levels  # noqa: E402
 from bench.run_all import cpu_model  # noqa: E402
@@ -36,6 +39,19 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
         call()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def packed_step(model: torch.nn.Module, arena: KVArena, rows: int, length: int, position: int) -> Callable:
+    """The eager engine's decode: the rows' tokens packed into one [1, rows] forward, each attending to its own
+    extent (here the rows' slots) over exactly its length."""
+    device = model.device
+    ids = torch.zeros(1, rows, dtype=torch.long, device=device)
+    positions = torch.full((1, rows), position, dtype=torch.long, device=device)
+    slots = torch.arange(rows, device=device) * length + position
+    spans = [(row, row + 1, row * length, position + 1) for row in range(rows)]
+    every_row = torch.arange(rows, device=device)
+    return lambda: model(input_ids=ids, position_ids=positions, logits_to_keep=every_row, use_cache=False,
+                         batchwise_step=SpanStep(arena, slots, spans))
 
 
 def linear_shapes(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -69,20 +85,23 @@ def main(argv: list[str] | None = None) -> None:
     weights = linear_shapes(model)
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, MKL_CBWR="
           f"{os.environ['MKL_CBWR']}; {config.hf_model} as {config.dtype}; slots of {args.length} tokens\n")
-    print("| rows | matmul floor ms (GFLOPS) | eager step ms (fraction of floor) | compiled step ms (fraction) |")
-    print("|---|---|---|---|")
+    print("| rows | matmul floor ms (GFLOPS) | packed eager step ms (fraction of floor) | static eager step ms "
+          "(fraction) | static compiled step ms (fraction) |")
+    print("|---|---|---|---|---|")
     for rows in args.rows:
         position = torch.full((rows,), args.length // 2, dtype=torch.long, device=model.device)
         arguments = (torch.zeros(rows, 1, dtype=torch.long, device=model.device), position[:, None], position + 1,
                      torch.arange(rows, device=model.device) * args.length + position)
         floor, multiply_adds = matmul_floor(weights, rows, args.repeats)
         cells = [str(rows), f"{floor * 1e3:.1f} ({2 * multiply_adds / floor / 1e9:.1f})"]
-        for step in (forward, compiled):
+        packed = packed_step(model, arena, rows, args.length, args.length // 2)
+        static = [partial(step, *arguments) if step else None for step in (forward, compiled)]
+        for step in (packed, *static):
             if step is None:
                 cells.append("not run")
                 continue
             with torch.inference_mode():
-                seconds = median_seconds(lambda: step(*arguments), args.repeats)
+                seconds = median_seconds(step, args.repeats)
             cells.append(f"{seconds * 1e3:.1f} ({floor / seconds:.2f})")
         print("| " + " | ".join(cells) + " |", flush=True)
 

@@ -31,7 +31,7 @@ def plot_throughput(servers: list[Measurement], baselines: list[Measurement], pa
     axes.set_ylabel("completion tokens/s")
     axes.set_title(f"128-token chat completions, {machine}", fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -22,7 +22,7 @@ def check_model_name(name: str, served_names: tuple[str, ...], aliases: tuple[st
 
 def check_error(delta: Delta) -> None:
     if delta.finish_reason == "error":
-        raise APIError(500, "the engine failed while generating this response", type="server_error")
+        raise APIError(500, f"the engine failed while generating this response: {delta.error}", type="server_error")
 
 
 def server_busy(error: QueueFullError) -> APIError:

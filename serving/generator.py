@@ -12,7 +12,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
 from config import Config
-from model_manager import LoadedModel, build_engine, load_model, load_off_loop
+from model_manager import LoadedModel, build_engine, load_model
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
                     PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
@@ -81,7 +81,7 @@ class Generator:
         choices: list[Choice] = []
         try:
             for (ids, text), param in zip(prompts, params):
-                for seq in self.engine.add_siblings(ids, param, per_prompt, request_id):
+                for seq in self.engine.add_siblings(ids, param, per_prompt, request_id, user=request.user or ""):
                     choices.append(Choice(len(choices), ids, text, seq))
         except QueueFullError as error:
             self.cancel(choices)
@@ -187,7 +187,7 @@ class Generator:
 
 
 async def start_chat_service(config: Config) -> Generator:
-    loaded = await load_off_loop(load_model, config)
+    loaded = await asyncio.to_thread(load_model, config)
     engine = await asyncio.to_thread(build_engine, loaded, config)
     await engine.on_step_thread(engine.runner.warm_up)
     engine.start()

@@ -18,7 +18,6 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES
 from batching import Engine, QueueFullError, SamplingParams, Sequence
 from batching.families.whisper_runner import SpeechWindow
 from config import Config
-from model_manager import load_off_loop
 from models import TranscriptionSegment
 from serving.errors import APIError, check_error, check_model_name, server_busy
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
@@ -243,7 +242,7 @@ class TranscriptionJob:
 
 
 async def start_transcription_service(config: Config) -> TranscriptionService:
-    loaded = await load_off_loop(load_whisper, config)
+    loaded = await asyncio.to_thread(load_whisper, config)
     engine = build_whisper_engine(loaded, config)
     engine.start()
     service = TranscriptionService(engine, loaded, config.served_names(loaded.name))

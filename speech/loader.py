@@ -16,7 +16,7 @@ from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, Whi
 from batching.families.whisper_runner import WhisperRunner
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
-from model_manager import served_name, step_profiler
+from model_manager import engine_options, served_name
 
 logger = logging.getLogger("batchwise.model")
 
@@ -99,4 +99,4 @@ def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=STEP_TOKENS)
     runner = WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
-                  config.continuous_batching_microsleep, step_profiler(config))
+                  config.continuous_batching_microsleep, **engine_options(config))

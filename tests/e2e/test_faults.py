@@ -1,0 +1,96 @@
+"""Fault isolation through the real server, with failpoints set by BATCHWISE_FAILPOINTS: poisoned requests
+fail alone with an error in OpenAI's shape while eight streams beside them finish with their alone text; a
+hung step turns /health 503 and the process exits non-zero."""
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers.server_process import ROOT, free_port, running_server, wait_healthy
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "SmolLM2-135M-Instruct"
+TOPICS = ["rivers", "bread", "owls", "glass", "trains", "tea", "chess", "snow"]
+
+
+def ask(topic: str) -> list[dict]:
+    return [{"role": "user", "content": f"Write one sentence about {topic}."}]
+
+
+async def stream_text(client: openai.AsyncOpenAI, topic: str, user: str | None = None) -> str:
+    stream = await client.chat.completions.create(model=MODEL, messages=ask(topic), max_tokens=16, temperature=0,
+                                                  stream=True, **({"user": user} if user else {}))
+    return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+
+async def failure(client: openai.AsyncOpenAI, topic: str, user: str, stream: bool) -> openai.APIError:
+    with pytest.raises(openai.APIError) as raised:
+        if stream:
+            await stream_text(client, topic, user)
+        else:
+            await client.chat.completions.create(model=MODEL, messages=ask(topic), max_tokens=16, temperature=0,
+                                                 user=user)
+    return raised.value
+
+
+def test_poisoned_requests_fail_alone_and_the_server_keeps_serving(embedded_model_dir, tmp_path):
+    failpoints = "decode:poison:error,prefill:bad:error,prefill:big:oom"
+    log = tmp_path / "server.log"
+    with running_server("--continuous-batching-batch-size", "16", "--batch-invariant", "true",
+                        env={"BATCHWISE_FAILPOINTS": failpoints}, log_path=log) as url:
+        async def scenario():
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+            alone = [await stream_text(client, topic) for topic in TOPICS]
+            for poisoned in (("poison", "bad"), ("big",)):
+                results = await asyncio.gather(
+                    *(stream_text(client, topic) for topic in TOPICS),
+                    *(failure(client, "lamps", user, stream=index == 0) for index, user in enumerate(poisoned)))
+                assert list(results[:len(TOPICS)]) == alone, poisoned
+                for error in results[len(TOPICS):]:
+                    assert "the engine failed while generating this response" in str(error)
+            assert await stream_text(client, TOPICS[0]) == alone[0]
+
+        asyncio.run(scenario())
+        assert httpx.get(f"{url}/health").status_code == 200
+    text = log.read_text()
+    assert "failpoints are set" in text and "out of memory in a step" in text and "preempted requests" in text
+
+
+def start_server(*args: str, log_path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port), *args],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_a_hung_step_turns_health_503_and_the_process_exits_non_zero(embedded_model_dir, tmp_path):
+    log = tmp_path / "server.log"
+    process, url = start_server("--step-timeout", "2", env={"BATCHWISE_FAILPOINTS": "decode:stuck:hang"},
+                                log_path=log)
+    try:
+        wait_healthy(url, process, log)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.APIError, match="step timeout of 2 s"):
+            client.chat.completions.create(model=MODEL, messages=ask("clocks"), max_tokens=8, user="stuck")
+        assert httpx.get(f"{url}/health").json()["status"] == "engine stopped"
+        assert process.wait(timeout=30) != 0
+    finally:
+        process.kill()
+    assert "exiting" in log.read_text()
+
+
+def test_a_server_that_cannot_start_its_engine_says_why_and_exits_non_zero(embedded_model_dir, tmp_path):
+    log = tmp_path / "server.log"
+    process, _ = start_server("--failpoints", "decode:x", log_path=log)
+    try:
+        assert process.wait(timeout=120) != 0
+    finally:
+        process.kill()
+    assert "failpoint 'decode:x' is not STAGE:USER:KIND" in log.read_text()
