@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         floor, multiply_adds = matmul_floor(weights, rows, args.repeats)
         cells = [str(rows), f"{floor * 1e3:.1f} ({2 * multiply_adds / floor / 1e9:.1f})"]
         packed = packed_step(model, arena, rows, args.length, args.length // 2)
-        static = [partial(step, *arguments) if step else None for step in (forward, compiled)]
+        static = [None if step is None else partial(step, *arguments) for step in (forward, compiled)]
         for step in (packed, *static):
             if step is None:
                 cells.append("not run")
