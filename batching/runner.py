@@ -1,7 +1,7 @@
 """Model forwards for one engine step: every sequence's span (a prompt chunk, or one decoding token) packed
 into a single [1, tokens] forward, then a token sampled for each span that reached its sequence's end.
-With a static cache, the decoding rows run in the static-shape decode step instead (batching.static_decode)
-and only prompt chunks are packed."""
+With a static cache, a step of decoding rows only runs the static-shape decode step instead
+(batching.static_decode), and so do the decoding rows of every step in batch-invariant mode."""
 
 from __future__ import annotations
 

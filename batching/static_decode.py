@@ -55,6 +55,7 @@ class StaticDecoder:
     def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
                  min_rows: int = 1) -> None:
         self.slots = arena.slots
+        self.padding = arena.scratch.start  # where rows of a bucket that hold no sequence write their K/V
         self.device = model.device
         self.buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
         self.compile_mode = compile_mode
@@ -66,12 +67,11 @@ class StaticDecoder:
         """Next-token logits ([len(spans), vocab]) for decoding rows; rows without a span in the bucket write to
         the padding slot and their logits are dropped."""
         rows = self.bucket(max(span.seq.row for span in spans) + 1)
-        length, padding = self.slots.length, self.slots.rows * self.slots.length
-        ids, positions, arena_positions = [0] * rows, [0] * rows, [padding] * rows
+        ids, positions, arena_positions = [0] * rows, [0] * rows, [self.padding] * rows
         for span in spans:
             row, position = span.seq.row, span.start
             ids[row], positions[row] = span.seq.all_ids[position], position
-            arena_positions[row] = row * length + position
+            arena_positions[row] = row * self.slots.length + position
         position_tensor = self._tensor(positions)
         logits = self.step(self._tensor(ids)[:, None], position_tensor[:, None], position_tensor + 1,
                            self._tensor(arena_positions))
@@ -84,12 +84,11 @@ class StaticDecoder:
     def warm_up(self) -> None:
         """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the
         first requests never wait for a compilation."""
-        padding = self.slots.rows * self.slots.length
         for rows in self.buckets:
             started = time.perf_counter()
             zeros = self._tensor([0] * rows)
             for _ in range(2):
-                self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + padding)
+                self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding)
             logger.info("decode step for %d row%s ready in %.1f s", rows, "" if rows == 1 else "s",
                         time.perf_counter() - started)
 

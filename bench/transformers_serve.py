@@ -3,8 +3,6 @@ server users would otherwise pick, as a subprocess on a free loopback port."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +10,7 @@ from typing import Iterator
 
 import model_manager
 from config import parse_config
-from tests.helpers.server_process import free_port, wait_healthy
+from tests.helpers.server_process import free_port, serving
 
 
 def transformers_command(model: str, device: str, dtype: str, port: int) -> list[str]:
@@ -30,15 +28,5 @@ def running_transformers_serve(server_args: list[str], env: dict[str, str],
     port = free_port()
     command = transformers_command(model, config.device, str(config.dtype).removeprefix("torch."), port)
     print(f"server: {' '.join(command)} (log: {log_path})", flush=True)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(base_url, process, log_path)
-            yield base_url, model
-        finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with serving(command, port, log_path, env) as base_url:
+        yield base_url, model

@@ -1,8 +1,6 @@
 """Access and admission on the real server: API keys, 429 at capacity, CORS, timeouts, graceful shutdown."""
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -11,7 +9,7 @@ import openai
 import pytest
 
 from config import Config
-from tests.helpers.server_process import ROOT, free_port, running_server, wait_healthy
+from tests.helpers.server_process import free_port, main_command, running_server, spawn, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -117,9 +115,7 @@ def test_sigterm_drains_running_requests_then_exits(embedded_model_dir, tmp_path
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    with open(log, "w") as output:
-        server = subprocess.Popen([sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port),
-                                   "--shutdown-grace", "60"], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    server = spawn(main_command(port, "--shutdown-grace", "60"), log)
     try:
         wait_healthy(url, server, log)
         body = {**LONG, "max_tokens": 40, "stream": False}

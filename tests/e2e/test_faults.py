@@ -3,15 +3,13 @@ fail alone with an error in OpenAI's shape while eight streams beside them finis
 hung step turns /health 503 and the process exits non-zero."""
 
 import asyncio
-import os
 import subprocess
-import sys
 
 import httpx
 import openai
 import pytest
 
-from tests.helpers.server_process import ROOT, free_port, running_server, wait_healthy
+from tests.helpers.server_process import free_port, main_command, running_server, spawn, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -64,10 +62,7 @@ def test_poisoned_requests_fail_alone_and_the_server_keeps_serving(embedded_mode
 
 def start_server(*args: str, log_path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port), *args],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    return process, f"http://127.0.0.1:{port}"
+    return spawn(main_command(port, *args), log_path, env), f"http://127.0.0.1:{port}"
 
 
 def test_a_hung_step_turns_health_503_and_the_process_exits_non_zero(embedded_model_dir, tmp_path):

@@ -24,24 +24,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def main_command(port: int, *args: str) -> list[str]:
+    return [sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port), *args]
+
+
+def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a server process from the project root, its output going to `log_path`."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+
+
+@contextmanager
+def serving(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Yield the base URL of the healthy server that `command` starts on `port`; stop it afterwards."""
+    process = spawn(command, log_path, env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base_url, process, log_path)
+        yield base_url
+    finally:
+        process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown stops the engine cleanly
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @contextmanager
 def running_server(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[str]:
-    """Yield the base URL of a healthy server; its log tail is raised if it fails to start."""
+    """Yield the base URL of a healthy main.py server; its log tail is raised if it fails to start."""
     port = free_port()
     log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"batchwise-server-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "main.py", "--host", "127.0.0.1", "--port", str(port), *args],
-                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(base_url, process, log_path)
-            yield base_url
-        finally:
-            process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown stops the engine cleanly
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with serving(main_command(port, *args), port, log_path, env) as base_url:
+        yield base_url
 
 
 def wait_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
