@@ -6,11 +6,11 @@ from batching.kv_arena import KVArena, KVLayout, Slots
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import QueueFullError, Scheduler
-from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
+from batching.sequence import Delta, Grammar, SamplingParams, Sequence, TokenConstraint, TokenLogprob
 from batching.static_decode import StaticDecoder
 
 __all__ = [
-    "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "KVArena", "KVLayout", "ModelRunner",
+    "ATTENTION_NAME", "Delta", "Engine", "EngineError", "EngineStats", "Grammar", "KVArena", "KVLayout", "ModelRunner",
     "QueueFullError", "SamplingParams", "Scheduler", "Sequence", "Slots", "StaticDecoder", "StepProfiler",
-    "TokenLogprob", "kv_layout",
+    "TokenConstraint", "TokenLogprob", "kv_layout",
 ]

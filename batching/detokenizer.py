@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 PROMPT_CONTEXT_TOKENS = 4
 
@@ -14,10 +14,12 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Releases text only once it is final: never half a UTF-8 character, and with the spacing the
     whole sequence would decode to (SentencePiece drops a leading space when decoding a lone token,
-    so the last few prompt tokens are kept as context)."""
+    so the last few prompt tokens are kept as context). Special tokens are dropped, except those in
+    `shown` (id to text): a tool-call parser may need to see a marker such as Mistral's [TOOL_CALLS]."""
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], shown: Mapping[int, str] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.shown = shown or {}
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -36,10 +38,20 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text):]
 
     def _decode_window(self) -> tuple[str, str]:
+        return self._text(self.ids[self.prefix_offset:self.read_offset]), self._text(self.ids[self.prefix_offset:])
+
+    def _text(self, ids: list[int]) -> str:
         decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        new_text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        return prefix_text, new_text
+        if not self.shown:
+            return decode(ids, skip_special_tokens=True)
+        parts, run = [], []
+        for token_id in ids:
+            if token_id in self.shown:
+                parts += [decode(run, skip_special_tokens=True), self.shown[token_id]]
+                run = []
+            else:
+                run.append(token_id)
+        return "".join(parts) + decode(run, skip_special_tokens=True)
 
 
 class StopStringMatcher:

@@ -126,7 +126,8 @@ class Engine:
 
     def _sequence(self, prompt_ids: list[int], params: SamplingParams, request_id: str, inputs: Any,
                   index: int, user: str) -> Sequence:
-        seq = Sequence(prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids),
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, dict(params.shown_special_tokens))
+        seq = Sequence(prompt_ids, params, detokenizer,
                        self.eos_token_ids, request_id, user, inputs=inputs)
         seed = (params.seed + index) % 2**64 if params.seed is not None else secrets.randbits(63)
         seq.generator = torch.Generator(self.runner.device).manual_seed(seed)

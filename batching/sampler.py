@@ -15,6 +15,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:
     logprobs = logits.log_softmax(dim=-1)
     if any(s.params.penalised or s.banned_token_ids for s in seqs):
         logits = apply_penalties(logits, seqs)
+    if any(s.constraint for s in seqs):
+        logits = apply_grammars(logits, seqs)
     tokens = choose(logits, seqs)
     return token_logprobs(logprobs, tokens.tolist(), [s.params.logprobs or 0 for s in seqs])
 
@@ -76,6 +78,22 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if banned:
             logits[row, list(banned)] = float("-inf")
     return logits
+
+
+BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Rule out, in each constrained row, every token its grammar forbids next; other rows are untouched."""
+    rows = [row for row, s in enumerate(seqs) if s.constraint]
+    vocab = logits.shape[-1]
+    words = (vocab + 31) // 32
+    bitmask = torch.empty(len(rows), words, dtype=torch.int32)
+    for index, row in enumerate(rows):
+        seqs[row].constraint.write_mask(bitmask[index].data_ptr(), words * 4)
+    allowed = ((bitmask[:, :, None] >> BIT_SHIFTS) & 1).view(len(rows), words * 32)[:, :vocab].bool()
+    index = torch.tensor(rows, device=logits.device)
+    return logits.index_put((index,), logits[index].masked_fill(~allowed.to(logits.device), float("-inf")))
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_counts: list[int]) -> list[TokenLogprob]:

@@ -6,12 +6,31 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from batching.extents import Extent
+
+
+class TokenConstraint(Protocol):
+    """One sequence's place in a grammar its tokens must follow (structured output, forced tool calls)."""
+
+    def write_mask(self, address: int, size: int) -> None:
+        """Write the allowed next tokens as a bitmask (token t is bit t % 32 of int32 word t // 32)."""
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past a sampled token; False if the grammar forbids it."""
+
+    @property
+    def complete(self) -> bool:
+        """No further token can follow: the output is whole."""
+
+
+class Grammar(Protocol):
+    def constraint(self) -> TokenConstraint:
+        """A fresh constraint at the grammar's start, for one sequence."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +51,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    grammar: Grammar | None = None
+    shown_special_tokens: tuple[tuple[int, str], ...] = ()  # special tokens its text keeps (id, text)
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +118,7 @@ class Sequence:
         self.stops = StopStringMatcher(self.params.stop)
         self.stop_token_ids = frozenset(self.params.stop_token_ids) | (
             frozenset() if self.params.ignore_eos else self.eos_token_ids)
+        self.constraint = self.params.grammar.constraint() if self.params.grammar else None
 
     @property
     def length(self) -> int:
@@ -139,9 +161,13 @@ class Sequence:
         logprobs = [sampled] if self.params.logprobs is not None else []
         if token_id in self.stop_token_ids:
             return self._finish_after(self.detokenizer.flush(), "stop", logprobs)
+        if self.constraint and not self.constraint.accept(token_id):
+            raise ValueError(f"token {token_id} breaks the request's grammar")
         text, stopped = self.stops.feed(self.detokenizer.add(token_id))
         if stopped:
             return self._finish(text, "stop", logprobs)
+        if self.constraint and self.constraint.complete:
+            return self._finish_after(text + self.detokenizer.flush(), "stop", logprobs)
         if len(self.output_ids) >= self.params.max_tokens:
             return self._finish_after(text + self.detokenizer.flush(), "length", logprobs)
         return Delta(text, [token_id], None, logprobs)

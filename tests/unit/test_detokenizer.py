@@ -31,6 +31,16 @@ def test_multibyte_characters_are_held_until_complete(tokenizer):
     assert pieces[:-1] == [""] * (len(ids) - 1) and pieces[-1] == "🎉"
 
 
+def test_special_tokens_are_dropped_unless_shown(tokenizer):
+    """A tool-call parser may need a special marker (Mistral's [TOOL_CALLS]); here <|im_start|> stands in."""
+    marker = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert marker in tokenizer.all_special_ids
+    ids = [marker, *tokenizer("hello there", add_special_tokens=False).input_ids, marker]
+    for shown, expected in [({}, "hello there"), ({marker: "<|im_start|>"}, "<|im_start|>hello there<|im_start|>")]:
+        detokenizer = IncrementalDetokenizer(tokenizer, [], shown)
+        assert "".join(detokenizer.add(i) for i in ids) + detokenizer.flush() == expected
+
+
 def feed_all(matcher: StopStringMatcher, chunks: list[str]) -> tuple[str, bool]:
     emitted = []
     for chunk in chunks:
