@@ -20,6 +20,8 @@ $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
 
 $(BIN)/.bench: $(BIN)/.dev requirements-bench.txt
 	$(BIN)/pip install -q -r requirements-bench.txt
+	# the grammar engine we compare llguidance with; its declared triton (GPU kernels, ~400 MB) is not needed
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	touch $@
 
 install: $(BIN)/.runtime

@@ -188,6 +188,9 @@ class Config:
     reasoning_parser: str = option("--reasoning-parser", "REASONING_PARSER",
                                    "split <think> reasoning into reasoning_content (auto: when the chat template "
                                    "opens a think block)", "auto", choices=["none", "auto", "deepseek_r1"])
+    tool_call_parser: str = option("--tool-call-parser", "TOOL_CALL_PARSER",
+                                   "how the model writes tool calls (auto: from the chat template; Hermes when it "
+                                   "shows none)", "auto", choices=["auto", "hermes", "llama3_json", "mistral"])
     model_cache_dir: str = option("--model-cache-dir", "BATCHWISE_CACHE_DIR",
                                   "folder for converted model copies (GGUF to safetensors)",
                                   os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))

@@ -6,7 +6,8 @@ Start the server (`make run`, `.\\start.ps1` on Windows, or `docker compose up`)
     python example_client.py
     python example_client.py --port 8000 --prompt "Write a haiku about queues."
 
-It prints one chat answer, the same question streamed token by token, and a plain text completion.
+It prints one chat answer, the same question streamed token by token, a plain text completion, a reply
+held to a JSON schema, and a tool call.
 The key sent is $API_KEY (or "-"): the server checks keys only when started with --api-key.
 """
 
@@ -55,7 +56,25 @@ def run(client: OpenAI, model: str | None, prompt: str, max_tokens: int) -> None
     print("== completion ==")
     text_prompt = "The three primary colours are"
     completion = client.completions.create(model=model, prompt=text_prompt, max_tokens=max_tokens, temperature=0)
-    print(text_prompt + completion.choices[0].text)
+    print(text_prompt + completion.choices[0].text + "\n")
+
+    print("== JSON schema ==")
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                             "country": {"type": "string", "maxLength": 40}},
+            "required": ["city", "country"], "additionalProperties": False}
+    shaped = client.chat.completions.create(model=model, messages=messages, max_tokens=max(max_tokens, 64),
+                                            temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                                "name": "city", "schema": city}})
+    print(shaped.choices[0].message.content + "\n")
+
+    print("== tool call ==")
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                "parameters": city}}
+    called = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                            tools=[weather], tool_choice="required", parallel_tool_calls=False,
+                                            max_tokens=max(max_tokens, 64), temperature=0)
+    for call in called.choices[0].message.tool_calls or []:
+        print(f"{call.function.name}({call.function.arguments})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 MAX_STOP_STRINGS = 4
 
@@ -25,10 +25,23 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -40,9 +53,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict | bool = Field(default=True, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolName
 
 
 class R1Settings(BaseModel):
@@ -81,6 +129,22 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output fields, also on chat
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+
+    @model_validator(mode="after")
+    def one_output_constraint(self) -> SamplingRequest:
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"only one of {', '.join(given)} can shape the output")
+        return self
 
     @field_validator("top_k")
     @classmethod
@@ -128,38 +192,53 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    parallel_tool_calls: bool | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     r1_settings: R1Settings | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def no_tools(cls, tools: list[dict] | None) -> list[dict] | None:
-        if tools:
-            raise not_supported("tool calling (tools)")
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def no_tool_choice(cls, choice: str | dict | None) -> str | dict | None:
-        if choice not in (None, "none", "auto"):
-            raise not_supported("tool_choice other than 'none' or 'auto'")
-        return choice
-
-    @field_validator("response_format")
-    @classmethod
-    def text_only(cls, response_format: ResponseFormat | None) -> ResponseFormat | None:
-        if response_format is not None and response_format.type != "text":
-            raise not_supported(f"response_format {response_format.type!r}")
-        return response_format
 
     @model_validator(mode="after")
     def top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def unique_tool_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tool names must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def tool_choice_names_a_tool(cls, choice, info: ValidationInfo):
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if choice in (None, "none", "auto"):
+            return choice
+        if not names:
+            raise ValueError("tool_choice other than 'none' or 'auto' needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"it names {choice.function.name!r}, which is not among the tools")
+        shape = info.data.get("response_format")
+        if shape is not None and shape.type != "text":
+            raise ValueError("a forced tool_choice and a JSON response_format cannot both shape the reply")
+        return choice
+
+    @property
+    def forced_tools(self) -> list[Tool]:
+        """The tools one of which the reply must call (tool_choice required or named); empty if none must."""
+        if self.tool_choice == "required":
+            return list(self.tools or [])
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools or [] if t.function.name == self.tool_choice.function.name]
+        return []
+
+    @property
+    def callable_tools(self) -> list[Tool]:
+        """The tools the model is shown and may call."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
 
     @property
     def completion_limit(self) -> int | None:
@@ -226,12 +305,13 @@ def drop_none(handler, model: BaseModel, keys: tuple[str, ...]) -> dict:
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
-    def omit_no_reasoning(self, handler) -> dict:
-        return drop_none(handler, self, ("reasoning_content",))
+    def omit_unset(self, handler) -> dict:
+        return drop_none(handler, self, ("reasoning_content", "tool_calls"))
 
 
 class TopLogprob(BaseModel):
@@ -265,14 +345,36 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+    @model_serializer(mode="wrap")
+    def omit_unset(self, handler) -> dict:
+        return drop_none(handler, self, ("name",))
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: its id, type and name come first, then argument fragments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def omit_unset(self, handler) -> dict:
+        return drop_none(handler, self, ("id", "type"))
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def omit_unset(self, handler) -> dict:
-        return drop_none(handler, self, ("role", "content", "reasoning_content"))
+        return drop_none(handler, self, ("role", "content", "reasoning_content", "tool_calls"))
 
 
 class ChatChunkChoice(BaseModel):

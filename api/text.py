@@ -40,7 +40,8 @@ async def generate(generator: Generator, body: SamplingRequest, request: Request
     """What both endpoints do: check the model, queue `per_prompt` choices per prompt, then stream or wait."""
     generator.check_model(body.model)
     rid = f"{id_prefix}-{request_id(request)}"
-    choices: list[Choice] = generator.start(body, prompts(), rid, per_prompt)
+    grammar = await generator.output_grammar(body)
+    choices: list[Choice] = generator.start(body, prompts(), rid, per_prompt, grammar)
     if body.stream:
         return sse(chunks(generator, body, choices, rid), rid)
     await generator.collect(choices, request.is_disconnected)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 
@@ -29,20 +30,21 @@ class RequestResult:
     error: str | None = None
 
 
-def chat_body(model: str, prompt: str, max_tokens: int) -> dict:
+def chat_body(model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     return {"model": model, "messages": chat_messages(prompt), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
 
 
 def has_content(event: dict) -> bool:
     return any(choice.get("delta", {}).get("content") for choice in event.get("choices") or [])
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                     extra: dict | None = None) -> RequestResult:
     started = time.perf_counter()
     ttft: float | None = None
     completion_tokens: int | None = None
-    async with client.stream("POST", CHAT_PATH, json=chat_body(model, prompt, max_tokens)) as response:
+    async with client.stream("POST", CHAT_PATH, json=chat_body(model, prompt, max_tokens, extra)) as response:
         if response.status_code != 200:
             body = (await response.aread()).decode(errors="replace")[:200]
             return RequestResult(None, time.perf_counter() - started, 0, f"HTTP {response.status_code}: {body}")
@@ -66,14 +68,15 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tok
 
 
 async def run_level(client: httpx.AsyncClient, model: str, concurrency: int, requests: int, max_tokens: int,
-                    label: str) -> Measurement:
+                    label: str, extra_for: Callable[[int], dict | None] = lambda index: None) -> Measurement:
+    """`extra_for(index)`: fields added to that request's body (e.g. a response_format)."""
     request_indices = iter(range(requests))
     results: list[RequestResult] = []
 
     async def worker() -> None:
         # workers share one iterator, so a finished request is replaced at once and `concurrency` stay in flight
         for index in request_indices:
-            results.append(await stream_one(client, model, prompt_for(index), max_tokens))
+            results.append(await stream_one(client, model, prompt_for(index), max_tokens, extra_for(index)))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

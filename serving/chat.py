@@ -1,49 +1,112 @@
-"""/v1/chat/completions on the engine: messages to a prompt through the chat template, the engine's text
-to messages and chunks (with reasoning split off)."""
+"""/v1/chat/completions on the engine: messages (and tools) to a prompt through the chat template, the
+engine's text to messages and chunks, with reasoning and tool calls split off."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                    ChatCompletionRequest, ChatDelta, R1Settings, Usage)
+                    ChatCompletionRequest, ChatDelta, ChatMessage, FunctionCall, FunctionCallDelta, R1Settings,
+                    ToolCall, ToolCallDelta, Usage)
 from serving.errors import APIError
 from serving.generator import Choice, Generator, usage
 from serving.reasoning import ReasoningParser, Split, add_math_instruction, apply_few_shot_mode, boxed_answer
+from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallParser, ToolFormat, tools_system_prompt
 
 
 def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[int]:
     if not generator.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    tools = [tool.function.model_dump(exclude_none=True) for tool in request.callable_tools]
+    if generator.template_renders_tools:
+        messages = [template_message(m) for m in request.messages]
+    else:
+        fmt = generator.tool_format
+        messages = described_tools(tools, [plain_message(m, fmt) for m in request.messages], fmt)
+        tools = []
     if request.r1_settings:
         messages = apply_few_shot_mode(messages, request.r1_settings.few_shot_mode)
         if request.r1_settings.math_mode:
             messages = add_math_instruction(messages)
     try:
-        text = generator.render(messages)
+        text = generator.render(messages, [{"type": "function", "function": tool} for tool in tools])
     except Exception as error:  # templates raise their own errors for dialogues they reject
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
     return generator.tokenizer(text, add_special_tokens=False).input_ids
 
 
-class ChatOutput:
-    """Turns a choice's text into content (and reasoning_content), in one go or delta by delta."""
+def template_message(message: ChatMessage) -> dict:
+    """A message as chat templates that render tools expect it (call arguments as objects)."""
+    rendered = {"role": message.role, "content": message.text()}
+    if message.tool_calls:
+        rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+            "name": call.function.name, "arguments": parsed_arguments(call.function.arguments)}}
+            for call in message.tool_calls]
+    if message.tool_call_id:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.name:
+        rendered["name"] = message.name
+    return rendered
 
-    def __init__(self, think_opened: bool | None, settings: R1Settings | None) -> None:
+
+def plain_message(message: ChatMessage, fmt: ToolFormat) -> dict:
+    """A message for a template that knows nothing of tools: calls written out, results as user turns."""
+    if message.role == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message.text()}\n</tool_response>"}
+    calls = [fmt.call_text(c.function.name, parsed_arguments(c.function.arguments)) for c in message.tool_calls or []]
+    content = "\n".join([message.text(), *calls]) if message.text() else "\n".join(calls)
+    return {"role": message.role, "content": content}
+
+
+def described_tools(tools: list[dict], messages: list[dict], fmt: ToolFormat) -> list[dict]:
+    if not tools:
+        return messages
+    prompt = tools_system_prompt(tools, fmt)
+    if messages[0]["role"] in ("system", "developer"):
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + prompt}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+def parsed_arguments(arguments: str) -> dict | str:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+@dataclass
+class ChatPiece:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+class ChatOutput:
+    """Turns a choice's text into content, reasoning_content and tool calls, in one go or delta by delta."""
+
+    def __init__(self, generator: Generator, request: ChatCompletionRequest) -> None:
+        think_opened = generator.think_opened
         self.parser = ReasoningParser(think_opened) if think_opened is not None else None
-        self.settings = settings or R1Settings()
+        self.settings = request.r1_settings or R1Settings()
+        self.tools = ToolCallParser(generator.tool_format, {t.function.name for t in request.callable_tools},
+                                    request.parallel_tool_calls) if request.callable_tools else None
         self.content: list[str] = []
 
-    def feed(self, text: str) -> Split:
-        return self._shape(self.parser.feed(text) if self.parser else Split(content=text))
+    def feed(self, text: str) -> ChatPiece:
+        return self._piece(self._shape(self.parser.feed(text) if self.parser else Split(content=text)), False)
 
-    def finish(self) -> Split:
+    def finish(self) -> ChatPiece:
         split = self._shape(self.parser.finish() if self.parser else Split())
         if self.settings.math_mode:
             content = "".join(self.content)
             split.content = boxed_answer(content) or content
-        return split
+        return self._piece(split, True)
+
+    @property
+    def called(self) -> bool:
+        return bool(self.tools and self.tools.started)
 
     def _shape(self, split: Split) -> Split:
         if not self.settings.return_think_data:
@@ -53,20 +116,57 @@ class ChatOutput:
             split.content = ""
         return split
 
+    def _piece(self, split: Split, last: bool) -> ChatPiece:
+        if not self.tools:
+            return ChatPiece(split.reasoning, split.content)
+        events = self.tools.feed(split.content) + (self.tools.finish() if last else [])
+        return ChatPiece(split.reasoning, "".join(e for e in events if isinstance(e, str)), call_deltas(events))
+
+
+def call_deltas(events: list[Event]) -> list[ToolCallDelta]:
+    """Tool-call events as OpenAI deltas, one per call: id and name first, then arguments."""
+    deltas: dict[int, ToolCallDelta] = {}
+    for event in events:
+        if isinstance(event, CallStarted):
+            deltas[event.index] = ToolCallDelta(index=event.index, id=event.id, type="function",
+                                                function=FunctionCallDelta(name=event.name))
+        elif isinstance(event, ArgumentsAdded):
+            delta = deltas.setdefault(event.index, ToolCallDelta(index=event.index, function=FunctionCallDelta()))
+            delta.function.arguments += event.text
+    return list(deltas.values())
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if reason == "stop" and called else reason
+
 
 def chat_response(generator: Generator, request: ChatCompletionRequest, request_id: str,
                   choices: list[Choice]) -> ChatCompletion:
-    def message(choice: Choice) -> AssistantMessage:
-        output = ChatOutput(generator.think_opened, request.r1_settings)
-        first, last = output.feed("".join(choice.text)), output.finish()
-        reasoning = first.reasoning + last.reasoning
-        return AssistantMessage(content=first.content + last.content,
-                                reasoning_content=reasoning if output.parser and reasoning else None)
+    def choice_body(choice: Choice) -> ChatChoice:
+        output = ChatOutput(generator, request)
+        pieces = [output.feed("".join(choice.text)), output.finish()]
+        reasoning = "".join(p.reasoning for p in pieces)
+        content = "".join(p.content for p in pieces)
+        calls = whole_calls([delta for p in pieces for delta in p.tool_calls])
+        if output.tools and not all(call.valid for call in output.tools.started):  # a malformed call: all text
+            content, calls = output.tools.text, []
+        message = AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None,
+                                   reasoning_content=reasoning if output.parser and reasoning else None)
+        return ChatChoice(index=choice.index, message=message,
+                          finish_reason=finish_reason(choice.seq.finish_reason, bool(calls)),
+                          logprobs=generator.chat_logprobs(choice.logprobs) if request.logprobs else None)
 
-    return ChatCompletion(id=request_id, model=request.model, usage=usage(choices), choices=[
-        ChatChoice(index=c.index, message=message(c), finish_reason=c.seq.finish_reason,
-                   logprobs=generator.chat_logprobs(c.logprobs) if request.logprobs else None)
-        for c in choices])
+    return ChatCompletion(id=request_id, model=request.model, usage=usage(choices),
+                          choices=[choice_body(c) for c in choices])
+
+
+def whole_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    calls: dict[int, ToolCall] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, ToolCall(id=delta.id or "", function=FunctionCall(
+            name=delta.function.name or "", arguments="")))
+        call.function.arguments += delta.function.arguments
+    return list(calls.values())
 
 
 async def chat_chunks(generator: Generator, request: ChatCompletionRequest, choices: list[Choice],
@@ -74,20 +174,23 @@ async def chat_chunks(generator: Generator, request: ChatCompletionRequest, choi
     def chunk(*chunk_choices: ChatChunkChoice, usage_: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, model=request.model, choices=list(chunk_choices), usage=usage_)
 
-    outputs = {c.index: ChatOutput(generator.think_opened, request.r1_settings) for c in choices}
+    outputs = {c.index: ChatOutput(generator, request) for c in choices}
     for choice in choices:
         yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content="")))
     async for choice, delta in generator.deltas(choices):
         output = outputs[choice.index]
-        split = output.feed(delta.text)
+        piece = output.feed(delta.text)
         if delta.finish_reason:
             tail = output.finish()
-            split = Split(split.reasoning + tail.reasoning, split.content + tail.content)
+            piece = ChatPiece(piece.reasoning + tail.reasoning, piece.content + tail.content,
+                              piece.tool_calls + tail.tool_calls)
         logprobs = generator.chat_logprobs(delta.logprobs) if request.logprobs else None
-        if split.reasoning or split.content or logprobs:
+        if piece.reasoning or piece.content or piece.tool_calls or logprobs:
             yield chunk(ChatChunkChoice(index=choice.index, logprobs=logprobs, delta=ChatDelta(
-                content=split.content or None, reasoning_content=split.reasoning or None)))
+                content=piece.content or None, reasoning_content=piece.reasoning or None,
+                tool_calls=piece.tool_calls or None)))
         if delta.finish_reason:
-            yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=delta.finish_reason))
+            yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(),
+                                        finish_reason=finish_reason(delta.finish_reason, output.called)))
     if request.include_usage:
         yield chunk(usage_=usage(choices))

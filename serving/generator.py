@@ -4,10 +4,11 @@ choices queued together and cancelled together, their deltas merged, logprobs in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import AsyncIterator, Awaitable, Callable
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
@@ -16,7 +17,9 @@ from model_manager import LoadedModel, build_engine, load_model
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
                     PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
+from serving.grammars import CompiledGrammar, GrammarCompiler
 from serving.reasoning import template_opens_think
+from serving.tool_parsers import detect_format
 from serving.timeouts import deadline_after, finish_unless_abandoned
 
 logger = logging.getLogger("batchwise.serving")
@@ -27,6 +30,7 @@ class ServingOptions:
     served_names: tuple[str, ...]
     request_timeout: float | None = None
     reasoning_parser: str = "auto"
+    tool_call_parser: str = "auto"
 
 
 @dataclass
@@ -47,15 +51,25 @@ class Choice:
         self.logprobs.extend(delta.logprobs)
 
 
+PROBE_DIALOGUE = [{"role": "user", "content": "hi"}]
+PROBE_TOOL = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
+
+
 class Generator:
     def __init__(self, engine: Engine, loaded: LoadedModel, options: ServingOptions) -> None:
+        """Takes a second or so (the grammar engine indexes the vocabulary): build it off the event loop."""
         self.engine = engine
+        vocab_size = loaded.model.get_output_embeddings().out_features  # the logits' width
+        self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self.tokenizer = loaded.tokenizer
         self.served_names = options.served_names
         self.model_name = options.served_names[0]
         self.context_length = loaded.context_length
         self.request_timeout = options.request_timeout
         self.think_opened = self._think_opened(options.reasoning_parser)
+        self.tool_format = detect_format(self.tokenizer.chat_template, options.tool_call_parser)
+        self.template_renders_tools = self._renders_tools()
+        self.tool_marker_tokens = self._special_tokens(self.tool_format.markers)
         self.token_text = lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
 
     def _think_opened(self, parser: str) -> bool | None:
@@ -65,19 +79,61 @@ class Generator:
         opened = template_opens_think(self.render([{"role": "user", "content": "hi"}]))
         return opened if parser == "deepseek_r1" or opened else None
 
+    def _renders_tools(self) -> bool:
+        """Whether the chat template shows tools to the model (if not, the prompt describes them)."""
+        if not self.tokenizer.chat_template:
+            return False
+        try:
+            return self.render(PROBE_DIALOGUE, [PROBE_TOOL]) != self.render(PROBE_DIALOGUE)
+        except Exception:  # a template that fails on tools does not render them
+            return False
+
+    def _special_tokens(self, texts: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+        """Those texts that are single special tokens (which the detokeniser would otherwise drop)."""
+        special = set(self.tokenizer.all_special_ids)
+        ids = [(self.tokenizer.convert_tokens_to_ids(text), text) for text in texts]
+        return tuple((token_id, text) for token_id, text in ids if token_id in special)
+
     def check_model(self, name: str) -> None:
         check_model_name(name, self.served_names)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    async def output_grammar(self, request: SamplingRequest) -> CompiledGrammar | None:
+        """The grammar the reply must follow, compiled off the event loop (and cached); None if free."""
+        compile_grammar = self._grammar_job(request)
+        return await asyncio.to_thread(compile_grammar) if compile_grammar else None
+
+    def _grammar_job(self, request: SamplingRequest):
+        grammars = self.grammars
+        if isinstance(request, ChatCompletionRequest) and request.forced_tools:
+            tools = [tool.function.model_dump(exclude_none=True) for tool in request.forced_tools]
+            parallel = request.parallel_tool_calls and request.tool_choice == "required"
+            return partial(grammars.lark, self.tool_format.forced_grammar(tools, parallel), "tools")
+        shape = request.response_format
+        if shape is not None and shape.type == "json_object":
+            return partial(grammars.json_schema, {"type": "object"}, "response_format")
+        if shape is not None and shape.type == "json_schema":
+            return partial(grammars.json_schema, shape.json_schema.json_schema, "response_format")
+        if request.guided_json is not None:
+            return partial(grammars.json_schema, json_value(request.guided_json, "guided_json"), "guided_json")
+        if request.guided_regex is not None:
+            return partial(grammars.regex, request.guided_regex, "guided_regex")
+        if request.guided_choice is not None:
+            return partial(grammars.choice, request.guided_choice, "guided_choice")
+        if request.guided_grammar is not None:
+            return partial(grammars.lark, request.guided_grammar, "guided_grammar")
+        return None
 
     def start(self, request: SamplingRequest, prompts: list[tuple[list[int], str]], request_id: str,
-              per_prompt: int) -> list[Choice]:
+              per_prompt: int, grammar: CompiledGrammar | None = None) -> list[Choice]:
         """Queue `per_prompt` sequences per prompt (sharing its prefill); all or none are queued."""
         if per_prompt > self.engine.scheduler.max_running:
             raise APIError(400, f"at most {self.engine.scheduler.max_running} choices per prompt can run together "
                                 f"on this server", param="best_of" if per_prompt > request.n else "n")
-        params = [self.sampling_params(request, len(ids)) for ids, _ in prompts]
+        params = [self.sampling_params(request, len(ids), grammar) for ids, _ in prompts]
         choices: list[Choice] = []
         try:
             for (ids, text), param in zip(prompts, params):
@@ -92,7 +148,8 @@ class Generator:
         for choice in choices:
             self.engine.cancel(choice.seq)
 
-    def sampling_params(self, request: SamplingRequest, prompt_tokens: int) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest, prompt_tokens: int,
+                        grammar: CompiledGrammar | None = None) -> SamplingParams:
         if prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
         limit = request.completion_limit
@@ -117,7 +174,9 @@ class Generator:
             logit_bias=tuple((request.logit_bias or {}).items()), seed=request.seed, stop=request.stop_strings,
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             min_tokens=min(request.min_tokens, limit or room), logprobs=request.top_logprob_count,
-            prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None)
+            prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
+            grammar=grammar, shown_special_tokens=self.tool_marker_tokens if getattr(request, "callable_tools", None)
+            else ())
 
     def _check_token_ids(self, token_ids, param: str) -> None:
         vocab = len(self.tokenizer)
@@ -192,9 +251,19 @@ async def start_chat_service(config: Config) -> Generator:
     await engine.on_step_thread(engine.runner.warm_up)
     engine.start()
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
-                             config.reasoning_parser)
+                             config.reasoning_parser, config.tool_call_parser)
+    generator = await asyncio.to_thread(Generator, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
-    return Generator(engine, loaded, options)
+    return generator
+
+
+def json_value(value: dict | str, param: str) -> dict:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as error:
+        raise APIError(400, f"{param} is not valid JSON: {error}", param=param) from None
 
 
 def usage(choices: list[Choice]) -> Usage:

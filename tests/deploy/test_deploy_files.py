@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import json
 import os
 import re
 import shutil
@@ -463,8 +464,11 @@ def test_example_client_against_the_real_server(embedded_model_dir):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "model: SmolLM2-135M-Instruct" in out
-    sections = [out.index(title) for title in ("== chat ==", "== chat, streamed ==", "== completion ==")]
+    sections = [out.index(title) for title in ("== chat ==", "== chat, streamed ==", "== completion ==",
+                                               "== JSON schema ==", "== tool call ==")]
     assert sections == sorted(sections)
+    assert json.loads(out[sections[3]:sections[4]].splitlines()[1]).keys() == {"city", "country"}
+    assert out[sections[4]:].splitlines()[1].startswith("get_weather({")
     chat = out[sections[0]:sections[1]].splitlines()[1]
     assert chat.strip(), "the chat answer is empty"
     assert "finish_reason=" in out

@@ -29,3 +29,14 @@ def tiny_model(architecture: str, vocab_size: int, seed: int = 0) -> transformer
     config._attn_implementation = ATTENTION_NAME
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME)
     return model.eval()
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """One token per byte (byte-level BPE without merges) and <eos> as token 0: grammar masks can be read
+    off character by character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE({"<eos>": 0, **{char: i + 1 for i, char in enumerate(alphabet)}}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
