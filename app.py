@@ -17,11 +17,13 @@ from api.audio import audio_router
 from api.auth import api_key_checker
 from api.errors import install_error_handlers
 from api.middleware import RequestIdMiddleware
+from api.responses import responses_router
 from api.state import ServerState, Service
 from api.text import text_router
 from config import Config
 from models import ModelCard, ModelList
 from serving.generator import start_chat_service
+from serving.responses import ResponseStore
 from serving.transcription import start_transcription_service
 
 __version__ = "0.1.0"
@@ -109,5 +111,6 @@ def create_app(config: Config) -> FastAPI:
         api.include_router(audio_router(state.ready, config.max_audio_mb, config.request_timeout or None))
     else:
         api.include_router(text_router(state.ready))
+        api.include_router(responses_router(state.ready, ResponseStore(config.responses_store_size)))
     app.include_router(api)
     return app

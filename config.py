@@ -188,6 +188,9 @@ class Config:
     reasoning_parser: str = option("--reasoning-parser", "REASONING_PARSER",
                                    "split <think> reasoning into reasoning_content (auto: when the chat template "
                                    "opens a think block)", "auto", choices=["none", "auto", "deepseek_r1"])
+    responses_store_size: int = option("--responses-store-size", "RESPONSES_STORE_SIZE",
+                                       "responses kept for previous_response_id and GET /v1/responses/{id}, least "
+                                       "recently used dropped first; in this process only (0: keep none)", 1000, int)
     tool_call_parser: str = option("--tool-call-parser", "TOOL_CALL_PARSER",
                                    "how the model writes tool calls (auto: from the chat template; Hermes when it "
                                    "shows none)", "auto", choices=["auto", "hermes", "llama3_json", "mistral"])

@@ -1,5 +1,6 @@
 """Server-sent events: each event a `data:` line of JSON, errors mid-stream in OpenAI's shape, then
-`data: [DONE]`; generation stops the moment the client disconnects."""
+`data: [DONE]` (or, for the Responses API's typed events, an `event:` line before each and no [DONE]);
+generation stops the moment the client disconnects."""
 
 from __future__ import annotations
 
@@ -37,14 +38,16 @@ class EventStream(StreamingResponse):
             await self.events.aclose()
 
 
-def sse(events: AsyncIterator[BaseModel], rid: str) -> EventStream:
+def sse(events: AsyncIterator[BaseModel], rid: str, typed: bool = False) -> EventStream:
     async def lines() -> AsyncIterator[str]:
         try:
             async for event in events:
-                yield f"data: {event.model_dump_json(exclude_none=False)}\n\n"
+                name = f"event: {event.type}\n" if typed else ""
+                yield f"{name}data: {event.model_dump_json(exclude_none=False)}\n\n"
         except APIError as error:
             logger.error("request %s failed mid-stream: %s", rid, error.message)
             body = ErrorResponse(error=ErrorBody(message=error.message, type=error.type, code=error.code))
-            yield f"data: {body.model_dump_json()}\n\n"
-        yield "data: [DONE]\n\n"
+            yield f"{'event: error' + chr(10) if typed else ''}data: {body.model_dump_json()}\n\n"
+        if not typed:
+            yield "data: [DONE]\n\n"
     return EventStream(lines())

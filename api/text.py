@@ -23,26 +23,26 @@ def text_router(ready: Callable[[], Generator]) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, generator: Generator = Depends(ready)):
-        return await generate(generator, body, request, "chatcmpl", lambda: [(chat_prompt(generator, body), "")],
-                              body.n, chat_chunks, chat_response)
+        return await generate(generator, body, request, f"chatcmpl-{request_id(request)}",
+                              lambda: [(chat_prompt(generator, body), "")], body.n, chat_chunks, chat_response)
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request, generator: Generator = Depends(ready)):
-        return await generate(generator, body, request, "cmpl", lambda: completion_prompts(generator, body),
-                              body.candidates, completion_chunks, completion_response)
+        return await generate(generator, body, request, f"cmpl-{request_id(request)}",
+                              lambda: completion_prompts(generator, body), body.candidates, completion_chunks,
+                              completion_response)
 
     return router
 
 
-async def generate(generator: Generator, body: SamplingRequest, request: Request, id_prefix: str,
+async def generate(generator: Generator, body: SamplingRequest, request: Request, rid: str,
                    prompts: Callable[[], Prompts], per_prompt: int, chunks: Callable[..., AsyncIterator[BaseModel]],
-                   response: Callable[..., BaseModel]):
-    """What both endpoints do: check the model, queue `per_prompt` choices per prompt, then stream or wait."""
+                   response: Callable[..., BaseModel], typed_events: bool = False):
+    """What the text endpoints do: check the model, queue `per_prompt` choices per prompt, then stream or wait."""
     generator.check_model(body.model)
-    rid = f"{id_prefix}-{request_id(request)}"
     grammar = await generator.output_grammar(body)
     choices: list[Choice] = generator.start(body, prompts(), rid, per_prompt, grammar)
     if body.stream:
-        return sse(chunks(generator, body, choices, rid), rid)
+        return sse(chunks(generator, body, choices, rid), rid, typed_events)
     await generator.collect(choices, request.is_disconnected)
     return response(generator, body, rid, choices)

@@ -140,20 +140,26 @@ def finish_reason(reason: str | None, called: bool) -> str | None:
     return "tool_calls" if reason == "stop" and called else reason
 
 
+def whole_message(generator: Generator, request: ChatCompletionRequest, choice: Choice
+                  ) -> tuple[AssistantMessage, str | None]:
+    """A finished choice's message and finish reason (a malformed tool call makes the whole reply content)."""
+    output = ChatOutput(generator, request)
+    pieces = [output.feed("".join(choice.text)), output.finish()]
+    reasoning = "".join(p.reasoning for p in pieces)
+    content = "".join(p.content for p in pieces)
+    calls = whole_calls([delta for p in pieces for delta in p.tool_calls])
+    if output.tools and not all(call.valid for call in output.tools.started):
+        content, calls = output.tools.text, []
+    message = AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None,
+                               reasoning_content=reasoning if output.parser and reasoning else None)
+    return message, finish_reason(choice.seq.finish_reason, bool(calls))
+
+
 def chat_response(generator: Generator, request: ChatCompletionRequest, request_id: str,
                   choices: list[Choice]) -> ChatCompletion:
     def choice_body(choice: Choice) -> ChatChoice:
-        output = ChatOutput(generator, request)
-        pieces = [output.feed("".join(choice.text)), output.finish()]
-        reasoning = "".join(p.reasoning for p in pieces)
-        content = "".join(p.content for p in pieces)
-        calls = whole_calls([delta for p in pieces for delta in p.tool_calls])
-        if output.tools and not all(call.valid for call in output.tools.started):  # a malformed call: all text
-            content, calls = output.tools.text, []
-        message = AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None,
-                                   reasoning_content=reasoning if output.parser and reasoning else None)
-        return ChatChoice(index=choice.index, message=message,
-                          finish_reason=finish_reason(choice.seq.finish_reason, bool(calls)),
+        message, reason = whole_message(generator, request, choice)
+        return ChatChoice(index=choice.index, message=message, finish_reason=reason,
                           logprobs=generator.chat_logprobs(choice.logprobs) if request.logprobs else None)
 
     return ChatCompletion(id=request_id, model=request.model, usage=usage(choices),
