@@ -74,3 +74,15 @@ def test_r1_settings_can_drop_the_reasoning(client):
         client.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=2,
                                        extra_body={"r1_settings": {"few_shot_mode": "SOMETIMES"}})
     assert error.value.body["param"] == "r1_settings.few_shot_mode"
+
+
+def test_responses_put_reasoning_in_its_own_item(client, thinking_model):
+    raw = raw_completion(client, thinking_model, max_tokens=12)
+    response = client.responses.create(model="thinker", input=MESSAGES, temperature=0, max_output_tokens=12)
+    [item] = response.output
+    assert item.type == "reasoning" and item.content[0].text == raw
+    assert response.status == "incomplete" and 0 < response.usage.output_tokens_details.reasoning_tokens <= 12
+    events = list(client.responses.create(model="thinker", input=MESSAGES, temperature=0, max_output_tokens=12,
+                                          stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == raw
+    assert events[-1].type == "response.incomplete" and events[-1].response.output[0].content[0].text == raw
