@@ -11,18 +11,20 @@ from typing import NoReturn
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.audio import audio_router
 from api.auth import api_key_checker
 from api.errors import install_error_handlers
-from api.middleware import RequestIdMiddleware
+from api.middleware import RequestCountMiddleware, RequestIdMiddleware
 from api.responses import responses_router
 from api.state import ServerState, Service
 from api.text import text_router
 from config import Config
 from models import ModelCard, ModelList
 from serving.generator import start_chat_service
+from serving.metrics import Metrics
 from serving.responses import ResponseStore
 from serving.transcription import start_transcription_service
 
@@ -31,7 +33,7 @@ FAULT_EXIT_DELAY = 1.0  # seconds
 
 logger = logging.getLogger("batchwise")
 
-CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health"]
+CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
 
@@ -63,18 +65,23 @@ def create_app(config: Config) -> FastAPI:
         that its supervisor (Docker, Kubernetes, systemd) restarts it."""
         start = start_transcription_service if whisper else start_chat_service
         try:
-            state.service = await start(config)
+            service = await start(config)
         except Exception as error:
             logger.exception("could not start serving %s", config.hf_model)
             exit_process(f"the {config.serving_type} service could not start: {error}")
+        service.metrics = metrics
+        metrics.serve(service.model_name, service.engine, service.kv_tokens)
+        state.service = service
         fault = await state.service.engine.stopped()
         if fault:
             await asyncio.sleep(FAULT_EXIT_DELAY)  # let the failed requests' error responses go out
             exit_process(f"the engine stopped ({fault})")
 
+    metrics = Metrics()
     app = FastAPI(title="Batchwise", version=__version__, lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(RequestCountMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     if config.origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.origins, allow_methods=["*"], allow_headers=["*"])
@@ -96,7 +103,13 @@ def create_app(config: Config) -> FastAPI:
         return JSONResponse({"status": "ok", "model": service.model_name, "running": stats.running,
                              "waiting": stats.waiting, "steps": stats.steps})
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(api_key_checker(config.api_keys()))])
+    require_key = Depends(api_key_checker(config.api_keys()))
+
+    @app.get("/metrics", dependencies=[] if config.metrics_public else [require_key])
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    api = APIRouter(prefix="/v1", dependencies=[require_key])
 
     @api.get("/models")
     async def list_models(service: Service = Depends(state.ready)) -> ModelList:

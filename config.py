@@ -188,6 +188,9 @@ class Config:
     reasoning_parser: str = option("--reasoning-parser", "REASONING_PARSER",
                                    "split <think> reasoning into reasoning_content (auto: when the chat template "
                                    "opens a think block)", "auto", choices=["none", "auto", "deepseek_r1"])
+    metrics_public: bool = option("--metrics-public", "METRICS_PUBLIC",
+                                  "serve /metrics without the API key (for a Prometheus that has none)", False,
+                                  parse_bool)
     responses_store_size: int = option("--responses-store-size", "RESPONSES_STORE_SIZE",
                                        "responses kept for previous_response_id and GET /v1/responses/{id}, least "
                                        "recently used dropped first; in this process only (0: keep none)", 1000, int)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -69,6 +70,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.microsleep = microsleep
         self.steps = 0
+        self.on_step: Callable[[float], None] | None = None  # told each step's seconds (metrics)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchwise-step")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -174,7 +176,10 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:  # it cannot fit even with nothing else
                 self._fail(self.scheduler.waiting[0], MemoryError("the request does not fit in the KV memory"))
             return
+        started = time.perf_counter()
         outcome = await self._attempt(spans)
+        if self.on_step:
+            self.on_step(time.perf_counter() - started)
         self.scheduler.finished_step(outcome.done)
         for seq, error in outcome.failed:
             self._fail(seq, error)

@@ -18,6 +18,7 @@ from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, Compl
                     PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
 from serving.grammars import CompiledGrammar, GrammarCompiler
+from serving.metrics import Metrics
 from serving.reasoning import template_opens_think
 from serving.tool_parsers import detect_format
 from serving.timeouts import deadline_after, finish_unless_abandoned
@@ -41,6 +42,8 @@ class Choice:
     seq: Sequence
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    token_times: list[float] = field(default_factory=list)  # when each delta with tokens arrived
 
     @property
     def completion_tokens(self) -> int:
@@ -49,6 +52,8 @@ class Choice:
     def record(self, delta: Delta) -> None:
         self.text.append(delta.text)
         self.logprobs.extend(delta.logprobs)
+        if delta.token_ids:
+            self.token_times.append(time.monotonic())
 
 
 PROBE_DIALOGUE = [{"role": "user", "content": "hi"}]
@@ -59,6 +64,7 @@ class Generator:
     def __init__(self, engine: Engine, loaded: LoadedModel, options: ServingOptions) -> None:
         """Takes a second or so (the grammar engine indexes the vocabulary): build it off the event loop."""
         self.engine = engine
+        self.metrics: Metrics | None = None
         vocab_size = loaded.model.get_output_embeddings().out_features  # the logits' width
         self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self.tokenizer = loaded.tokenizer
@@ -96,6 +102,11 @@ class Generator:
 
     def check_model(self, name: str) -> None:
         check_model_name(name, self.served_names)
+
+    def kv_tokens(self) -> tuple[int, int]:
+        """KV positions in use, and the budget's."""
+        memory = self.engine.scheduler.memory
+        return memory.used_tokens, memory.tokens
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
@@ -190,6 +201,7 @@ class Generator:
             async for delta in self.engine.stream(choice.seq):
                 check_error(delta)
                 choice.record(delta)
+            self._finished(choice)
 
         try:
             await finish_unless_abandoned(asyncio.gather(*(drain(c) for c in choices)), disconnected,
@@ -216,12 +228,21 @@ class Generator:
                     raise timeout_error(self.request_timeout) from None
                 check_error(delta)
                 choice.record(delta)
-                unfinished -= delta.finish_reason is not None
+                if delta.finish_reason is not None:
+                    unfinished -= 1
+                    self._finished(choice)
                 yield choice, delta
         finally:
             for task in pumps:
                 task.cancel()
             self.cancel(choices)
+
+    def _finished(self, choice: Choice) -> None:
+        if self.metrics:
+            first_sibling = choice.seq.prefix_source is None  # siblings share one prompt: it counts once
+            self.metrics.choice_finished(len(choice.prompt_ids) if first_sibling else 0,
+                                         choice.seq.cached_tokens if first_sibling else 0, choice.started,
+                                         choice.token_times, len(choice.seq.output_ids))
 
     def chat_logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

@@ -20,6 +20,7 @@ from batching.families.whisper_runner import SpeechWindow
 from config import Config
 from models import TranscriptionSegment
 from serving.errors import APIError, check_error, check_model_name, server_busy
+from serving.metrics import Metrics
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window, window_features
@@ -59,6 +60,7 @@ def compression_ratio(text: str) -> float:
 class TranscriptionService:
     def __init__(self, engine: Engine, loaded: LoadedWhisper, served_names: tuple[str, ...]) -> None:
         self.engine = engine
+        self.metrics: Metrics | None = None
         self.served_names = served_names
         self.model_name = served_names[0]
         self.multilingual = loaded.multilingual
@@ -70,6 +72,10 @@ class TranscriptionService:
 
     def check_model(self, name: str) -> None:
         check_model_name(name, self.served_names, MODEL_ALIASES)
+
+    def kv_tokens(self) -> None:
+        """Whisper's cross-attention cache has no token budget to report."""
+        return None
 
     def check_options(self, options: TranscriptionOptions) -> None:
         if options.task == "translate" and not self.multilingual:
@@ -172,7 +178,7 @@ class TranscriptionJob:
             if self.options.temperature <= CONDITION_MAX_TEMPERATURE:
                 previous.extend(kept_tokens)
             seek += advance
-        self._log()
+        self._report()
 
     async def _submit_window(self, seek: int, previous: list[int], language: str) -> Sequence:
         service = self.service
@@ -232,7 +238,10 @@ class TranscriptionJob:
             self._text_started = bool(text)
         return text
 
-    def _log(self) -> None:
+    def _report(self) -> None:
+        """Log the finished job, and count its audio."""
+        if self.service.metrics:
+            self.service.metrics.transcribed(self.transcript.duration)
         wall = time.perf_counter() - self.started
         first_token = (self.first_token_at or time.perf_counter()) - self.started
         logger.info("transcription %s: %.1f s of audio in %.2f s (%.1f audio s per wall s), first token after "

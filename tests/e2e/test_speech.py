@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.server_process import running_server
 from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_seconds
@@ -193,3 +194,14 @@ def test_a_client_that_disconnects_stops_its_decoding(server, clips, stream):
     assert (health["running"], health["waiting"]) == (0, 0)
     time.sleep(0.5)
     assert httpx.get(f"{server}/health").json()["steps"] == health["steps"]
+
+
+def test_metrics_count_the_audio_transcribed(server, client, clips):
+    def audio_seconds() -> float:
+        text = httpx.get(f"{server}/metrics").text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "batchwise_audio_seconds_total")
+
+    before = audio_seconds()
+    verbose = transcribe(client, clips["fox"], response_format="verbose_json")
+    assert audio_seconds() - before == pytest.approx(verbose.duration, abs=0.01)
