@@ -101,10 +101,12 @@ def test_previous_response_id_continues_the_conversation_from_cache(client):
 
 def test_text_format_json_schema_validates(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                               "population": {"type": "integer", "minimum": 0}},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
               "required": ["city", "population"], "additionalProperties": False}
-    response = client.responses.create(model=model(client), input="Describe Paris.", max_output_tokens=80,
+    response = client.responses.create(model=model(client), input="Describe Paris.", max_output_tokens=120,
+                                       temperature=0,
                                        text={"format": {"type": "json_schema", "name": "city", "schema": schema}})
+    assert response.status == "completed"
     jsonschema.validate(json.loads(response.output_text), schema)
 
 

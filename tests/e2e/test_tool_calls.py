@@ -57,7 +57,7 @@ def test_a_named_tool_choice_calls_that_tool(client):
 
 def test_streamed_calls_come_name_first_then_argument_fragments(client):
     stream = client.chat.completions.create(model=model(client), messages=ASK, tools=[WEATHER, TIME], stream=True,
-                                            tool_choice="required", max_tokens=300)
+                                            tool_choice="required", parallel_tool_calls=False, max_tokens=300)
     pieces, reasons = [], []
     for chunk in stream:
         choice = chunk.choices[0]
@@ -95,7 +95,7 @@ def test_sdk_stream_helper_assembles_parsed_tool_calls(client):
 
 def test_a_two_turn_tool_round_trip(client):
     first = client.chat.completions.create(model=model(client), messages=ASK, tools=[WEATHER], max_tokens=200,
-                                           tool_choice="required")
+                                           tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
     dialogue = ASK + [first.choices[0].message.model_dump(exclude_none=True),
                       {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, light rain"}]
