@@ -89,6 +89,9 @@ class Config:
     port: int = option("--port", "PORT", "port to listen on", 7088, int)
     loglevel: str = option("--loglevel", "LOGLEVEL", "logging level", "INFO",
                            choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
+    log_format: str = option("--log-format", "LOG_FORMAT", "text: human-readable lines; json: one JSON object per "
+                             "line (time, level, logger, message, request fields), for log shippers", "text",
+                             choices=["text", "json"])
     model_type: str = option("--model-type", "MODEL_TYPE", "transformers Auto class for the model",
                              "AutoModelForCausalLM")
     tokenizer_type: str = option("--tokenizer-type", "TOKENIZER_TYPE", "transformers Auto class for the tokenizer",

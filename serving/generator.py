@@ -238,6 +238,17 @@ class Generator:
             self.cancel(choices)
 
     def _finished(self, choice: Choice) -> None:
+        seq = choice.seq
+        times = choice.token_times
+        ttft = times[0] - choice.started if times else None
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        logger.info("request %s choice %d: %s after %d prompt (%d cached) + %d completion tokens, first token "
+                    "after %s, %s", seq.request_id, choice.index, seq.finish_reason, len(choice.prompt_ids),
+                    seq.cached_tokens, len(seq.output_ids), f"{ttft:.3f} s" if ttft is not None else "-",
+                    f"{rate:.1f} tokens/s" if rate else "-", extra={
+                        "request_id": seq.request_id, "choice": choice.index, "finish_reason": seq.finish_reason,
+                        "prompt_tokens": len(choice.prompt_ids), "cached_tokens": seq.cached_tokens,
+                        "completion_tokens": len(seq.output_ids), "ttft_s": ttft, "tokens_per_s": rate})
         if self.metrics:
             first_sibling = choice.seq.prefix_source is None  # siblings share one prompt: it counts once
             self.metrics.choice_finished(len(choice.prompt_ids) if first_sibling else 0,

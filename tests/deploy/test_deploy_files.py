@@ -101,7 +101,8 @@ def load_compose() -> dict:
 
 def service() -> dict:
     services = load_compose()["services"]
-    assert list(services) == ["batchwise"]
+    assert [name for name, svc in services.items() if "profiles" not in svc] == ["batchwise"], \
+        "only the server starts without a profile"
     return services["batchwise"]
 
 
@@ -386,6 +387,29 @@ def test_compose_ports_volumes_and_build_fit_the_image():
     for folder in (env["BATCHWISE_CACHE_DIR"], image_env["BATCHWISE_CACHE_DIR"], image_env["HF_HOME"]):
         assert folder in mounts, f"{folder} is not on a volume"
     assert set(mounts.values()) <= set(load_compose()["volumes"]), "named volumes must be declared"
+
+
+def test_monitoring_profile_wires_prometheus_and_grafana_to_the_server():
+    services = load_compose()["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]
+    mounts = {}
+    for volume in prometheus["volumes"] + grafana["volumes"]:
+        host, container = volume.split(":")[:2]
+        assert (ROOT / host).exists(), f"{host} is mounted but missing"
+        mounts[container] = ROOT / host
+    scrape = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    [job] = scrape["scrape_configs"]
+    port = compose_defaults(service()["environment"])["PORT"]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == [f"batchwise:{port}"]
+    provisioning = mounts["/etc/grafana/provisioning"]
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and "9090:9090" in prometheus["ports"]
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "batchwise.yml").read_text())["providers"]
+    dashboards = mounts[provider["options"]["path"]]
+    dashboard = json.loads((dashboards / "batchwise.json").read_text())
+    sources = {target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel["targets"]}
+    assert sources == {source["uid"]}
 
 
 def test_compose_healthcheck_passes_only_when_health_answers_200(health_stub):

@@ -2,6 +2,8 @@
 with prometheus_client's own parser)."""
 
 import asyncio
+import json
+import re
 
 import httpx
 import pytest
@@ -9,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from config import Config
+from tests.helpers.server_process import ROOT
 
 
 def scrape(base_url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
@@ -50,6 +53,17 @@ def test_counters_and_histograms_move_by_what_requests_did(base_url, client):
     assert moved("batchwise_engine_step_seconds_count") >= max(u.completion_tokens for u in usages)
     assert value(after, "batchwise_sequences_running", model=model) >= 0
     assert 0 < value(after, "batchwise_kv_tokens_used") <= value(after, "batchwise_kv_tokens_budget")
+
+
+def test_the_grafana_dashboard_queries_only_what_the_server_exports(base_url):
+    exported = set()
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
+        exported |= {family.name + suffix for suffix in suffixes}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "batchwise.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"batchwise_\w+", target["expr"])}
+    assert queried and queried <= exported, queried - exported
 
 
 @pytest.mark.parametrize("public", [False, True])
