@@ -547,17 +547,13 @@ InputItem = Annotated[InputMessage | FunctionCallInput | FunctionCallOutputInput
                       Field(discriminator="type")]
 
 
-class FunctionTool(BaseModel):
+class FunctionTool(FunctionDefinition):
+    """The Responses API's flat tool: a function definition with its type beside it."""
     type: Literal["function"]
-    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(ToolName):
     type: Literal["function"]
-    name: str
 
 
 class TextFormat(BaseModel):
