@@ -565,6 +565,13 @@ class TextFormat(BaseModel):
     strict: bool | None = None
 
 
+    @model_validator(mode="after")
+    def schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("text.format of type json_schema needs a schema")
+        return self
+
+
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     format: TextFormat = Field(default_factory=TextFormat)
@@ -589,6 +596,13 @@ class ResponsesRequest(BaseModel):
     background: bool = False
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def not_empty(cls, items):
+        if not items:
+            raise ValueError("input must not be empty")
+        return items
 
     @field_validator("input", mode="before")
     @classmethod

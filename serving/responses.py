@@ -20,6 +20,10 @@ from serving.errors import APIError
 from serving.generator import Choice, Generator, usage
 
 
+CHAT_TO_RESPONSES_FIELDS = {"messages": "input", "response_format": "text",
+                            "max_completion_tokens": "max_output_tokens"}
+
+
 @dataclass
 class Turn:
     request: ResponsesRequest
@@ -79,10 +83,11 @@ def chat_request(request: ResponsesRequest, messages: list[ChatMessage]) -> Chat
                 "type": shape.type, "json_schema": {"name": shape.name or "output", "schema": shape.json_schema,
                                                     "strict": shape.strict}} if shape.type == "json_schema" else
             {"type": shape.type})
-    except ValidationError as error:
+    except ValidationError as error:  # named as the Responses request names the field
         first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else None
         raise APIError(400, str(first["msg"]).removeprefix("Value error, "),
-                       param=".".join(str(part) for part in first["loc"][:1]) or None) from None
+                       param=CHAT_TO_RESPONSES_FIELDS.get(field, field)) from None
 
 
 def input_messages(request: ResponsesRequest) -> list[ChatMessage]:

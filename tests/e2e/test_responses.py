@@ -121,10 +121,13 @@ def test_max_output_tokens_makes_it_incomplete(client):
     ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools"),
     ({"background": True}, "background"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"input": []}, "input"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ({"tool_choice": "required"}, "tool_choice"),
 ])
 def test_what_it_cannot_do_is_a_400_naming_it(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as error:
-        client.responses.create(model=model(client), input="Hi", max_output_tokens=5, **kwargs)
+        client.responses.create(model=model(client), max_output_tokens=5, **{"input": "Hi", **kwargs})
     assert error.value.body["param"] == param
 
 
