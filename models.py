@@ -564,7 +564,6 @@ class TextFormat(BaseModel):
     json_schema: dict | bool | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
-
     @model_validator(mode="after")
     def schema_given(self) -> TextFormat:
         if self.type == "json_schema" and self.json_schema is None:

@@ -47,7 +47,8 @@ def sse(events: AsyncIterator[BaseModel], rid: str, typed: bool = False) -> Even
         except APIError as error:
             logger.error("request %s failed mid-stream: %s", rid, error.message)
             body = ErrorResponse(error=ErrorBody(message=error.message, type=error.type, code=error.code))
-            yield f"{'event: error' + chr(10) if typed else ''}data: {body.model_dump_json()}\n\n"
+            name = "event: error\n" if typed else ""
+            yield f"{name}data: {body.model_dump_json()}\n\n"
         if not typed:
             yield "data: [DONE]\n\n"
     return EventStream(lines())

@@ -92,8 +92,9 @@ def apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for index, row in enumerate(rows):
         seqs[row].constraint.write_mask(bitmask[index].data_ptr(), words * 4)
     allowed = ((bitmask[:, :, None] >> BIT_SHIFTS) & 1).view(len(rows), words * 32)[:, :vocab].bool()
-    index = torch.tensor(rows, device=logits.device)
-    return logits.index_put((index,), logits[index].masked_fill(~allowed.to(logits.device), float("-inf")))
+    constrained = torch.tensor(rows, device=logits.device)
+    masked = logits[constrained].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits.index_put((constrained,), masked)
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_counts: list[int]) -> list[TokenLogprob]:

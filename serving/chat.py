@@ -94,15 +94,17 @@ class ChatOutput:
                                     request.parallel_tool_calls) if request.callable_tools else None
         self.content: list[str] = []
 
-    def feed(self, text: str) -> ChatPiece:
-        return self._piece(self._shape(self.parser.feed(text) if self.parser else Split(content=text)), False)
-
-    def finish(self) -> ChatPiece:
-        split = self._shape(self.parser.finish() if self.parser else Split())
-        if self.settings.math_mode:
+    def feed(self, text: str, last: bool = False) -> ChatPiece:
+        """What `text` releases; when it is the `last` text, also everything still held back."""
+        split = self.parser.feed(text) if self.parser else Split(content=text)
+        if last and self.parser:
+            tail = self.parser.finish()
+            split = Split(split.reasoning + tail.reasoning, split.content + tail.content)
+        split = self._shape(split)
+        if last and self.settings.math_mode:
             content = "".join(self.content)
             split.content = boxed_answer(content) or content
-        return self._piece(split, True)
+        return self._piece(split, last)
 
     @property
     def called(self) -> bool:
@@ -144,10 +146,8 @@ def whole_message(generator: Generator, request: ChatCompletionRequest, choice: 
                   ) -> tuple[AssistantMessage, str | None]:
     """A finished choice's message and finish reason (a malformed tool call makes the whole reply content)."""
     output = ChatOutput(generator, request)
-    pieces = [output.feed("".join(choice.text)), output.finish()]
-    reasoning = "".join(p.reasoning for p in pieces)
-    content = "".join(p.content for p in pieces)
-    calls = whole_calls([delta for p in pieces for delta in p.tool_calls])
+    piece = output.feed("".join(choice.text), last=True)
+    reasoning, content, calls = piece.reasoning, piece.content, whole_calls(piece.tool_calls)
     if output.tools and not all(call.valid for call in output.tools.started):
         content, calls = output.tools.text, []
     message = AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None,
@@ -185,11 +185,7 @@ async def chat_chunks(generator: Generator, request: ChatCompletionRequest, choi
         yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content="")))
     async for choice, delta in generator.deltas(choices):
         output = outputs[choice.index]
-        piece = output.feed(delta.text)
-        if delta.finish_reason:
-            tail = output.finish()
-            piece = ChatPiece(piece.reasoning + tail.reasoning, piece.content + tail.content,
-                              piece.tool_calls + tail.tool_calls)
+        piece = output.feed(delta.text, last=delta.finish_reason is not None)
         logprobs = generator.chat_logprobs(delta.logprobs) if request.logprobs else None
         if piece.reasoning or piece.content or piece.tool_calls or logprobs:
             yield chunk(ChatChunkChoice(index=choice.index, logprobs=logprobs, delta=ChatDelta(

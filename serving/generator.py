@@ -176,6 +176,7 @@ class Generator:
                                 f"(--kv-cache-memory). However, you requested {asked}.", param=param,
                            code="context_length_exceeded")
         room = min(room, kv_tokens - prompt_tokens)
+        calls_tools = isinstance(request, ChatCompletionRequest) and bool(request.callable_tools)
         self._check_token_ids(request.logit_bias or {}, "logit_bias")
         self._check_token_ids(request.stop_token_ids or [], "stop_token_ids")
         return SamplingParams(
@@ -186,8 +187,7 @@ class Generator:
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             min_tokens=min(request.min_tokens, limit or room), logprobs=request.top_logprob_count,
             prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
-            grammar=grammar, shown_special_tokens=self.tool_marker_tokens if getattr(request, "callable_tools", None)
-            else ())
+            grammar=grammar, shown_special_tokens=self.tool_marker_tokens if calls_tools else ())
 
     def _check_token_ids(self, token_ids, param: str) -> None:
         vocab = len(self.tokenizer)

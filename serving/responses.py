@@ -218,11 +218,8 @@ class ResponsesService:
         reason = None
         try:
             async for _, delta in self.generator.deltas(choices):
-                piece = output.feed(delta.text)
+                piece = output.feed(delta.text, last=delta.finish_reason is not None)
                 if delta.finish_reason:
-                    tail = output.finish()
-                    piece = ChatPiece(piece.reasoning + tail.reasoning, piece.content + tail.content,
-                                      piece.tool_calls + tail.tool_calls)
                     reason = finish_reason(delta.finish_reason, output.called)
                 for event in builder.add(piece):
                     yield event
