@@ -11,6 +11,9 @@ import pytest
 from openai import pydantic_function_tool
 from pydantic import BaseModel, Field
 
+from serving.tool_parsers import ToolCallParser
+from serving.tool_parsers.formats import HERMES
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
@@ -115,14 +118,21 @@ def test_a_call_cut_short_falls_back_to_content(client):
     assert choice.message.content.startswith("<tool_call>")
 
 
-def test_auto_mode_answers_with_content_or_valid_calls(client):
-    reply = client.chat.completions.create(model=model(client), messages=ASK, tools=[WEATHER, TIME], max_tokens=120)
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_mode_answers_with_content_or_valid_calls(client, seed):
+    """Markup stays in content only when it is no valid call (an unknown tool, bad JSON): the documented
+    fallback, which a free-running small model does meet."""
+    reply = client.chat.completions.create(model=model(client), messages=ASK, tools=[WEATHER, TIME], max_tokens=120,
+                                           seed=seed)
     choice = reply.choices[0]
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls"
         check_calls(choice.message.tool_calls)
     else:
-        assert "<tool_call>" not in (choice.message.content or "")
+        parser = ToolCallParser(HERMES, set(PARAMETERS))
+        parser.feed(choice.message.content)
+        parser.finish()
+        assert not (parser.started and all(call.valid for call in parser.started)), choice.message.content
 
 
 @pytest.mark.parametrize("kwargs, param", [
