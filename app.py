@@ -1,5 +1,5 @@
 """FastAPI app factory: the model starts in the lifespan, routers per endpoint family under /v1, errors in
-the OpenAI shape, request ids, CORS and API keys."""
+the OpenAI shape, request ids, CORS and API keys; the browser playground at /."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import NoReturn
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.audio import audio_router
@@ -30,6 +32,7 @@ from serving.transcription import start_transcription_service
 
 __version__ = "0.1.0"
 FAULT_EXIT_DELAY = 1.0  # seconds
+PLAYGROUND = Path(__file__).resolve().parent / "playground"
 
 logger = logging.getLogger("batchwise")
 
@@ -86,8 +89,14 @@ def create_app(config: Config) -> FastAPI:
     if config.origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.origins, allow_methods=["*"], allow_headers=["*"])
 
-    @app.get("/")
-    async def root() -> dict:
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
+
+    @app.get("/", response_model=None)
+    async def root(request: Request, response: Response) -> dict | FileResponse:
+        """The playground for a browser; the server's description for API clients (the page asks for both)."""
+        if "text/html" in request.headers.get("accept", ""):
+            return FileResponse(PLAYGROUND / "index.html", headers={"Vary": "Accept"})
+        response.headers["Vary"] = "Accept"
         service = state.service
         return {"name": "Batchwise", "version": __version__, "model": service.model_name if service else None,
                 "serving_type": config.serving_type, "endpoints": WHISPER_ENDPOINTS if whisper else CHAT_ENDPOINTS}

@@ -16,6 +16,7 @@ from config import Config  # noqa: E402
 from converters.gguf import cached_gguf_conversion  # noqa: E402
 from model_manager import embedded_gguf_path  # noqa: E402
 from tests.helpers.server_process import running_server  # noqa: E402
+from tests.helpers.tiny_models import tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +46,24 @@ def async_client(base_url):
 @pytest.fixture(scope="session")
 def tokenizer(embedded_model_dir):
     return transformers.AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def thinking_model(embedded_model_dir, tmp_path_factory):
+    """A tiny random model whose chat template opens a think block, saved to a folder; and its </think> id."""
+    folder = tmp_path_factory.mktemp("thinking-model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer.add_tokens(["</think>"])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tiny_model("llama", len(tokenizer), seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer.convert_tokens_to_ids("</think>")
 
 
 @pytest.fixture(params=["llama", "qwen2", "gpt2"])

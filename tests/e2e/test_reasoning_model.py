@@ -5,26 +5,10 @@ import pytest
 import transformers
 
 from tests.helpers.server_process import running_server
-from tests.helpers.tiny_models import tiny_model
 
 pytestmark = pytest.mark.e2e
 
-THINKING_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-)
 MESSAGES = [{"role": "user", "content": "What is 1+1?"}]
-
-
-@pytest.fixture(scope="module")
-def thinking_model(embedded_model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("thinking-model")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_dir)
-    tokenizer.add_tokens(["</think>"])
-    tokenizer.chat_template = THINKING_TEMPLATE
-    tiny_model("llama", len(tokenizer), seed=1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, tokenizer.convert_tokens_to_ids("</think>")
 
 
 @pytest.fixture(scope="module")
