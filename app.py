@@ -68,7 +68,7 @@ def create_app(config: Config) -> FastAPI:
         that its supervisor (Docker, Kubernetes, systemd) restarts it."""
         start = start_transcription_service if whisper else start_chat_service
         try:
-            service = await start(config)
+            service = await start(config, state.progress)
         except Exception as error:
             logger.exception("could not start serving %s", config.hf_model)
             exit_process(f"the {config.serving_type} service could not start: {error}")
@@ -103,14 +103,8 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        service = state.service
-        if state.draining or service is None or not service.engine.alive:
-            status = "draining" if state.draining else "loading" if service is None else "engine stopped"
-            fault = service.engine.fault if service else None
-            return JSONResponse({"status": status, **({"error": fault} if fault else {})}, status_code=503)
-        stats = service.engine.stats()
-        return JSONResponse({"status": "ok", "model": service.model_name, "running": stats.running,
-                             "waiting": stats.waiting, "steps": stats.steps})
+        status_code, body = state.health()
+        return JSONResponse(body, status_code=status_code)
 
     require_key = Depends(api_key_checker(config.api_keys()))
 

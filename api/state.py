@@ -1,5 +1,5 @@
-"""What every route shares: the service once the model is up (chat or speech), and whether the server
-is draining."""
+"""What every route shares: the service once the model is up (chat or speech), how far start-up has got,
+and whether the server is draining."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 from serving.errors import APIError
 from serving.generator import Generator
+from serving.startup import StartupProgress
 from serving.transcription import TranscriptionService
 
 Service = Generator | TranscriptionService
@@ -17,6 +18,20 @@ class ServerState:
     def __init__(self) -> None:
         self.service: Service | None = None
         self.draining = False
+        self.progress = StartupProgress()
+
+    def health(self) -> tuple[int, dict]:
+        """/health's status code and body: ok with the engine's counts, or why there is no serving now."""
+        service = self.service
+        if self.draining:
+            return 503, {"status": "draining"}
+        if service is None:
+            return 503, {"status": "loading", **self.progress.report()}
+        if not service.engine.alive:
+            return 503, {"status": "error", "error": service.engine.fault or "the engine stopped"}
+        stats = service.engine.stats()
+        return 200, {"status": "ok", "model": service.model_name, "running": stats.running, "waiting": stats.waiting,
+                     "steps": stats.steps}
 
     def ready(self) -> Service:
         """A FastAPI dependency: the service, or a 503 while the model loads or the server drains."""

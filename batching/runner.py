@@ -5,6 +5,8 @@ With a static cache, a step of decoding rows only runs the static-shape decode s
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import PreTrainedModel
 
@@ -54,10 +56,11 @@ class ModelRunner:
         than two. Batch invariance needs every decode to attend the same way, so there they always take it."""
         return self.static is not None and (self.batch_invariant or all(span.seq.decoding for span in spans))
 
-    def warm_up(self) -> None:
-        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step."""
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
+        on_ready(batch sizes ready, all of them) after each."""
         if self.static is not None:
-            self.static.warm_up()
+            self.static.warm_up(on_ready)
 
     def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
         """One [1, tokens] forward over the spans; next-token logits of those that sample, in order."""

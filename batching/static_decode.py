@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -81,16 +82,18 @@ class StaticDecoder:
         return next(size for size in self.buckets if size >= rows)
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the
-        first requests never wait for a compilation."""
-        for rows in self.buckets:
+        first requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
+        on_ready(0, len(self.buckets))
+        for ready, rows in enumerate(self.buckets, 1):
             started = time.perf_counter()
             zeros = self._tensor([0] * rows)
             for _ in range(2):
                 self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding)
             logger.info("decode step for %d row%s ready in %.1f s", rows, "" if rows == 1 else "s",
                         time.perf_counter() - started)
+            on_ready(ready, len(self.buckets))
 
     def _compiled(self, forward: DecodeForward) -> torch.nn.Module:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))

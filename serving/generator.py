@@ -20,6 +20,7 @@ from serving.errors import APIError, check_error, check_model_name, server_busy,
 from serving.grammars import CompiledGrammar, GrammarCompiler
 from serving.metrics import Metrics
 from serving.reasoning import template_opens_think
+from serving.startup import StartupProgress
 from serving.tool_parsers import detect_format
 from serving.timeouts import deadline_after, finish_unless_abandoned
 
@@ -277,13 +278,17 @@ class Generator:
         return result
 
 
-async def start_chat_service(config: Config) -> Generator:
+async def start_chat_service(config: Config, progress: StartupProgress) -> Generator:
+    progress.enter("loading the model")
     loaded = await asyncio.to_thread(load_model, config)
+    progress.enter("building the engine")
     engine = await asyncio.to_thread(build_engine, loaded, config)
-    await engine.on_step_thread(engine.runner.warm_up)
+    progress.enter("warming up the decode step")
+    await engine.on_step_thread(engine.runner.warm_up, progress.count)
     engine.start()
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
                              config.reasoning_parser, config.tool_call_parser)
+    progress.enter("preparing the tokenizer's grammars and templates")
     generator = await asyncio.to_thread(Generator, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
     return generator

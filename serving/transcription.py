@@ -21,6 +21,7 @@ from config import Config
 from models import TranscriptionSegment
 from serving.errors import APIError, check_error, check_model_name, server_busy
 from serving.metrics import Metrics
+from serving.startup import StartupProgress
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window, window_features
@@ -250,8 +251,10 @@ class TranscriptionJob:
                     self.generated_tokens / wall, self.windows)
 
 
-async def start_transcription_service(config: Config) -> TranscriptionService:
+async def start_transcription_service(config: Config, progress: StartupProgress) -> TranscriptionService:
+    progress.enter("loading the model")
     loaded = await asyncio.to_thread(load_whisper, config)
+    progress.enter("building the engine")
     engine = build_whisper_engine(loaded, config)
     engine.start()
     service = TranscriptionService(engine, loaded, config.served_names(loaded.name))

@@ -74,7 +74,8 @@ def test_a_hung_step_turns_health_503_and_the_process_exits_non_zero(embedded_mo
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
         with pytest.raises(openai.APIError, match="step timeout of 2 s"):
             client.chat.completions.create(model=MODEL, messages=ask("clocks"), max_tokens=8, user="stuck")
-        assert httpx.get(f"{url}/health").json()["status"] == "engine stopped"
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "error" and "step timeout" in health["error"]
         assert process.wait(timeout=30) != 0
     finally:
         process.kill()

@@ -2,11 +2,15 @@
 model with its decode step compiled (the embedded model would take minutes to compile on a CI machine), and
 the embedded model quantised with HQQ."""
 
+import signal
+import time
+
+import httpx
 import openai
 import pytest
 import transformers
 
-from tests.helpers.server_process import running_server
+from tests.helpers.server_process import START_TIMEOUT_SECONDS, free_port, main_command, running_server, spawn
 from tests.helpers.tiny_models import tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -65,3 +69,32 @@ def test_the_static_length_bounds_a_request(served):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=model, messages=PARIS, max_tokens=200)
     assert "at most 128 tokens" in error.value.body["message"]
+
+
+def test_health_reports_loading_progress_until_the_compiled_step_is_warm(tiny_folder, tmp_path):
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = spawn(main_command(port, "--hf-model", str(tiny_folder), *SERVERS["compiled, tiny model"][1]), log)
+    url, seen = f"http://127.0.0.1:{port}/health", []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                response = httpx.get(url, timeout=2)
+            except httpx.TransportError:
+                continue
+            body = response.json()
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503 and body["status"] == "loading" and body["elapsed_s"] >= 0
+            if (body["stage"], body.get("done"), body.get("total")) not in seen:
+                seen.append((body["stage"], body.get("done"), body.get("total")))
+            time.sleep(0.05)
+        assert body["status"] == "ok", log.read_text()[-3000:]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    warming = [(done, total) for stage, done, total in seen if stage == "warming up the decode step"]
+    assert warming and all(total == 2 for _, total in warming), seen  # batch sizes 1 and 2
+    assert [done for done, _ in warming] == sorted(done for done, _ in warming), seen
+    assert "start-up: warming up the decode step" in log.read_text()

@@ -31,7 +31,7 @@ def random_prompts(count: int, vocab: int, seed: int, lengths=(3, 40)) -> list[l
 def outputs(model, tokenizer, prompts, max_tokens=16, **settings) -> list[list[int]]:
     def build():
         engine = make_engine(model, tokenizer, **settings)
-        engine.runner.warm_up()
+        engine.runner.warm_up(lambda ready, total: None)
         return engine
     return [s.output_ids for s in run_with_engine(build, lambda e: generate_all(e, prompts, greedy(max_tokens)))]
 
@@ -69,11 +69,12 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(t
     model = tiny_model("llama", len(tokenizer), seed=11)
     prompts = random_prompts(10, len(tokenizer), seed=12, lengths=(2, 50))
     eager = outputs(model, tokenizer, prompts, max_tokens=24, batch_size=6)
-    compiled_before = {}
+    compiled_before, progress, buckets = {}, [], []
 
     def build():
         engine = make_engine(model, tokenizer, batch_size=6, torch_compile=True, static_cache_decoder_max_length=96)
-        engine.runner.warm_up()
+        engine.runner.warm_up(lambda ready, total: progress.append((ready, total)))
+        buckets.extend(engine.runner.static.buckets)
         compiled_before.update(counters["frames"])
         return engine
 
@@ -91,6 +92,7 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(t
         return [(await stream).output_ids for stream in streams]
 
     served = run_with_engine(build, varied)
+    assert len(buckets) > 1 and progress == [(ready, len(buckets)) for ready in range(len(buckets) + 1)]
     assert dict(counters["frames"]) == compiled_before, "a recompilation happened while serving"
     assert served == eager
 
