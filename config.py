@@ -57,6 +57,21 @@ def parse_memory(text: str) -> int | float | None:
     return int(value * MEMORY_UNITS[unit])
 
 
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: bytes, 1: bytes, "cpu": bytes}: accelerate's max_memory."""
+    limits: dict[int | str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, _, size = item.partition("=")
+        device = device.strip()
+        if not size or not (device.isdigit() or device in ("cpu", "mps")):
+            raise ConfigError(f"--max-memory: expected DEVICE=SIZE items (0=20GiB,cpu=64GiB), got {item!r}")
+        limit = parse_memory(size)
+        if not isinstance(limit, int):
+            raise ConfigError(f"--max-memory: {device} needs a size such as 20GiB, got {size!r}")
+        limits[int(device) if device.isdigit() else device] = limit
+    return limits
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -131,6 +146,14 @@ class Config:
     accelerator_type: str = option("--accelerator-type", "ACCELERATOR_TYPE",
                                    "device to run on; unset: cuda when available, else cpu", None,
                                    choices=["cuda", "cpu"])
+    device_map: str | None = option("--device-map", "DEVICE_MAP",
+                                    "spread the model's layers over the visible GPUs with accelerate (layers that do "
+                                    "not fit go to the CPU); each layer's K/V stay on its device; unset: the whole "
+                                    "model on one device", None,
+                                    choices=["auto", "balanced", "balanced_low_0", "sequential"])
+    max_memory: str | None = option("--max-memory", "MAX_MEMORY",
+                                    "with --device-map: most memory for weights per device, e.g. 0=20GiB,1=20GiB,"
+                                    "cpu=64GiB", None)
     max_concurrent: int = option("--max-concurrent", "MAX_CONCURRENT",
                                  "most requests running plus waiting; beyond it requests get 429", 100, int)
     torch_profiling: bool = option("--torch-profiling", "TORCH_PROFILING",
@@ -226,11 +249,20 @@ class Config:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ConfigError("--max-num-batched-tokens must be at least 16")
         parse_memory(self.kv_cache_memory)
+        if self.device_map and self.serving_type == "whisper":
+            raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device")
+        if self.max_memory and not self.device_map:
+            raise ConfigError("--max-memory limits what --device-map places on each device: give --device-map too")
+        self.weight_memory()
 
     def served_names(self, model_name: str) -> tuple[str, ...]:
         """The names clients may use for the model: --served-model-name's list, else the model's own name."""
         names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
         return tuple(names) or (model_name,)
+
+    def weight_memory(self) -> dict[int | str, int] | None:
+        """--max-memory as accelerate's max_memory, or None (accelerate's own estimate of each device)."""
+        return parse_max_memory(self.max_memory) if self.max_memory else None
 
     @property
     def origins(self) -> list[str]:

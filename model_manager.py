@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,14 +88,30 @@ def load_model(config: Config) -> LoadedModel:
     model_class = getattr(transformers, config.model_type)
     tokenizer_class = getattr(transformers, config.tokenizer_type)
     tokenizer = tokenizer_class.from_pretrained(source, use_fast=config.tokenizer_use_fast)
-    model = model_class.from_pretrained(source, dtype=config.dtype, attn_implementation=ATTENTION_NAME)
-    model.to(config.device).eval()
+    placement = {"device_map": config.device_map, "max_memory": config.weight_memory()} if config.device_map else {}
+    model = model_class.from_pretrained(source, dtype=config.dtype, attn_implementation=ATTENTION_NAME, **placement)
+    if config.device_map:
+        logger.info("device map: %s", describe_placement(getattr(model, "hf_device_map", {"": model.device})))
+    else:
+        model.to(config.device)
+    model.eval()
     if config.hqq:
         logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
     model_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
     context_length = min(config.max_model_len or model_context, model_context)
     logger.info("loaded %s in %.1f s (context %d tokens)", source, time.perf_counter() - started, context_length)
     return LoadedModel(model, tokenizer, served_name(config.hf_model, EMBEDDED_CHAT_NAME), context_length)
+
+
+def describe_placement(device_map: dict[str, int | str]) -> str:
+    """How many of the model's modules each device holds; a model that would spill to disk is refused (the
+    engine would read every layer back from disk at every step)."""
+    spilled = [name for name, device in device_map.items() if device in ("disk", "meta")]
+    if spilled:
+        raise ModelLoadError(f"the model does not fit in the devices' memory (--max-memory): {len(spilled)} of "
+                             f"{len(device_map)} modules would be offloaded to disk, starting with {spilled[0]}")
+    counts = Counter(str(device) for device in device_map.values())
+    return ", ".join(f"{count} module{'s' if count > 1 else ''} on {device}" for device, count in counts.items())
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -111,13 +128,17 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def kv_budget_tokens(config: Config, layout: KVLayout, device: torch.device, useful_tokens: int) -> int:
-    """How many tokens' K/V the budget holds (--kv-cache-memory), never more than `useful_tokens`."""
+def kv_budget_tokens(config: Config, layout: KVLayout, useful_tokens: int) -> int:
+    """How many tokens' K/V the budget holds (--kv-cache-memory), never more than `useful_tokens`. A fraction
+    is of each device's free memory, for the layers that keep their K/V there: the fullest device decides."""
     setting = parse_memory(config.kv_cache_memory)
-    if setting is None:
-        setting = AUTO_KV_FRACTION[device.type == "cuda"]
-    budget = int(free_memory_bytes(device) * setting) if isinstance(setting, float) else setting
-    return min(budget // layout.bytes_per_token, useful_tokens)
+    if isinstance(setting, int):
+        return min(setting // layout.bytes_per_token, useful_tokens)
+    layer_bytes = layout.bytes_per_token // layout.layers
+    for device, layers in Counter(layout.devices).items():
+        fraction = AUTO_KV_FRACTION[device.type == "cuda"] if setting is None else setting
+        useful_tokens = min(useful_tokens, int(free_memory_bytes(device) * fraction) // (layer_bytes * layers))
+    return useful_tokens
 
 
 def attention_cost(model: PreTrainedModel, layout: KVLayout) -> float:
@@ -134,14 +155,14 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     device = loaded.model.device
     layout = kv_layout(loaded.model)
     # the running batch at full context, plus as much again for the prefix cache
-    tokens = kv_budget_tokens(config, layout, device, 2 * batch_size * loaded.context_length)
+    tokens = kv_budget_tokens(config, layout, 2 * batch_size * loaded.context_length)
     slots = None
     if config.static_cache or config.torch_compile:
         if not config.static_cache:
             logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
         slots = Slots(batch_size, min(config.static_cache_decoder_max_length, loaded.context_length))
         logger.info("static cache: %d rows of %d tokens", slots.rows, slots.length)
-    arena = KVArena(layout, tokens, device, config.prefix_caching, slots)
+    arena = KVArena(layout, tokens, config.prefix_caching, slots)
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
     logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; %d prompt tokens per step "
                 "beside decoding rows%s", tokens, tokens * layout.bytes_per_token / 2**30,

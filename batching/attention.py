@@ -14,7 +14,7 @@ writes them into the engine's KV memory and attends over them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,9 @@ class StaticDecodeStep:
 
 @dataclass
 class ProbeStep:
-    layouts: dict[int, KVLayout]
+    """Records, per layer index, the shape of the K/V one token gives and the device they are computed on."""
+    shapes: dict[int, tuple[int, int, torch.dtype]] = field(default_factory=dict)
+    devices: dict[int, torch.device] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,7 +95,8 @@ def batchwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if isinstance(batchwise_step, StaticDecodeStep):
         return _static_decode_attention(module, query, key, value, scaling, batchwise_step), None
     if isinstance(batchwise_step, ProbeStep):
-        batchwise_step.layouts[module.layer_idx] = KVLayout(1, key.shape[1], key.shape[3], key.dtype)
+        batchwise_step.shapes[module.layer_idx] = (key.shape[1], key.shape[3], key.dtype)
+        batchwise_step.devices[module.layer_idx] = key.device
         return query.transpose(1, 2), None
     if isinstance(batchwise_step, PrefillStep):
         return _prefill_attention(module, query, key, value, scaling, batchwise_step), None
@@ -131,27 +134,28 @@ def _static_decode_attention(module, query, key, value, scaling, step: StaticDec
     row attends over all L of them with the positions past its length masked out."""
     rows, kv_heads, head_dim, length = query.shape[0], key.shape[1], key.shape[3], step.slot_length
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
-    cached_keys[:, step.positions] = key[:, :, 0].transpose(0, 1)
-    cached_values[:, step.positions] = value[:, :, 0].transpose(0, 1)
+    positions, lengths = step.positions.to(query.device), step.lengths.to(query.device)  # same device: no copy
+    cached_keys[:, positions] = key[:, :, 0].transpose(0, 1)
+    cached_values[:, positions] = value[:, :, 0].transpose(0, 1)
     keys = cached_keys[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     values = cached_values[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
-    mask = torch.arange(length, device=query.device) < step.lengths[:, None]
+    mask = torch.arange(length, device=query.device) < lengths[:, None]
     output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None, None, :], scale=scaling,
                                             enable_gqa=True)
     return output.transpose(1, 2)
 
 
 def kv_layout(model: torch.nn.Module) -> KVLayout:
-    """The K/V shape every layer stores, learned by running one token through the model."""
-    step = ProbeStep({})
+    """The K/V shape every layer stores and where, learned by running one token through the model."""
+    step = ProbeStep()
     ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
     with torch.inference_mode():
         model(input_ids=ids, position_ids=ids, use_cache=False, batchwise_step=step)
-    shapes = set(step.layouts.values())
+    shapes = set(step.shapes.values())
     if len(shapes) != 1:
         raise ValueError(f"the engine needs every layer to keep K/V of one shape, got {sorted(map(str, shapes))}")
-    shape = shapes.pop()
-    return KVLayout(len(step.layouts), shape.kv_heads, shape.head_dim, shape.dtype)
+    kv_heads, head_dim, dtype = shapes.pop()
+    return KVLayout(kv_heads, head_dim, dtype, tuple(step.devices[layer] for layer in sorted(step.devices)))
 
 
 def _prefill_attention(module, query, key, value, scaling, step: PrefillStep) -> torch.Tensor:

@@ -30,10 +30,16 @@ SCRATCH_TOKENS = 8  # where padding tokens write their K/V
 
 @dataclass(frozen=True)
 class KVLayout:
-    layers: int
+    """The K/V every layer stores per token, and the device each layer's K/V live on (its own layer's, when the
+    model is spread over several devices)."""
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    devices: tuple[torch.device, ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.devices)
 
     @property
     def bytes_per_token(self) -> int:
@@ -59,8 +65,7 @@ class Slots:
 
 
 class KVArena:
-    def __init__(self, layout: KVLayout, tokens: int, device: torch.device | str, prefix_caching: bool = True,
-                 slots: Slots | None = None) -> None:
+    def __init__(self, layout: KVLayout, tokens: int, prefix_caching: bool = True, slots: Slots | None = None) -> None:
         if slots is not None and slots.tokens > tokens:
             raise ValueError(f"the static cache needs {slots.tokens} token positions ({slots.rows} rows of "
                              f"{slots.length}, plus one for padding), more than the KV budget's {tokens}")
@@ -70,8 +75,8 @@ class KVArena:
         # one tensor per layer, so a compiled step updates each in place; head-major, so that a sequence's keys
         # for one head are contiguous, as attention kernels like them; untouched pages cost nothing on CPU
         shape = (layout.kv_heads, tokens, layout.head_dim)
-        self.keys = [torch.empty(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
-        self.values = [torch.empty(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+        self.keys = [torch.empty(shape, dtype=layout.dtype, device=device) for device in layout.devices]
+        self.values = [torch.empty(shape, dtype=layout.dtype, device=device) for device in layout.devices]
         self.allocator = ExtentAllocator(tokens)
         self.prefix_cache = PrefixCache() if prefix_caching else None
         self.live: set[Extent] = set()
@@ -203,6 +208,7 @@ class KVArena:
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values: [kv_heads, len(positions), head_dim], stored at arena positions `positions`."""
+        positions = positions.to(self.keys[layer].device)  # no copy unless the model spans devices
         self.keys[layer][:, positions] = keys
         self.values[layer][:, positions] = values
 

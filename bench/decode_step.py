@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the matmul floor is measured on float weights: run without --hqq")
     model = load_model(config).model
     slots = Slots(max(args.rows), args.length)
-    arena = KVArena(kv_layout(model), slots.tokens, model.device, prefix_caching=False, slots=slots)
+    arena = KVArena(kv_layout(model), slots.tokens, prefix_caching=False, slots=slots)
     forward = DecodeForward(model, arena)
     compiled = torch.compile(forward, mode=config.torch_compile_mode, dynamic=False) if args.compile else None
     weights = linear_shapes(model)

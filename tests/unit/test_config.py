@@ -42,12 +42,22 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
     (["--max-audio-mb", "0"], "--max-audio-mb"),
     (["--tokenizer-use-fast", "maybe"], "maybe"),
     (["--continuous-batching-batch-size", "0"], "--continuous-batching-batch-size"),
+    (["--max-memory", "0=20GiB"], "give --device-map too"),
+    (["--device-map", "auto", "--max-memory", "0=0.5"], "needs a size"),
+    (["--device-map", "auto", "--max-memory", "gpu0=20GiB"], "DEVICE=SIZE"),
+    (["--device-map", "auto", "--serving-type", "whisper"], "Whisper models run on one device"),
 ])
 def test_unsupported_or_invalid_flags_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_max_memory_becomes_accelerates_byte_limits():
+    config = parse_config(["--device-map", "auto", "--max-memory", "0=20GiB, 1=512MB,cpu=1e9"])
+    assert config.weight_memory() == {0: 20 * 2**30, 1: 512 * 10**6, "cpu": 10**9}
+    assert parse_config(["--device-map", "balanced"]).weight_memory() is None
 
 
 def test_bad_env_value_names_the_variable(monkeypatch, capsys):

@@ -121,7 +121,7 @@ def test_hqq_quantises_every_linear_but_the_head_and_generates(tokenizer):
 def test_hqq_layers_compile_to_the_same_logits():
     model = hqq_sized_model(1000)
     quantize_linears(model, nbits=4, group_size=64)
-    arena = KVArena(kv_layout(model), 5 * 32, "cpu", slots=Slots(4, 32))
+    arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
     for tensor in (*arena.keys, *arena.values):
         tensor.normal_()
     forward = DecodeForward(model, arena)
