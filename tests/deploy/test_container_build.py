@@ -69,8 +69,8 @@ def stand_in_base(tools, tmp_path_factory) -> None:
     if buildah("images", "--quiet", "--filter", f"reference={BASE_IMAGE}"):
         return
     rootfs = tmp_path_factory.mktemp("rootfs")
-    subprocess.run([system_tool("debootstrap"), "--variant=minbase", f"--include={STAND_IN_PACKAGES}", "bookworm", str(rootfs),
-                    DEBIAN_MIRROR], check=True, capture_output=True, timeout=BUILD_SECONDS)
+    subprocess.run([system_tool("debootstrap"), "--variant=minbase", f"--include={STAND_IN_PACKAGES}", "bookworm",
+                    str(rootfs), DEBIAN_MIRROR], check=True, capture_output=True, timeout=BUILD_SECONDS)
     # this machine reaches PyPI through its own certificate authorities
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/ca-certificates.crt")
     container = buildah("from", "scratch")
