@@ -455,6 +455,7 @@ class TranscriptionForm(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
     timestamp_granularities: list[Literal["segment"]] = Field(default_factory=list, alias="timestamp_granularities[]")
     stream: bool = False
+    vad_filter: bool = True  # faster-whisper's and speaches' name: skip silence before decoding
 
     @field_validator("language", "prompt")
     @classmethod

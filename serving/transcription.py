@@ -25,6 +25,7 @@ from serving.startup import StartupProgress
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window, window_features
+from speech.vad import SpeechDetector, SpeechMap
 
 logger = logging.getLogger("batchwise.transcription")
 T = TypeVar("T")
@@ -39,6 +40,7 @@ class TranscriptionOptions:
     language: str | None = None  # an ISO-639-1 code; detected when None on multilingual models
     prompt: str | None = None
     temperature: float = 0.0
+    vad_filter: bool = True  # skip what Silero VAD hears as silence
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TranscriptionService:
         self.tokenizer = loaded.processor.tokenizer
         self.feature_extractor = loaded.processor.feature_extractor
         self.max_positions = loaded.model.config.max_target_positions
+        self.speech_detector = SpeechDetector()
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     def check_model(self, name: str) -> None:
@@ -98,7 +101,10 @@ class TranscriptionService:
             audio = await asyncio.to_thread(self._timed, "audio_decode", decode_audio, data)
         except AudioDecodeError as error:
             raise APIError(400, str(error), param="file") from None
-        return TranscriptionJob(self, audio, options, request_id, started)
+        speech = SpeechMap(((0, len(audio)),))
+        if options.vad_filter:
+            speech = await asyncio.to_thread(self._timed, "vad", self.speech_detector.speech_map, audio)
+        return TranscriptionJob(self, audio, speech, options, request_id, started)
 
     async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False
                      ) -> SpeechWindow:
@@ -145,15 +151,16 @@ class TranscriptionService:
 class TranscriptionJob:
     """One upload's transcription: iterate deltas() for its text; `transcript` is complete when that ends."""
 
-    def __init__(self, service: TranscriptionService, audio: np.ndarray, options: TranscriptionOptions,
-                 request_id: str, started: float) -> None:
+    def __init__(self, service: TranscriptionService, audio: np.ndarray, speech: SpeechMap,
+                 options: TranscriptionOptions, request_id: str, started: float) -> None:
         self.service = service
-        self.audio = audio
+        self.audio = speech.compact(audio)  # what Whisper hears; segment times are mapped back through `speech`
+        self.speech = speech
         self.options = options
         self.request_id = request_id
         self.started = started
         self.transcript = Transcript(options.task, duration=len(audio) / SAMPLE_RATE)
-        self.content_frames = len(audio) // service.feature_extractor.hop_length
+        self.content_frames = len(self.audio) // service.feature_extractor.hop_length
         self.window_frames = service.feature_extractor.nb_max_frames
         self.first_token_at: float | None = None
         self.generated_tokens = 0
@@ -222,12 +229,14 @@ class TranscriptionJob:
         parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
         decode = self.service.tokenizer.decode
         ratio = compression_ratio(decode(generated, skip_special_tokens=True))
-        offset, duration = seek / FRAMES_PER_SECOND, self.transcript.duration
+        offset, duration, original = seek / FRAMES_PER_SECOND, self.transcript.duration, self.speech.original_seconds
         segments = self.transcript.segments
         for part in parts:
+            start, end = original(offset + part.start), original(offset + part.end, is_end=True)
             segments.append(TranscriptionSegment(
-                id=len(segments), seek=seek, start=round(min(offset + part.start, duration), 3),
-                end=round(min(offset + part.end, duration), 3), text=decode(part.tokens, skip_special_tokens=True),
+                id=len(segments), seek=round(original(offset) * FRAMES_PER_SECOND),
+                start=round(min(start, duration), 3), end=round(min(end, duration), 3),
+                text=decode(part.tokens, skip_special_tokens=True),
                 tokens=part.tokens, temperature=self.options.temperature, avg_logprob=window.avg_logprob,
                 compression_ratio=ratio, no_speech_prob=window.no_speech_prob))
         return advance, [token for part in parts for token in part.tokens]

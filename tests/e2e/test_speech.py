@@ -6,13 +6,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.server_process import running_server
-from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_seconds
+from tests.helpers.synthetic_speech import SENTENCES, espeak_available, speak, spoken_clip, wav_bytes, wav_seconds
 
 pytestmark = pytest.mark.e2e
 
@@ -62,6 +63,60 @@ def test_server_reports_the_audio_endpoints(server):
     assert root["serving_type"] == "whisper" and "/v1/audio/transcriptions" in root["endpoints"]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
     assert [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]] == ["whisper-tiny.en"]
+
+
+def voiced(sentence: str) -> tuple[np.ndarray, int, float, float]:
+    """espeak's samples of the sentence, their rate, and where the voice starts and stops in them (seconds)."""
+    samples, rate = speak(sentence)
+    loud = np.flatnonzero(np.abs(samples.astype(np.float32)) > 0.02 * np.abs(samples).max())
+    return samples, rate, loud[0] / rate, (loud[-1] + 1) / rate
+
+
+def silence(seconds: float, rate: int) -> np.ndarray:
+    return np.zeros(round(seconds * rate), dtype="<i2")
+
+
+@pytest.fixture(scope="module")
+def laid_out(clips) -> dict[str, tuple[bytes, list[tuple[float, float]]]]:
+    """Clips with known speech: each as WAV bytes and its (start, end) of voice in seconds."""
+    fox, rate, fox_on, fox_off = voiced(SENTENCES[0])
+    step, _, step_on, step_off = voiced(SENTENCES[1])
+    pause = len(step) / rate + 4
+    return {
+        "silence then fox": (wav_bytes(np.concatenate([silence(12, rate), fox, silence(0.5, rate)]), rate),
+                             [(12 + fox_on, 12 + fox_off)]),
+        "step, pause, fox": (wav_bytes(np.concatenate([step, silence(4, rate), fox, silence(0.5, rate)]), rate),
+                             [(step_on, step_off), (pause + fox_on, pause + fox_off)]),
+    }
+
+
+def test_speech_after_a_silence_starts_where_the_voice_does(client, laid_out):
+    clip, [(voice_on, voice_off)] = laid_out["silence then fox"]
+    result = transcribe(client, clip, response_format="verbose_json", timestamp_granularities=["segment"])
+    assert "lazy" in result.text.lower() and result.duration == pytest.approx(wav_seconds(clip), abs=0.01)
+    assert abs(result.segments[0].start - voice_on) <= 0.5 and abs(result.segments[-1].end - voice_off) <= 0.5
+    srt = transcribe(client, clip, response_format="srt")
+    assert abs(seconds(re.findall(SRT_TIME, srt)[0]) - voice_on) <= 0.5
+    # without the speech detector, tiny.en itself dates the sentence to the start of its 30 s window
+    unfiltered = transcribe(client, clip, response_format="verbose_json", timestamp_granularities=["segment"],
+                            extra_body={"vad_filter": "false"})
+    assert unfiltered.segments[0].start < voice_on - 5
+
+
+def test_no_text_inside_a_pause_and_each_sentence_on_its_own_time(client, laid_out):
+    clip, [(first_on, first_off), (second_on, second_off)] = laid_out["step, pause, fox"]
+    segments = transcribe(client, clip, response_format="verbose_json", timestamp_granularities=["segment"]).segments
+    assert all(s.end <= first_off + 0.5 or s.start >= second_on - 0.5 for s in segments), segments
+    assert abs(segments[0].start - first_on) <= 0.5 and "journey" in segments[0].text.lower()
+    second = next(s for s in segments if s.start >= second_on - 0.5)
+    assert abs(second.start - second_on) <= 0.5 and abs(segments[-1].end - second_off) <= 0.5
+
+
+def test_silence_alone_is_an_empty_transcript(client):
+    rate = 16000
+    result = transcribe(client, wav_bytes(silence(10, rate), rate), response_format="verbose_json",
+                        timestamp_granularities=["segment"])
+    assert result.text == "" and result.segments == [] and result.duration == pytest.approx(10)
 
 
 def test_transcribes_the_fox(client, clips):

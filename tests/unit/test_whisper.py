@@ -28,6 +28,7 @@ from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import StreamedText, split_window
 from speech.subtitles import clock, to_srt, to_vtt
+from speech.vad import SpeechDetector, SpeechMap
 from tests.helpers.engine import finish, greedy, run_with_engine
 from tests.helpers.synthetic_speech import wav_bytes
 
@@ -233,15 +234,16 @@ def test_options_a_model_cannot_serve_are_a_400(random_whisper, multilingual_mod
 
 
 def test_long_audio_runs_window_after_window_with_language_detection(random_whisper):
-    """A random multilingual model on 65 s of tone: whatever it emits, the windows advance to the end, the
-    segments stay in order within the audio, and the stream carries exactly the transcript's text."""
+    """A random multilingual model on 65 s of tone, the speech detector off (a tone is no speech): whatever it
+    emits, the windows advance to the end, the segments stay in order within the audio, and the stream carries
+    exactly the transcript's text."""
     loaded = multilingual(random_whisper)
     seconds = np.arange(65 * SAMPLE_RATE) / SAMPLE_RATE
     upload = wav_bytes((3000 * np.sin(2 * np.pi * 300 * seconds)).astype(np.int16), SAMPLE_RATE)
 
     async def body(engine):
         service = TranscriptionService(engine, loaded, ("random",))
-        job = await service.start(upload, TranscriptionOptions(task="translate"), "test")
+        job = await service.start(upload, TranscriptionOptions(task="translate", vad_filter=False), "test")
         return job, "".join([text async for text in job.deltas()])
     config = Config(serving_type="whisper")
     job, streamed = run_with_engine(lambda: build_whisper_engine(loaded, config), body)
@@ -397,3 +399,24 @@ def test_rejects_a_corrupt_file():
     wav = encoded_tone("wav", "pcm_s16le", 16000)
     with pytest.raises(AudioDecodeError, match="corrupt|not audio"):
         decode_audio(wav[:60])  # a header that promises audio, then nothing
+
+
+def test_speech_map_joins_the_chunks_and_maps_times_back():
+    audio = np.arange(10 * SAMPLE_RATE, dtype=np.float32)
+    speech = SpeechMap(((1 * SAMPLE_RATE, 3 * SAMPLE_RATE), (6 * SAMPLE_RATE, 7 * SAMPLE_RATE)))
+    compact = speech.compact(audio)
+    assert len(compact) == 3 * SAMPLE_RATE and compact[0] == SAMPLE_RATE and compact[2 * SAMPLE_RATE] == 6 * SAMPLE_RATE
+    assert speech.original_seconds(0.5) == 1.5
+    assert speech.original_seconds(2.0) == 6.0  # a start on the seam starts the second chunk...
+    assert speech.original_seconds(2.0, is_end=True) == 3.0  # ...an end on it ends the first
+    assert speech.original_seconds(2.5, is_end=True) == 6.5
+    assert speech.original_seconds(9.0, is_end=True) == 7.0  # never past the speech
+    assert len(SpeechMap(()).compact(audio)) == 0
+
+
+def test_the_speech_detector_hears_no_speech_in_silence_or_hum():
+    seconds = np.arange(5 * SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+    hum = 0.05 * np.sin(2 * np.pi * 50 * seconds).astype(np.float32)
+    detector = SpeechDetector()
+    assert detector.speech_map(np.zeros(5 * SAMPLE_RATE, dtype=np.float32)).chunks == ()
+    assert detector.speech_map(hum).chunks == ()

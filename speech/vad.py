@@ -1,0 +1,57 @@
+"""Silence skipped before decoding: Silero VAD (its model ships inside the silero-vad wheel) finds where
+someone speaks, the speech is joined into one shorter clip for Whisper, and every time Whisper reports on
+that clip is mapped back to the upload's own clock. Whisper never sees a long silence, so it can neither
+start a segment at 0 s that begins 12 s later, nor hallucinate text inside one."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from silero_vad import get_speech_timestamps, load_silero_vad
+
+from speech.audio import SAMPLE_RATE
+
+# faster-whisper's defaults for Whisper: generous padding keeps word edges, and pauses under 2 s stay in
+MIN_SILENCE_MS = 2000
+SPEECH_PAD_MS = 400
+THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class SpeechMap:
+    """The speech chunks kept, as (start, end) samples of the upload, in order."""
+    chunks: tuple[tuple[int, int], ...]
+
+    def compact(self, audio: np.ndarray) -> np.ndarray:
+        """The speech alone, chunk after chunk."""
+        if not self.chunks:
+            return audio[:0]
+        return np.concatenate([audio[start:end] for start, end in self.chunks])
+
+    def original_seconds(self, seconds: float, is_end: bool = False) -> float:
+        """Where a time on the compact clip lies in the upload. A time on the seam between two chunks is the
+        first chunk's end when it ends something, the second chunk's start when it starts something."""
+        sample = seconds * SAMPLE_RATE
+        compact_starts = np.cumsum([0] + [end - start for start, end in self.chunks[:-1]]).tolist()
+        find = bisect.bisect_left if is_end else bisect.bisect_right
+        index = min(max(find(compact_starts, sample) - 1, 0), len(self.chunks) - 1)
+        start, end = self.chunks[index]
+        return min(start + sample - compact_starts[index], end) / SAMPLE_RATE
+
+
+class SpeechDetector:
+    def __init__(self) -> None:
+        self.model = load_silero_vad()
+        self.lock = threading.Lock()  # the model keeps state between the windows it scores
+
+    def speech_map(self, audio: np.ndarray) -> SpeechMap:
+        """Where the audio (16 kHz mono float32) holds speech; call it off the event loop."""
+        with self.lock, torch.inference_mode():
+            found = get_speech_timestamps(torch.from_numpy(audio), self.model, threshold=THRESHOLD,
+                                          sampling_rate=SAMPLE_RATE, min_silence_duration_ms=MIN_SILENCE_MS,
+                                          speech_pad_ms=SPEECH_PAD_MS)
+        return SpeechMap(tuple((span["start"], span["end"]) for span in found))
