@@ -38,7 +38,8 @@ def audio_router(ready_service: Callable[[], TranscriptionService], max_audio_mb
         form, data = await read_upload(request, limit)
         service.check_model(form.model)
         language = form.language if task == "transcribe" else None
-        options = TranscriptionOptions(task, language, form.prompt, form.temperature, form.vad_filter)
+        options = TranscriptionOptions(task, language, form.prompt, form.temperature, form.vad_filter,
+                                       temperature_fallback=not form.stream)
         service.check_options(options)
         job = await service.start(data, options, rid)
         if form.stream:

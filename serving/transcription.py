@@ -24,7 +24,8 @@ from serving.metrics import Metrics
 from serving.startup import StartupProgress
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
-from speech.long_form import FRAMES_PER_SECOND, StreamedText, is_silent, split_window, window_features
+from speech.long_form import (FRAMES_PER_SECOND, StreamedText, decoded_badly, is_silent, split_window,
+                              window_features)
 from speech.vad import SpeechDetector, SpeechMap
 
 logger = logging.getLogger("batchwise.transcription")
@@ -32,6 +33,7 @@ T = TypeVar("T")
 
 MODEL_ALIASES = ("whisper-1",)  # what OpenAI clients send by default
 CONDITION_MAX_TEMPERATURE = 0.5  # above it OpenAI stops conditioning a window on the text before it
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # OpenAI's, for a request at temperature 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class TranscriptionOptions:
     prompt: str | None = None
     temperature: float = 0.0
     vad_filter: bool = True  # skip what Silero VAD hears as silence
+    # at temperature 0, decode a window that reads badly again, hotter: its text is then known only at its end,
+    # so a client that streams token by token goes without
+    temperature_fallback: bool = True
+
+    def temperatures(self) -> tuple[float, ...]:
+        """The temperatures a window may be decoded at, in turn."""
+        return FALLBACK_TEMPERATURES if self.temperature == 0 and self.temperature_fallback else (self.temperature,)
 
 
 @dataclass
@@ -175,25 +184,31 @@ class TranscriptionJob:
         seek = 0
         while seek < self.content_frames:
             final = seek + self.window_frames >= self.content_frames
-            seq = await self._submit_window(seek, previous, language)
-            gate = StreamedText(seq.inputs, self.service.tokens.timestamp_begin, final)
-            async for text in self._stream_window(seq, gate):
-                yield text
-            seq.inputs.avg_logprob = seq.cumulative_logprob / max(len(seq.output_ids), 1)
+            for attempt, temperature in enumerate(temperatures := self.options.temperatures()):
+                last_attempt = attempt == len(temperatures) - 1
+                seq = await self._submit_window(seek, previous, language, temperature)
+                gate = StreamedText(seq.inputs, self.service.tokens.timestamp_begin, final, hold=not last_attempt)
+                async for text in self._stream_window(seq, gate):
+                    yield text
+                seq.inputs.avg_logprob = seq.cumulative_logprob / max(len(seq.output_ids), 1)
+                if last_attempt or not decoded_badly(seq.inputs, compression_ratio(self._text(seq))):
+                    break
             if text := self._visible(gate.finish()):
                 yield text
-            advance, kept_tokens = self._add_segments(seq, seek, final)
-            if self.options.temperature <= CONDITION_MAX_TEMPERATURE:
+            advance, kept_tokens = self._add_segments(seq, seek, final, temperature)
+            if temperature > CONDITION_MAX_TEMPERATURE:
+                previous.clear()  # what a hot decoding wrote is no context for the next window
+            else:
                 previous.extend(kept_tokens)
             seek += advance
         self._report()
 
-    async def _submit_window(self, seek: int, previous: list[int], language: str) -> Sequence:
+    async def _submit_window(self, seek: int, previous: list[int], language: str, temperature: float) -> Sequence:
         service = self.service
         prompt, start_index = service.decoder_prompt(previous, language, self.options.task)
         window = await service.window(self.audio, seek, start_index)
         self.windows += 1
-        return service.add(prompt, window, self.options.temperature, self.request_id)
+        return service.add(prompt, window, temperature, self.request_id)
 
     async def _stream_window(self, seq: Sequence, gate: StreamedText) -> AsyncIterator[str]:
         async for delta in self.service.engine.stream(seq):
@@ -218,7 +233,10 @@ class TranscriptionJob:
             return []
         return self.service.tokenizer.encode(" " + self.options.prompt.strip(), add_special_tokens=False)
 
-    def _add_segments(self, seq: Sequence, seek: int, final: bool) -> tuple[int, list[int]]:
+    def _text(self, seq: Sequence) -> str:
+        return self.service.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+
+    def _add_segments(self, seq: Sequence, seek: int, final: bool, temperature: float) -> tuple[int, list[int]]:
         """Append the window's segments (none if it is silence); return the frames to advance and the tokens
         the transcript kept."""
         window, frames = seq.inputs, min(self.window_frames, self.content_frames - seek)
@@ -228,7 +246,7 @@ class TranscriptionJob:
         generated = [token for token in seq.output_ids if token != tokens.end_of_text]
         parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
         decode = self.service.tokenizer.decode
-        ratio = compression_ratio(decode(generated, skip_special_tokens=True))
+        ratio = compression_ratio(self._text(seq))
         offset, duration, original = seek / FRAMES_PER_SECOND, self.transcript.duration, self.speech.original_seconds
         segments = self.transcript.segments
         for part in parts:
@@ -237,7 +255,7 @@ class TranscriptionJob:
                 id=len(segments), seek=round(original(offset) * FRAMES_PER_SECOND),
                 start=round(min(start, duration), 3), end=round(min(end, duration), 3),
                 text=decode(part.tokens, skip_special_tokens=True),
-                tokens=part.tokens, temperature=self.options.temperature, avg_logprob=window.avg_logprob,
+                tokens=part.tokens, temperature=temperature, avg_logprob=window.avg_logprob,
                 compression_ratio=ratio, no_speech_prob=window.no_speech_prob))
         return advance, [token for part in parts for token in part.tokens]
 

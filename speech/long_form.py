@@ -18,6 +18,7 @@ FRAMES_PER_TIMESTAMP = 2  # one timestamp step is one encoder position, two mel 
 SECONDS_PER_TIMESTAMP = FRAMES_PER_TIMESTAMP / FRAMES_PER_SECOND
 NO_SPEECH_THRESHOLD = 0.6  # a window is silence when <|nospeech|> is this likely...
 LOGPROB_THRESHOLD = -1.0  # ...and its tokens are on average less likely than this
+COMPRESSION_RATIO_THRESHOLD = 2.4  # text that compresses better than this is repeating itself
 
 
 @dataclass
@@ -37,6 +38,13 @@ def window_features(extractor: WhisperFeatureExtractor, audio: np.ndarray, seek:
 
 def is_silent(window: SpeechWindow) -> bool:
     return window.no_speech_prob > NO_SPEECH_THRESHOLD and window.avg_logprob < LOGPROB_THRESHOLD
+
+
+def decoded_badly(window: SpeechWindow, compression_ratio: float) -> bool:
+    """OpenAI's test for decoding a window again at a higher temperature: its text repeats itself or its tokens
+    are unlikely, and it is not silence (silence yields nothing, however it decoded)."""
+    unlikely = window.avg_logprob < LOGPROB_THRESHOLD
+    return not is_silent(window) and (compression_ratio > COMPRESSION_RATIO_THRESHOLD or unlikely)
 
 
 def split_window(tokens: list[int], timestamp_begin: int, window_frames: int,
@@ -84,12 +92,14 @@ class StreamedText:
 
     In the audio's final window that is at once. In earlier windows, text after the window's first pair of
     timestamps waits for the timestamp that closes its segment: an unclosed last segment is dropped and
-    decoded again by the next window. A window that may be judged silent holds all its text to the end."""
+    decoded again by the next window. A window that may be judged silent holds all its text to the end, and so
+    does one that may yet be decoded again (`hold`)."""
 
-    def __init__(self, window: SpeechWindow, timestamp_begin: int, final: bool) -> None:
+    def __init__(self, window: SpeechWindow, timestamp_begin: int, final: bool, hold: bool = False) -> None:
         self.window = window
         self.timestamp_begin = timestamp_begin
         self.final = final
+        self.hold = hold
         self.kept = ""
         self.unclosed = ""
         self.paired = False
@@ -108,7 +118,7 @@ class StreamedText:
             self.kept += text
         if timestamp_seen:
             self.kept, self.unclosed = self.kept + self.unclosed, ""
-        if self.window.no_speech_prob > NO_SPEECH_THRESHOLD:
+        if self.hold or self.window.no_speech_prob > NO_SPEECH_THRESHOLD:
             return ""
         released, self.kept = self.kept, ""
         return released

@@ -144,6 +144,7 @@ def test_every_response_format(client, clips):
     first = verbose.segments[0]
     assert first.id == 0 and first.seek == 0 and "fox" in first.text.lower()
     assert -1 < first.avg_logprob < 0 and 0 <= first.no_speech_prob < 0.5 and 0 < first.compression_ratio < 2.4
+    assert first.temperature == 0.0  # decoded well at once: no fallback
     assert first.tokens[0] >= 50363 and first.tokens[-1] >= 50363  # tiny.en's timestamps: kept in the tokens
     assert verbose.usage.seconds == pytest.approx(duration, abs=0.01)
 

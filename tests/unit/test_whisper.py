@@ -255,6 +255,32 @@ def test_long_audio_runs_window_after_window_with_language_detection(random_whis
     assert all(0 <= t <= 65.0 for t in times) and times == sorted(times)
     assert streamed == transcript.text
 
+def tone(seconds: float) -> bytes:
+    times = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return wav_bytes((3000 * np.sin(2 * np.pi * 300 * times)).astype(np.int16), SAMPLE_RATE)
+
+
+@pytest.mark.parametrize("options, attempts", [
+    (TranscriptionOptions(vad_filter=False), 6),
+    (TranscriptionOptions(vad_filter=False, temperature=0.4), 1),
+    (TranscriptionOptions(vad_filter=False, temperature_fallback=False), 1),  # streamed token by token
+])
+def test_a_window_that_decodes_badly_is_decoded_again_hotter(random_whisper, options, attempts):
+    """A random model's tokens are unlikely (average log-prob far below -1): at temperature 0 its window is
+    decoded at 0, 0.2, ... 1.0 in turn and keeps the last; at a set temperature, or streamed, once."""
+    async def body(engine):
+        service = TranscriptionService(engine, random_whisper, ("random",))
+        job = await service.start(tone(5), options, "test")
+        return job, "".join([text async for text in job.deltas()])
+    job, streamed = run_with_engine(lambda: build_whisper_engine(random_whisper, Config(serving_type="whisper")),
+                                    body)
+    assert job.windows == attempts
+    assert job.transcript.segments and streamed == job.transcript.text
+    expected = options.temperature if attempts == 1 else 1.0
+    assert all(segment.temperature == expected for segment in job.transcript.segments)
+    assert all(segment.avg_logprob < -1 for segment in job.transcript.segments)
+
+
 # ---------------------------------------------------------------- decoding rules
 
 
