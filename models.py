@@ -453,7 +453,8 @@ class TranscriptionForm(BaseModel):
     prompt: str | None = None
     response_format: TranscriptFormat = "json"
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
-    timestamp_granularities: list[Literal["segment"]] = Field(default_factory=list, alias="timestamp_granularities[]")
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=list,
+                                                                      alias="timestamp_granularities[]")
     stream: bool = False
     vad_filter: bool = True  # faster-whisper's and speaches' name: skip silence before decoding
 
@@ -481,6 +482,12 @@ class TranscriptionSegment(BaseModel):
     no_speech_prob: float
 
 
+class TranscriptionWord(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
 class Transcription(BaseModel):
     text: str
     usage: DurationUsage
@@ -492,6 +499,7 @@ class VerboseTranscription(BaseModel):
     duration: float
     text: str
     segments: list[TranscriptionSegment]
+    words: list[TranscriptionWord] | None = None  # with timestamp_granularities[]=word
     usage: DurationUsage
 
 

@@ -38,8 +38,12 @@ def audio_router(ready_service: Callable[[], TranscriptionService], max_audio_mb
         form, data = await read_upload(request, limit)
         service.check_model(form.model)
         language = form.language if task == "transcribe" else None
+        word_timestamps = "word" in form.timestamp_granularities
+        if word_timestamps and form.response_format != "verbose_json":
+            raise APIError(400, "timestamp_granularities[]=word needs response_format verbose_json",
+                           param="timestamp_granularities")
         options = TranscriptionOptions(task, language, form.prompt, form.temperature, form.vad_filter,
-                                       temperature_fallback=not form.stream)
+                                       temperature_fallback=not form.stream, word_timestamps=word_timestamps)
         service.check_options(options)
         job = await service.start(data, options, rid)
         if form.stream:
@@ -111,8 +115,8 @@ def render(transcript: Transcript, response_format: TranscriptFormat) -> Respons
     if response_format == "verbose_json":
         body = VerboseTranscription(task=transcript.task, language=transcript.language,
                                     duration=round(transcript.duration, 3), text=transcript.text,
-                                    segments=transcript.segments, usage=usage)
-        return JSONResponse(body.model_dump())
+                                    segments=transcript.segments, words=transcript.words, usage=usage)
+        return JSONResponse(body.model_dump(exclude_none=True))
     if response_format == "srt":
         return PlainTextResponse(to_srt(transcript.segments))
     if response_format == "vtt":

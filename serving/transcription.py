@@ -18,7 +18,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES
 from batching import Engine, QueueFullError, SamplingParams, Sequence
 from batching.families.whisper_runner import SpeechWindow
 from config import Config
-from models import TranscriptionSegment
+from models import TranscriptionSegment, TranscriptionWord
 from serving.errors import APIError, check_error, check_model_name, server_busy
 from serving.metrics import Metrics
 from serving.startup import StartupProgress
@@ -26,7 +26,8 @@ from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import (FRAMES_PER_SECOND, StreamedText, decoded_badly, is_silent, split_window,
                               window_features)
-from speech.vad import SpeechDetector, SpeechMap
+from speech.vad import VOICE_MIN_SILENCE_MS, VOICE_PAD_MS, SpeechDetector, SpeechMap
+from speech.word_timing import TimedWord, align_words
 
 logger = logging.getLogger("batchwise.transcription")
 T = TypeVar("T")
@@ -46,6 +47,7 @@ class TranscriptionOptions:
     # at temperature 0, decode a window that reads badly again, hotter: its text is then known only at its end,
     # so a client that streams token by token goes without
     temperature_fallback: bool = True
+    word_timestamps: bool = False
 
     def temperatures(self) -> tuple[float, ...]:
         """The temperatures a window may be decoded at, in turn."""
@@ -58,6 +60,7 @@ class Transcript:
     duration: float
     language: str = ""
     segments: list[TranscriptionSegment] = field(default_factory=list)
+    words: list[TranscriptionWord] | None = None  # when word timestamps were asked for
 
     @property
     def text(self) -> str:
@@ -81,6 +84,7 @@ class TranscriptionService:
         self.feature_extractor = loaded.processor.feature_extractor
         self.max_positions = loaded.model.config.max_target_positions
         self.speech_detector = SpeechDetector()
+        self.aligns_words = bool(getattr(loaded.model.generation_config, "alignment_heads", None))
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     def check_model(self, name: str) -> None:
@@ -91,6 +95,9 @@ class TranscriptionService:
         return None
 
     def check_options(self, options: TranscriptionOptions) -> None:
+        if options.word_timestamps and not self.aligns_words:
+            raise APIError(400, f"{self.model_name} names no alignment heads in its generation config, which word "
+                                "timestamps need", param="timestamp_granularities")
         if options.task == "translate" and not self.multilingual:
             raise APIError(400, f"{self.model_name} is an English-only model; translation needs a multilingual "
                                 "Whisper model", param="model")
@@ -110,10 +117,13 @@ class TranscriptionService:
             audio = await asyncio.to_thread(self._timed, "audio_decode", decode_audio, data)
         except AudioDecodeError as error:
             raise APIError(400, str(error), param="file") from None
-        speech = SpeechMap(((0, len(audio)),))
+        speech = voice = SpeechMap(((0, len(audio)),))
         if options.vad_filter:
             speech = await asyncio.to_thread(self._timed, "vad", self.speech_detector.speech_map, audio)
-        return TranscriptionJob(self, audio, speech, options, request_id, started)
+        if options.word_timestamps:
+            voice = await asyncio.to_thread(self._timed, "vad", self.speech_detector.speech_map, audio,
+                                            VOICE_MIN_SILENCE_MS, VOICE_PAD_MS)
+        return TranscriptionJob(self, audio, speech, voice, options, request_id, started)
 
     async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False
                      ) -> SpeechWindow:
@@ -160,15 +170,17 @@ class TranscriptionService:
 class TranscriptionJob:
     """One upload's transcription: iterate deltas() for its text; `transcript` is complete when that ends."""
 
-    def __init__(self, service: TranscriptionService, audio: np.ndarray, speech: SpeechMap,
+    def __init__(self, service: TranscriptionService, audio: np.ndarray, speech: SpeechMap, voice: SpeechMap,
                  options: TranscriptionOptions, request_id: str, started: float) -> None:
         self.service = service
         self.audio = speech.compact(audio)  # what Whisper hears; segment times are mapped back through `speech`
         self.speech = speech
+        self.voice = voice  # where the voice is, finely: word timestamps are trimmed to it
         self.options = options
         self.request_id = request_id
         self.started = started
-        self.transcript = Transcript(options.task, duration=len(audio) / SAMPLE_RATE)
+        self.transcript = Transcript(options.task, duration=len(audio) / SAMPLE_RATE,
+                                     words=[] if options.word_timestamps else None)
         self.content_frames = len(self.audio) // service.feature_extractor.hop_length
         self.window_frames = service.feature_extractor.nb_max_frames
         self.first_token_at: float | None = None
@@ -195,7 +207,8 @@ class TranscriptionJob:
                     break
             if text := self._visible(gate.finish()):
                 yield text
-            advance, kept_tokens = self._add_segments(seq, seek, final, temperature)
+            words = await self._timed_words(seq, language) if self.options.word_timestamps else []
+            advance, kept_tokens = self._add_segments(seq, seek, final, temperature, words)
             if temperature > CONDITION_MAX_TEMPERATURE:
                 previous.clear()  # what a hot decoding wrote is no context for the next window
             else:
@@ -207,6 +220,8 @@ class TranscriptionJob:
         service = self.service
         prompt, start_index = service.decoder_prompt(previous, language, self.options.task)
         window = await service.window(self.audio, seek, start_index)
+        if self.options.word_timestamps:
+            window.audio_positions = max(1, (min(self.window_frames, self.content_frames - seek) + 1) // 2)
         self.windows += 1
         return service.add(prompt, window, temperature, self.request_id)
 
@@ -233,12 +248,19 @@ class TranscriptionJob:
             return []
         return self.service.tokenizer.encode(" " + self.options.prompt.strip(), add_special_tokens=False)
 
+    async def _timed_words(self, seq: Sequence, language: str) -> list[TimedWord]:
+        """The window's words timed by its cross-attention, off the event loop."""
+        decode = self.service.tokenizer.decode
+        return await asyncio.to_thread(self.service._timed, "word_timing", align_words, seq.inputs.alignment_scores,
+                                       seq.output_ids, self.service.tokens.end_of_text, decode, language)
+
     def _text(self, seq: Sequence) -> str:
         return self.service.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
 
-    def _add_segments(self, seq: Sequence, seek: int, final: bool, temperature: float) -> tuple[int, list[int]]:
-        """Append the window's segments (none if it is silence); return the frames to advance and the tokens
-        the transcript kept."""
+    def _add_segments(self, seq: Sequence, seek: int, final: bool, temperature: float,
+                      words: list[TimedWord]) -> tuple[int, list[int]]:
+        """Append the window's segments (none if it is silence) and their words; return the frames to advance
+        and the tokens the transcript kept."""
         window, frames = seq.inputs, min(self.window_frames, self.content_frames - seek)
         if is_silent(window):
             return frames, []
@@ -247,17 +269,33 @@ class TranscriptionJob:
         parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
         decode = self.service.tokenizer.decode
         ratio = compression_ratio(self._text(seq))
-        offset, duration, original = seek / FRAMES_PER_SECOND, self.transcript.duration, self.speech.original_seconds
-        segments = self.transcript.segments
+        offset, duration = seek / FRAMES_PER_SECOND, self.transcript.duration
+
+        def original(seconds: float, is_end: bool = False) -> float:
+            return round(min(self.speech.original_seconds(offset + seconds, is_end), duration), 3)
+
+        segments, text_tokens_before = self.transcript.segments, 0
         for part in parts:
-            start, end = original(offset + part.start), original(offset + part.end, is_end=True)
+            text_tokens = sum(token < tokens.end_of_text for token in part.tokens)
+            part_words = [self._word(w.word, original(w.start), original(w.end, is_end=True)) for w in words
+                          if text_tokens_before <= w.first_text_token < text_tokens_before + text_tokens]
+            text_tokens_before += text_tokens
+            start, end = original(part.start), original(part.end, is_end=True)
+            if part_words:  # the words' times are finer than the window's timestamp tokens
+                start, end = part_words[0].start, part_words[-1].end
+            if part_words:
+                self.transcript.words.extend(part_words)
             segments.append(TranscriptionSegment(
-                id=len(segments), seek=round(original(offset) * FRAMES_PER_SECOND),
-                start=round(min(start, duration), 3), end=round(min(end, duration), 3),
-                text=decode(part.tokens, skip_special_tokens=True),
+                id=len(segments), seek=round(self.speech.original_seconds(offset) * FRAMES_PER_SECOND),
+                start=start, end=end, text=decode(part.tokens, skip_special_tokens=True),
                 tokens=part.tokens, temperature=temperature, avg_logprob=window.avg_logprob,
                 compression_ratio=ratio, no_speech_prob=window.no_speech_prob))
         return advance, [token for part in parts for token in part.tokens]
+
+    def _word(self, word: str, start: float, end: float) -> TranscriptionWord:
+        """The word as the transcript lists it: no leading space, its silent edges trimmed off."""
+        start, end = self.voice.trim(start, end)
+        return TranscriptionWord(word=word.strip(), start=round(start, 3), end=round(end, 3))
 
     def _visible(self, text: str) -> str:
         """The transcript starts at its first non-blank character."""

@@ -19,6 +19,9 @@ from speech.audio import SAMPLE_RATE
 MIN_SILENCE_MS = 2000
 SPEECH_PAD_MS = 400
 THRESHOLD = 0.5
+# where the voice is, to the syllable, for trimming word timestamps
+VOICE_MIN_SILENCE_MS = 100
+VOICE_PAD_MS = 30
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,26 @@ class SpeechMap:
         return min(start + sample - compact_starts[index], end) / SAMPLE_RATE
 
 
+    def trim(self, start: float, end: float) -> tuple[float, float]:
+        """A span of the upload (seconds) without the silence at its edges: cut to the chunks it overlaps."""
+        overlapping = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in self.chunks
+                       if a / SAMPLE_RATE < end and b / SAMPLE_RATE > start]
+        if not overlapping:
+            return start, end
+        return max(start, overlapping[0][0]), min(end, overlapping[-1][1])
+
+
 class SpeechDetector:
     def __init__(self) -> None:
         self.model = load_silero_vad()
         self.lock = threading.Lock()  # the model keeps state between the windows it scores
 
-    def speech_map(self, audio: np.ndarray) -> SpeechMap:
-        """Where the audio (16 kHz mono float32) holds speech; call it off the event loop."""
+    def speech_map(self, audio: np.ndarray, min_silence_ms: int = MIN_SILENCE_MS,
+                   pad_ms: int = SPEECH_PAD_MS) -> SpeechMap:
+        """Where the audio (16 kHz mono float32) holds speech, silences shorter than min_silence_ms included;
+        call it off the event loop."""
         with self.lock, torch.inference_mode():
             found = get_speech_timestamps(torch.from_numpy(audio), self.model, threshold=THRESHOLD,
-                                          sampling_rate=SAMPLE_RATE, min_silence_duration_ms=MIN_SILENCE_MS,
-                                          speech_pad_ms=SPEECH_PAD_MS)
+                                          sampling_rate=SAMPLE_RATE, min_silence_duration_ms=min_silence_ms,
+                                          speech_pad_ms=pad_ms)
         return SpeechMap(tuple((span["start"], span["end"]) for span in found))

@@ -4,6 +4,8 @@ Newly admitted windows: the encoder runs once over all of them, every decoder la
 K/V are projected from its output once and stored in the window's row, then the decoder prompts run
 packed. Running windows: one token per row, self-attention over the row's own cache (attended row by
 row, so a row's result does not depend on its neighbours), cross-attention over the row's stored K/V.
+For a window that wants word timestamps, the alignment heads' cross-attention scores of the query that
+chose each token are kept (speech.word_timing turns them into times when the window ends).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
@@ -37,6 +39,30 @@ class SpeechWindow:
     detect_language: bool = False
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0  # of the window's tokens, set when its decoding ends
+    audio_positions: int | None = None  # encoder positions that hold audio (20 ms each); word timing only
+    # per generated token: the alignment heads' cross-attention scores ([heads, audio_positions], CPU) of
+    # the query that chose it, for a window with audio_positions set
+    alignment_scores: list[torch.Tensor] = field(default_factory=list)
+
+
+class AlignmentRecorder:
+    """Collects, during one step, the alignment heads' cross-attention scores of the rows that want them."""
+
+    def __init__(self, heads: dict[int, list[int]], seqs: list[Sequence]) -> None:
+        self.heads = heads
+        self.wanting = {index: seq for index, seq in enumerate(seqs) if seq.inputs.audio_positions}
+        self.scores: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def record(self, layer: int, index: int, query: torch.Tensor, keys: torch.Tensor) -> None:
+        """query: [heads, dim] (scaled), keys: [heads, frames, dim] of batch item `index`."""
+        if index in self.wanting and layer in self.heads:
+            heads = self.heads[layer]
+            self.scores[index].append(torch.einsum("hd,hfd->hf", query[heads], keys[heads]))
+
+    def finish(self) -> None:
+        for index, seq in self.wanting.items():
+            window = seq.inputs
+            window.alignment_scores.append(torch.cat(self.scores[index])[:, :window.audio_positions].float().cpu())
 
 
 class WhisperRunner:
@@ -49,6 +75,9 @@ class WhisperRunner:
         self.rules = rules
         self.device = model.device
         self.heads = model.config.decoder_attention_heads
+        self.alignment_heads: defaultdict[int, list[int]] = defaultdict(list)  # layer -> heads
+        for layer, head in getattr(model.generation_config, "alignment_heads", None) or []:
+            self.alignment_heads[layer].append(head)
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
@@ -84,8 +113,10 @@ class WhisperRunner:
             ids, positions, token_rows, spans = pack_prompts(seqs)
             position_tensor = self._tensor(positions)
             step = PrefillStep(self.cache.self_attention, self._tensor(token_rows), position_tensor, spans)
+            recorder = AlignmentRecorder(self.alignment_heads, seqs)
             hidden = self._decoder(self._tensor(ids)[None], position_tensor[None], step,
-                                   partial(self._cross_prefill, spans=spans, rows=rows))
+                                   partial(self._cross_prefill, spans=spans, rows=rows, recorder=recorder))
+            recorder.finish()
             starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
             ends = [end - 1 for _, end in spans]
             logits = self.model.proj_out(hidden[0, self._tensor(starts + ends)]).float()
@@ -99,7 +130,9 @@ class WhisperRunner:
             positions = self._tensor([length - 1 for length in lengths])
             step = DecodeStep(self.cache.self_attention, positions, lengths)
             ids = self._tensor([s.last_token for s in seqs])[:, None]
-            hidden = self._decoder(ids, positions[:, None], step, self._cross_decode)
+            recorder = AlignmentRecorder(self.alignment_heads, seqs)
+            hidden = self._decoder(ids, positions[:, None], step, partial(self._cross_decode, recorder=recorder))
+            recorder.finish()
             return self.model.proj_out(hidden[:, -1]).float()
 
     def _store_cross_attention(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
@@ -133,18 +166,22 @@ class WhisperRunner:
         output = attend(self._split_heads(attention.q_proj(hidden) * attention.scaling))
         return attention.out_proj(output.transpose(1, 2).reshape(hidden.shape))
 
-    def _cross_prefill(self, layer: int, query: torch.Tensor, spans: list[tuple[int, int]],
-                       rows: list[int]) -> torch.Tensor:
-        """Packed prompts ([1, heads, tokens, dim]): each span attends to its own row's audio."""
+    def _cross_prefill(self, layer: int, query: torch.Tensor, spans: list[tuple[int, int]], rows: list[int],
+                       recorder: AlignmentRecorder) -> torch.Tensor:
+        """Packed prompts ([1, heads, tokens, dim]): each span attends to its own row's audio; the prompt's
+        last query chooses the first token."""
         outputs = []
-        for (start, end), row in zip(spans, rows):
+        for index, ((start, end), row) in enumerate(zip(spans, rows)):
             keys, values = self.cache.cross_rows(layer, row, row + 1)
             outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, scale=1.0))
+            recorder.record(layer, index, query[0, :, end - 1], keys[0])
         return torch.cat(outputs, dim=2)
 
-    def _cross_decode(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+    def _cross_decode(self, layer: int, query: torch.Tensor, recorder: AlignmentRecorder) -> torch.Tensor:
         """One token per row ([B, heads, 1, dim]); every row's audio has the same length, so no mask."""
         keys, values = self.cache.cross_rows(layer, 0, query.shape[0])
+        for index in recorder.wanting:
+            recorder.record(layer, index, query[index, :, 0], keys[index])
         return F.scaled_dot_product_attention(query, keys, values, scale=1.0)
 
     def _record_no_speech(self, seqs: list[Sequence], start_logits: torch.Tensor) -> None:

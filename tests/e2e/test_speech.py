@@ -112,6 +112,33 @@ def test_no_text_inside_a_pause_and_each_sentence_on_its_own_time(client, laid_o
     assert abs(second.start - second_on) <= 0.5 and abs(segments[-1].end - second_off) <= 0.5
 
 
+@pytest.mark.parametrize("vad_filter", ["true", "false"])
+@pytest.mark.parametrize("name", ["silence then fox", "step, pause, fox"])
+def test_words_are_timed_where_they_are_spoken(client, laid_out, name, vad_filter):
+    clip, voices = laid_out[name]
+    result = transcribe(client, clip, response_format="verbose_json", timestamp_granularities=["word", "segment"],
+                        extra_body={"vad_filter": vad_filter})
+    words = result.words
+    assert " ".join(w.word for w in words) == " ".join(result.text.split())  # the words spell the text
+    times = [t for w in words for t in (w.start, w.end)]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= result.duration
+    for voice_on, voice_off in voices:  # each sentence's first and last word, against the voice
+        sentence = [w for w in words if voice_on - 0.5 <= w.start and w.end <= voice_off + 0.5]
+        assert len(sentence) >= 8, (voices, words)
+        assert abs(sentence[0].start - voice_on) <= 0.5 and abs(sentence[-1].end - voice_off) <= 0.5
+    assert len(words) == sum(len([w for w in words if on - 0.5 <= w.start and w.end <= off + 0.5])
+                             for on, off in voices), "a word inside a silence"
+    # each segment runs from its first word's start to its last word's end
+    assert {s.start for s in result.segments} <= {w.start for w in words}
+    assert {s.end for s in result.segments} <= {w.end for w in words}
+
+
+def test_word_timestamps_need_verbose_json(server, clips):
+    response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("fox.wav", clips["fox"])},
+                          data={"model": "whisper-1", "timestamp_granularities[]": "word"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "timestamp_granularities"
+
+
 def test_silence_alone_is_an_empty_transcript(client):
     rate = 16000
     result = transcribe(client, wav_bytes(silence(10, rate), rate), response_format="verbose_json",

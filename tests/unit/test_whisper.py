@@ -29,6 +29,7 @@ from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import StreamedText, split_window
 from speech.subtitles import clock, to_srt, to_vtt
 from speech.vad import SpeechDetector, SpeechMap
+from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
 from tests.helpers.engine import finish, greedy, run_with_engine
 from tests.helpers.synthetic_speech import wav_bytes
 
@@ -446,3 +447,71 @@ def test_the_speech_detector_hears_no_speech_in_silence_or_hum():
     detector = SpeechDetector()
     assert detector.speech_map(np.zeros(5 * SAMPLE_RATE, dtype=np.float32)).chunks == ()
     assert detector.speech_map(hum).chunks == ()
+
+
+# ---------------------------------------------------------------- word timestamps
+
+def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en):
+    """For every token a window chooses, the runner keeps the alignment heads' scores of the query that chose
+    it; their softmax is transformers' own cross-attention of those heads at that position."""
+    model, heads = tiny_en.model, tiny_en.model.generation_config.alignment_heads
+    torch.manual_seed(3)
+    features = torch.randn(2, 80, frames(tiny_en)) * 0.5
+    runner = runner_for(tiny_en)
+    seqs = [window_sequence(tiny_en, prompt, f, row) for row, (prompt, f) in enumerate(zip(prompts(tiny_en), features))]
+    for seq in seqs:
+        seq.inputs.audio_positions = model.config.max_source_positions
+    with torch.inference_mode():
+        logits = runner.logits(seqs, [])
+        for _ in range(3):
+            for seq, row_logits in zip(seqs, logits):
+                seq.output_ids.append(int(row_logits.argmax()))
+            logits = runner.logits([], seqs)
+    model.set_attn_implementation("eager")  # the implementation that returns attention weights
+    try:
+        for seq, f in zip(seqs, features):
+            assert len(seq.inputs.alignment_scores) == len(seq.output_ids) + 1  # the next token's too
+            ids = torch.tensor([seq.prompt_ids + seq.output_ids])
+            with torch.inference_mode():
+                output = model(input_features=f[None], decoder_input_ids=ids, output_attentions=True)
+            attentions = output.cross_attentions
+            for step, scores in enumerate(seq.inputs.alignment_scores):
+                position = len(seq.prompt_ids) - 1 + step
+                expected = torch.stack([attentions[layer][0, head, position] for layer, head in heads])
+                torch.testing.assert_close(scores.softmax(dim=-1), expected, atol=1e-4, rtol=0)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_dtw_follows_the_cheapest_monotonic_path():
+    cost = np.ones((3, 6))
+    for token, positions in enumerate([(0, 1), (2, 3, 4), (5,)]):
+        cost[token, list(positions)] = 0
+    tokens, positions = dtw(cost)
+    assert tokens.tolist() == [0, 0, 1, 1, 1, 2] and positions.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_words_start_where_their_tokens_are_heard():
+    """Three tokens each attended sharply over a known stretch of 20 ms positions, then the closing token."""
+    stretches = [(10, 30), (30, 45), (45, 80), (80, 100)]
+    scores = torch.full((2, len(stretches), 100), -5.0)
+    for token, (first, last) in enumerate(stretches):
+        scores[:, token, first:last] = 5.0
+    starts = token_start_times(scores)
+    assert np.allclose(starts[1:], [0.6, 0.9, 1.6], atol=0.06)  # the path starts at 0 s, whatever is heard there
+
+
+def test_words_group_tokens_at_spaces_and_keep_punctuation():
+    pieces = {1: " Hello", 2: ",", 3: " wor", 4: "ld", 5: "."}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    assert word_groups([1, 2, 3, 4, 5], decode, "en") == [[0, 1], [2, 3, 4]]
+    assert word_groups([1, 3, 4], decode, "ja") == [[0], [1], [2]]
+
+
+def test_a_word_swallowing_a_pause_is_cut_to_twice_the_median_word():
+    words = [TimedWord(" Hi", 0.0, 5.0, 0), TimedWord(" there", 5.0, 5.4, 1), TimedWord(" you", 5.4, 5.8, 2),
+             TimedWord(" all.", 5.8, 9.0, 3)]
+    shorten_words_at_pauses(words)
+    longest = 2 * 0.7  # twice the median word (2.4 s here), capped at twice 0.7 s
+    times = [t for w in words for t in (w.start, w.end)]
+    assert times == pytest.approx([5.0 - longest, 5.0, 5.0, 5.4, 5.4, 5.8, 5.8, 5.8 + longest])
