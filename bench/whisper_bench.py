@@ -125,9 +125,9 @@ def baseline(clips: list[Clip], requests: int) -> AudioMeasurement:
     import torch
     from transformers import pipeline
 
-    from audio import SAMPLE_RATE, decode_audio
     from config import Config
-    from whisper_loader import whisper_source
+    from speech.audio import SAMPLE_RATE, decode_audio
+    from speech.loader import whisper_source
 
     recognizer = pipeline("automatic-speech-recognition", model=str(whisper_source(Config())), device="cpu",
                           dtype=torch.float32)
