@@ -16,6 +16,7 @@ from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, Whi
 from batching.families.whisper_runner import WhisperRunner
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
+from converters.hqq import quantize_linears
 from model_manager import engine_options, served_name
 
 logger = logging.getLogger("batchwise.model")
@@ -77,14 +78,16 @@ def rule_settings(generation: GenerationConfig) -> RuleSettings:
 def load_whisper(config: Config) -> LoadedWhisper:
     source = whisper_source(config)
     logger.info("loading Whisper %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
-    ignored = [flag for flag, on in (("--static-cache", config.static_cache), ("--torch-compile", config.torch_compile),
-                                     ("--hqq", config.hqq)) if on]
+    ignored = [flag for flag, on in (("--static-cache", config.static_cache), ("--torch-compile", config.torch_compile))
+               if on]
     if ignored:
         logger.warning("%s: not applied to Whisper in this version (the chat engine only)", ", ".join(ignored))
     started = time.perf_counter()
     processor = WhisperProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype)
     model.to(config.device).eval()
+    if config.hqq:  # every linear layer of the encoder and decoder; the output projection stays
+        logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
     generation = model.generation_config
     loaded = LoadedWhisper(model, processor, served_name(config.hf_model, EMBEDDED_WHISPER_NAME),
                            whisper_tokens(processor, generation, model.config.vocab_size), rule_settings(generation))
