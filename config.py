@@ -148,8 +148,8 @@ class Config:
                                    choices=["cuda", "cpu"])
     device_map: str | None = option("--device-map", "DEVICE_MAP",
                                     "spread the model's layers over the visible GPUs with accelerate (layers that do "
-                                    "not fit go to the CPU); each layer's K/V stay on its device; unset: the whole "
-                                    "model on one device", None,
+                                    "not fit are kept in CPU memory, slowly); each layer's K/V live where the layer "
+                                    "computes; unset: the whole model on one device", None,
                                     choices=["auto", "balanced", "balanced_low_0", "sequential"])
     max_memory: str | None = option("--max-memory", "MAX_MEMORY",
                                     "with --device-map: most memory for weights per device, e.g. 0=20GiB,1=20GiB,"
@@ -251,6 +251,10 @@ class Config:
         parse_memory(self.kv_cache_memory)
         if self.device_map and self.serving_type == "whisper":
             raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device")
+        if self.device_map and self.hqq:
+            raise ConfigError("--hqq quantises a model on one device; it cannot be combined with --device-map")
+        if self.device_map and self.accelerator_type == "cpu":
+            raise ConfigError("--device-map spreads a model over GPUs; with --accelerator-type cpu leave it unset")
         if self.max_memory and not self.device_map:
             raise ConfigError("--max-memory limits what --device-map places on each device: give --device-map too")
         self.weight_memory()

@@ -33,6 +33,8 @@ class ModelRunner:
         self.batch_invariant = batch_invariant
         self.min_rows = MIN_INVARIANT_ROWS if batch_invariant else 1
         self.device = model.device
+        # where the logits are computed: another device than the input's when a device map spreads the model
+        self.head_device = model.get_output_embeddings().weight.device
 
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
@@ -76,7 +78,8 @@ class ModelRunner:
         position_tensor = self._tensor(positions)
         step = SpanStep(self.arena, self._tensor(slots), attention_spans)
         logits = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
-                            logits_to_keep=self._tensor(kept), use_cache=False, batchwise_step=step).logits[0]
+                            logits_to_keep=torch.tensor(kept, device=self.head_device), use_cache=False,
+                            batchwise_step=step).logits[0]
         next_token_logits, offset = [], 0
         for span in spans:
             count = len(self._logit_positions(span))

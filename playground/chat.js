@@ -53,7 +53,7 @@ class Reply {
   }
 
   add(delta) {
-    this.firstToken ??= performance.now();
+    if (delta.content || delta.reasoning_content) this.firstToken ??= performance.now();
     this.content += delta.content || "";
     this.reasoning += delta.reasoning_content || "";
     this.item.querySelector(".content").innerHTML = renderMarkdown(this.content);
@@ -75,24 +75,25 @@ class Reply {
 }
 
 export function startChat(model) {
-  const history = [];
+  let history = [];  // a new array for a new chat: a reply still ending belongs to the old one
   let controller = null;
   field("chat").hidden = false;
 
   async function send(text) {
     showError("");
-    history.push({ role: "user", content: text });
+    const conversation = history;
+    conversation.push({ role: "user", content: text });
     addMessage("user").querySelector(".content").innerHTML = `<p>${escapeHtml(text)}</p>`;
     const reply = new Reply(addMessage("assistant"));
     const system = field("system-prompt").value.trim();
-    const messages = [...(system ? [{ role: "system", content: system }] : []), ...history];
+    const messages = [...(system ? [{ role: "system", content: system }] : []), ...conversation];
     controller = new AbortController();
     try {
       await stream(reply, messages, controller.signal);
     } finally {
       // a failed or stopped turn leaves no unanswered question behind in the conversation
-      if (reply.content) history.push({ role: "assistant", content: reply.content });
-      else history.pop();
+      if (reply.content) conversation.push({ role: "assistant", content: reply.content });
+      else conversation.pop();
     }
   }
 
@@ -123,7 +124,7 @@ export function startChat(model) {
   field("chat-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const text = field("prompt").value.trim();
-    if (!text) return;
+    if (!text || controller) return;  // one reply at a time
     field("prompt").value = "";
     busy(true);
     try {
@@ -144,7 +145,7 @@ export function startChat(model) {
   field("stop-reply").addEventListener("click", () => controller?.abort());
   field("new-chat").addEventListener("click", () => {
     controller?.abort();
-    history.length = 0;
+    history = [];
     field("messages").replaceChildren();
   });
 }

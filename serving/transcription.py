@@ -190,6 +190,9 @@ class TranscriptionJob:
 
     async def deltas(self) -> AsyncIterator[str]:
         """The transcript's text as it becomes final, window after window; leaving early cancels the decoding."""
+        if self.content_frames == 0:  # nothing but silence: nothing to decode, no language to detect
+            self._report()
+            return
         language = self.options.language or await self._detect_language()
         self.transcript.language = LANGUAGES.get(language, language)
         previous = self._initial_prompt()
@@ -251,8 +254,9 @@ class TranscriptionJob:
     async def _timed_words(self, seq: Sequence, language: str) -> list[TimedWord]:
         """The window's words timed by its cross-attention, off the event loop."""
         decode = self.service.tokenizer.decode
+        text_language = "en" if self.options.task == "translate" else language
         return await asyncio.to_thread(self.service._timed, "word_timing", align_words, seq.inputs.alignment_scores,
-                                       seq.output_ids, self.service.tokens.end_of_text, decode, language)
+                                       seq.output_ids, self.service.tokens.end_of_text, decode, text_language)
 
     def _text(self, seq: Sequence) -> str:
         return self.service.tokenizer.decode(seq.output_ids, skip_special_tokens=True)

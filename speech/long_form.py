@@ -42,9 +42,10 @@ def is_silent(window: SpeechWindow) -> bool:
 
 def decoded_badly(window: SpeechWindow, compression_ratio: float) -> bool:
     """OpenAI's test for decoding a window again at a higher temperature: its text repeats itself or its tokens
-    are unlikely, and it is not silence (silence yields nothing, however it decoded)."""
+    are unlikely, and the window is likely speech (what a likely silence decodes to is not worth a retry)."""
     unlikely = window.avg_logprob < LOGPROB_THRESHOLD
-    return not is_silent(window) and (compression_ratio > COMPRESSION_RATIO_THRESHOLD or unlikely)
+    likely_speech = window.no_speech_prob <= NO_SPEECH_THRESHOLD
+    return likely_speech and (compression_ratio > COMPRESSION_RATIO_THRESHOLD or unlikely)
 
 
 def split_window(tokens: list[int], timestamp_begin: int, window_frames: int,

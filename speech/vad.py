@@ -38,6 +38,8 @@ class SpeechMap:
     def original_seconds(self, seconds: float, is_end: bool = False) -> float:
         """Where a time on the compact clip lies in the upload. A time on the seam between two chunks is the
         first chunk's end when it ends something, the second chunk's start when it starts something."""
+        if not self.chunks:
+            return seconds
         sample = seconds * SAMPLE_RATE
         compact_starts = np.cumsum([0] + [end - start for start, end in self.chunks[:-1]]).tolist()
         find = bisect.bisect_left if is_end else bisect.bisect_right

@@ -72,10 +72,14 @@ def token_start_times(scores: torch.Tensor) -> np.ndarray:
 
 def word_groups(text_tokens: list[int], decode: Callable[[list[int]], str], language: str) -> list[list[int]]:
     """Indices into text_tokens, one list per word: a word starts at a token that starts with a space, and
-    punctuation stays with the word before it."""
+    punctuation stays with the word before it. Where words are not spaced, a word is a character: tokens
+    are joined until they decode to whole characters (byte-level tokens may split one)."""
     groups: list[list[int]] = []
     for index, token in enumerate(text_tokens):
         text = decode([token])
+        if groups and "\ufffd" in decode([text_tokens[i] for i in groups[-1]]):
+            groups[-1].append(index)  # the word so far ends inside a character
+            continue
         starts_word = language in UNSPACED_LANGUAGES or text.startswith(" ")
         punctuation = bool(text.strip()) and all(c in PUNCTUATION for c in text.strip())
         if groups and (punctuation or not starts_word):
@@ -95,7 +99,7 @@ def align_words(scores: list[torch.Tensor], tokens: list[int], end_of_text: int,
         return []
     closing = [text_indices[-1] + 1] if text_indices[-1] + 1 < len(scores) else []
     rows = text_indices + closing
-    starts = token_start_times(torch.stack([scores[k] for k in rows], dim=1))
+    starts = token_start_times(torch.stack([scores[k] for k in rows], dim=1).cpu())
     text_tokens = [tokens[k] for k in text_indices]
     last_position = scores[0].shape[-1] / POSITIONS_PER_SECOND
     words = []

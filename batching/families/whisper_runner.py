@@ -40,8 +40,8 @@ class SpeechWindow:
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0  # of the window's tokens, set when its decoding ends
     audio_positions: int | None = None  # encoder positions that hold audio (20 ms each); word timing only
-    # per generated token: the alignment heads' cross-attention scores ([heads, audio_positions], CPU) of
-    # the query that chose it, for a window with audio_positions set
+    # per generated token: the alignment heads' cross-attention scores ([heads, audio_positions], float32, on
+    # the model's device until the window ends) of the query that chose it, for a window with audio_positions set
     alignment_scores: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -62,7 +62,7 @@ class AlignmentRecorder:
     def finish(self) -> None:
         for index, seq in self.wanting.items():
             window = seq.inputs
-            window.alignment_scores.append(torch.cat(self.scores[index])[:, :window.audio_positions].float().cpu())
+            window.alignment_scores.append(torch.cat(self.scores[index])[:, :window.audio_positions].float())
 
 
 class WhisperRunner:

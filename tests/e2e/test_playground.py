@@ -111,6 +111,9 @@ def test_stopping_a_reply_frees_the_server(open_page, base_url):
     page = open_page(base_url)
     ask(page, "Write a very long story about a dragon.", temperature=1, max_tokens=2000)
     expect(last_reply(page).locator(".content")).not_to_be_empty(timeout=REPLY_SECONDS * 1000)
+    page.fill("#prompt", "And another one.")
+    page.press("#prompt", "Enter")  # one reply at a time: this waits in the box
+    expect(page.locator("li.message")).to_have_count(2)
     page.click("#stop-reply")
     expect(page.locator("#send")).to_be_enabled()
     deadline = time.monotonic() + 10

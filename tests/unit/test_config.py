@@ -46,6 +46,8 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
     (["--device-map", "auto", "--max-memory", "0=0.5"], "needs a size"),
     (["--device-map", "auto", "--max-memory", "gpu0=20GiB"], "DEVICE=SIZE"),
     (["--device-map", "auto", "--serving-type", "whisper"], "Whisper models run on one device"),
+    (["--device-map", "auto", "--hqq", "true"], "cannot be combined with --device-map"),
+    (["--device-map", "auto", "--accelerator-type", "cpu"], "leave it unset"),
 ])
 def test_unsupported_or_invalid_flags_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

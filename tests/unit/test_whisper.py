@@ -506,6 +506,9 @@ def test_words_group_tokens_at_spaces_and_keep_punctuation():
     decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
     assert word_groups([1, 2, 3, 4, 5], decode, "en") == [[0, 1], [2, 3, 4]]
     assert word_groups([1, 3, 4], decode, "ja") == [[0], [1], [2]]
+    halves = {1: b"\xe4\xb8", 2: b"\x96", 3: b"\xe7\x95", 4: b"\x8c"}  # 世 and 界, each cut in two tokens
+    decode_bytes = lambda ids: b"".join(halves[i] for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+    assert word_groups([1, 2, 3, 4], decode_bytes, "zh") == [[0, 1], [2, 3]]
 
 
 def test_a_word_swallowing_a_pause_is_cut_to_twice_the_median_word():
