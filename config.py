@@ -249,6 +249,10 @@ class Config:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ConfigError("--max-num-batched-tokens must be at least 16")
         parse_memory(self.kv_cache_memory)
+        if self.serving_type == "chat" and (self.architecture_type == "encoder-decoder"
+                                            or self.model_type == "AutoModelForSeq2SeqLM"):
+            raise ConfigError("encoder-decoder chat models (T5, BART) are not served yet; decoder models are, and "
+                              "Whisper with --serving-type whisper")
         if self.device_map and self.serving_type == "whisper":
             raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device")
         if self.device_map and self.hqq:

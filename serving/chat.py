@@ -19,6 +19,11 @@ from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallPar
 def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[int]:
     if not generator.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    for index, message in enumerate(request.messages):
+        for part in message.image_parts():
+            raise APIError(400, f"{generator.model_name} reads text only: messages[{index}].content[{part}] is an "
+                                "image (vision-language models are not served yet)",
+                           param=f"messages[{index}].content[{part}]")
     tools = [tool.function.model_dump(exclude_none=True) for tool in request.callable_tools]
     if generator.template_renders_tools:
         messages = [template_message(m) for m in request.messages]

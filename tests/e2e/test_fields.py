@@ -193,3 +193,13 @@ def test_unknown_model_lists_the_served_names(client):
     with pytest.raises(openai.NotFoundError) as error:
         client.completions.create(model="nope", prompt="hi")
     assert error.value.body["code"] == "model_not_found" and MODEL in error.value.body["message"]
+
+
+def test_content_parts_carry_text_and_an_image_is_refused_by_a_text_model(client):
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]
+    reply = chat(client, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=12)
+    assert "Paris" in text(reply)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, messages=[{"role": "user", "content": [parts[0], image]}], max_tokens=4)
+    assert refused.value.body["param"] == "messages[0].content[1]" and "text only" in refused.value.body["message"]

@@ -47,6 +47,8 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
     (["--device-map", "auto", "--max-memory", "gpu0=20GiB"], "DEVICE=SIZE"),
     (["--device-map", "auto", "--serving-type", "whisper"], "Whisper models run on one device"),
     (["--device-map", "auto", "--hqq", "true"], "cannot be combined with --device-map"),
+    (["--architecture-type", "encoder-decoder"], "not served yet"),
+    (["--model-type", "AutoModelForSeq2SeqLM"], "not served yet"),
     (["--device-map", "auto", "--accelerator-type", "cpu"], "leave it unset"),
 ])
 def test_unsupported_or_invalid_flags_fail_fast(argv, message, capsys):
@@ -54,6 +56,11 @@ def test_unsupported_or_invalid_flags_fail_fast(argv, message, capsys):
         parse_config(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_whisper_may_be_named_an_encoder_decoder_as_the_reference_cli_does():
+    config = parse_config(["--serving-type", "whisper", "--architecture-type", "encoder-decoder"])
+    assert config.architecture_type == "encoder-decoder"
 
 
 def test_max_memory_becomes_accelerates_byte_limits():
