@@ -6,7 +6,7 @@ start a segment at 0 s that begins 12 s later, nor hallucinate text inside one."
 from __future__ import annotations
 
 import bisect
-import threading
+import queue
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,16 +58,26 @@ class SpeechMap:
 
 
 class SpeechDetector:
+    """Silero's model keeps state between the chunks it scores, so each upload borrows a model of its own
+    (loaded when all are busy, a couple of MB each): a long upload never makes a short one wait."""
+
     def __init__(self) -> None:
-        self.model = load_silero_vad()
-        self.lock = threading.Lock()  # the model keeps state between the windows it scores
+        self.idle_models: queue.SimpleQueue = queue.SimpleQueue()
+        self.idle_models.put(load_silero_vad())
 
     def speech_map(self, audio: np.ndarray, min_silence_ms: int = MIN_SILENCE_MS,
                    pad_ms: int = SPEECH_PAD_MS) -> SpeechMap:
         """Where the audio (16 kHz mono float32) holds speech, silences shorter than min_silence_ms included;
         call it off the event loop."""
-        with self.lock, torch.inference_mode():
-            found = get_speech_timestamps(torch.from_numpy(audio), self.model, threshold=THRESHOLD,
-                                          sampling_rate=SAMPLE_RATE, min_silence_duration_ms=min_silence_ms,
-                                          speech_pad_ms=pad_ms)
+        try:
+            model = self.idle_models.get_nowait()
+        except queue.Empty:
+            model = load_silero_vad()
+        try:
+            with torch.inference_mode():
+                found = get_speech_timestamps(torch.from_numpy(audio), model, threshold=THRESHOLD,
+                                              sampling_rate=SAMPLE_RATE, min_silence_duration_ms=min_silence_ms,
+                                              speech_pad_ms=pad_ms)
+        finally:
+            self.idle_models.put(model)
         return SpeechMap(tuple((span["start"], span["end"]) for span in found))

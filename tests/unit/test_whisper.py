@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -31,7 +32,7 @@ from speech.subtitles import clock, to_srt, to_vtt
 from speech.vad import SpeechDetector, SpeechMap
 from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
 from tests.helpers.engine import finish, greedy, run_with_engine
-from tests.helpers.synthetic_speech import wav_bytes
+from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_bytes
 
 # ---------------------------------------------------------------- subtitles and response formats
 
@@ -439,6 +440,18 @@ def test_speech_map_joins_the_chunks_and_maps_times_back():
     assert speech.original_seconds(2.5, is_end=True) == 6.5
     assert speech.original_seconds(9.0, is_end=True) == 7.0  # never past the speech
     assert len(SpeechMap(()).compact(audio)) == 0
+
+
+def test_uploads_scored_at_once_get_the_speech_map_each_gets_alone():
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); it synthesises the test speech")
+    speech = decode_audio(spoken_clip(SENTENCES[:2], pause_seconds=3.0))
+    uploads = [speech, np.zeros(5 * SAMPLE_RATE, dtype=np.float32), speech[::-1].copy()]
+    detector = SpeechDetector()
+    alone = [detector.speech_map(audio) for audio in uploads]
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        assert list(pool.map(detector.speech_map, uploads)) == alone
+    assert len(alone[0].chunks) == 2 and alone[1].chunks == ()  # two sentences 3 s apart; silence
 
 
 def test_the_speech_detector_hears_no_speech_in_silence_or_hum():
