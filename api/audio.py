@@ -42,8 +42,10 @@ def audio_router(ready_service: Callable[[], TranscriptionService], max_audio_mb
         if word_timestamps and form.response_format != "verbose_json":
             raise APIError(400, "timestamp_granularities[]=word needs response_format verbose_json",
                            param="timestamp_granularities")
+        # a stream carries text deltas only: neither words nor a window's verdict could reach it
         options = TranscriptionOptions(task, language, form.prompt, form.temperature, form.vad_filter,
-                                       temperature_fallback=not form.stream, word_timestamps=word_timestamps)
+                                       temperature_fallback=not form.stream,
+                                       word_timestamps=word_timestamps and not form.stream)
         service.check_options(options)
         job = await service.start(data, options, rid)
         if form.stream:
