@@ -119,18 +119,25 @@ def run_baseline(clips: list[Clip], requests: int, env: dict[str, str]) -> Audio
         return AudioMeasurement(**json.loads(Path(output.name).read_text()))
 
 
-def baseline(clips: list[Clip], requests: int) -> AudioMeasurement:
-    """transformers' pipeline, one clip at a time, on the converted model the server loads; audio decoding is
-    inside the timing, as it is for the server."""
+def asr_pipeline():
+    """transformers' ASR pipeline on the converted model the server loads, on the CPU in float32; imported
+    here, in the baseline's own process, so that the server's process never loads a second model."""
     import torch
     from transformers import pipeline
 
     from config import Config
-    from speech.audio import SAMPLE_RATE, decode_audio
     from speech.loader import whisper_source
 
-    recognizer = pipeline("automatic-speech-recognition", model=str(whisper_source(Config())), device="cpu",
-                          dtype=torch.float32)
+    return pipeline("automatic-speech-recognition", model=str(whisper_source(Config())), device="cpu",
+                    dtype=torch.float32)
+
+
+def baseline(clips: list[Clip], requests: int) -> AudioMeasurement:
+    """transformers' pipeline, one clip at a time, on the converted model the server loads; audio decoding is
+    inside the timing, as it is for the server."""
+    from speech.audio import SAMPLE_RATE, decode_audio
+
+    recognizer = asr_pipeline()
 
     def transcribe(clip: Clip) -> float:
         started = time.perf_counter()

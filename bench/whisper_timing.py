@@ -28,6 +28,7 @@ import numpy as np
 from openai import OpenAI
 
 from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, cpu_model, process_env
+from bench.whisper_bench import asr_pipeline
 from tests.helpers.server_process import running_server
 from tests.helpers.synthetic_speech import SENTENCES, speak, wav_bytes
 
@@ -175,14 +176,7 @@ def server_rows(clips: list[Clip], env: dict[str, str]) -> list[Row]:
 
 def pipeline_row(clips: list[Clip]) -> Row:
     """transformers' pipeline on the converted model the server loads, one clip at a time."""
-    import torch
-    from transformers import pipeline
-
-    from config import Config
-    from speech.loader import whisper_source
-
-    recognizer = pipeline("automatic-speech-recognition", model=str(whisper_source(Config())), device="cpu",
-                          dtype=torch.float32)
+    recognizer = asr_pipeline()
 
     def run(clip: Clip) -> Result:
         with wave.open(clip.path) as wav:
