@@ -153,6 +153,9 @@ class TranscriptionService:
         except QueueFullError as error:
             raise server_busy(error) from None
 
+    def text_of(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
     def language_code(self, token_id: int) -> str:
         return next(code for code, language_id in self.tokens.languages.items() if language_id == token_id)
 
@@ -187,6 +190,7 @@ class TranscriptionJob:
         self.generated_tokens = 0
         self.windows = 0
         self._text_started = False
+        self._blank_tail = ""
 
     async def deltas(self) -> AsyncIterator[str]:
         """The transcript's text as it becomes final, window after window; leaving early cancels the decoding."""
@@ -202,16 +206,20 @@ class TranscriptionJob:
             for attempt, temperature in enumerate(temperatures := self.options.temperatures()):
                 last_attempt = attempt == len(temperatures) - 1
                 seq = await self._submit_window(seek, previous, language, temperature)
-                gate = StreamedText(seq.inputs, self.service.tokens.timestamp_begin, final, hold=not last_attempt)
+                gate = StreamedText(seq.inputs, self.service.text_of, self.service.tokens.timestamp_begin, final,
+                                    hold=not last_attempt)
                 async for text in self._stream_window(seq, gate):
                     yield text
                 seq.inputs.avg_logprob = seq.cumulative_logprob / max(len(seq.output_ids), 1)
-                if last_attempt or not decoded_badly(seq.inputs, compression_ratio(self._text(seq))):
+                text_ratio = compression_ratio(self.service.text_of(seq.output_ids))
+                if last_attempt or not decoded_badly(seq.inputs, text_ratio):
                     break
-            if text := self._visible(gate.finish()):
-                yield text
             words = await self._timed_words(seq, language) if self.options.word_timestamps else []
+            segments_before = len(self.transcript.segments)
             advance, kept_tokens = self._add_segments(seq, seek, final, temperature, words)
+            kept = "".join(segment.text for segment in self.transcript.segments[segments_before:])
+            if text := self._visible(gate.finish(kept)):
+                yield text
             if temperature > CONDITION_MAX_TEMPERATURE:
                 previous.clear()  # what a hot decoding wrote is no context for the next window
             else:
@@ -233,7 +241,7 @@ class TranscriptionJob:
             check_error(delta)
             self.first_token_at = self.first_token_at or time.perf_counter()
             self.generated_tokens += len(delta.token_ids)
-            if text := self._visible(gate.feed(delta.text, delta.token_ids)):
+            if text := self._visible(gate.feed(delta.token_ids)):
                 yield text
 
     async def _detect_language(self) -> str:
@@ -258,8 +266,6 @@ class TranscriptionJob:
         return await asyncio.to_thread(self.service._timed, "word_timing", align_words, seq.inputs.alignment_scores,
                                        seq.output_ids, self.service.tokens.end_of_text, decode, text_language)
 
-    def _text(self, seq: Sequence) -> str:
-        return self.service.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
 
     def _add_segments(self, seq: Sequence, seek: int, final: bool, temperature: float,
                       words: list[TimedWord]) -> tuple[int, list[int]]:
@@ -271,8 +277,7 @@ class TranscriptionJob:
         tokens = self.service.tokens
         generated = [token for token in seq.output_ids if token != tokens.end_of_text]
         parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
-        decode = self.service.tokenizer.decode
-        ratio = compression_ratio(self._text(seq))
+        ratio = compression_ratio(self.service.text_of(seq.output_ids))
         offset, duration = seek / FRAMES_PER_SECOND, self.transcript.duration
 
         def original(seconds: float, is_end: bool = False) -> float:
@@ -291,7 +296,7 @@ class TranscriptionJob:
                 self.transcript.words.extend(part_words)
             segments.append(TranscriptionSegment(
                 id=len(segments), seek=round(self.speech.original_seconds(offset) * FRAMES_PER_SECOND),
-                start=start, end=end, text=decode(part.tokens, skip_special_tokens=True),
+                start=start, end=end, text=self.service.text_of(part.tokens),
                 tokens=part.tokens, temperature=temperature, avg_logprob=window.avg_logprob,
                 compression_ratio=ratio, no_speech_prob=window.no_speech_prob))
         return advance, [token for part in parts for token in part.tokens]
@@ -302,11 +307,15 @@ class TranscriptionJob:
         return TranscriptionWord(word=word.strip(), start=round(start, 3), end=round(end, 3))
 
     def _visible(self, text: str) -> str:
-        """The transcript starts at its first non-blank character."""
+        """The transcript's text has no blank edges: its leading blanks never show, trailing ones wait for what
+        follows them."""
+        text = self._blank_tail + text
         if not self._text_started:
             text = text.lstrip()
             self._text_started = bool(text)
-        return text
+        shown = text.rstrip()
+        self._blank_tail = text[len(shown):]
+        return shown
 
     def _report(self) -> None:
         """Log the finished job, and count its audio."""

@@ -4,6 +4,7 @@ streamed text is final."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ SECONDS_PER_TIMESTAMP = FRAMES_PER_TIMESTAMP / FRAMES_PER_SECOND
 NO_SPEECH_THRESHOLD = 0.6  # a window is silence when <|nospeech|> is this likely...
 LOGPROB_THRESHOLD = -1.0  # ...and its tokens are on average less likely than this
 COMPRESSION_RATIO_THRESHOLD = 2.4  # text that compresses better than this is repeating itself
+UNFINISHED_CHARACTER = "\ufffd"  # what decoding shows for a character whose bytes have not all come yet
 
 
 @dataclass
@@ -61,7 +63,7 @@ def split_window(tokens: list[int], timestamp_begin: int, window_frames: int,
 
     is_timestamp = [token >= timestamp_begin for token in tokens]
     window_seconds = window_frames / FRAMES_PER_SECOND
-    pair_starts = [i + 1 for i in range(len(tokens) - 1) if is_timestamp[i] and is_timestamp[i + 1]]
+    pair_starts = segment_cuts(tokens, timestamp_begin)
     if not pair_starts:
         if not tokens:
             return [], window_frames
@@ -84,46 +86,50 @@ def split_window(tokens: list[int], timestamp_begin: int, window_frames: int,
     return _with_text(segments, timestamp_begin), last_end * FRAMES_PER_TIMESTAMP
 
 
+def segment_cuts(tokens: list[int], timestamp_begin: int) -> list[int]:
+    """Where one segment ends and the next starts: at each timestamp that follows a timestamp."""
+    is_timestamp = [token >= timestamp_begin for token in tokens]
+    return [i + 1 for i in range(len(tokens) - 1) if is_timestamp[i] and is_timestamp[i + 1]]
+
+
 def _with_text(segments: list[TimedTokens], timestamp_begin: int) -> list[TimedTokens]:
     return [s for s in segments if any(token < timestamp_begin for token in s.tokens)]
 
 
 class StreamedText:
-    """Releases a window's streamed text once the transcript is sure to keep it.
+    """Releases a window's text, as the transcript will have it, once the transcript is sure to keep it.
 
-    In the audio's final window that is at once. In earlier windows, text after the window's first pair of
-    timestamps waits for the timestamp that closes its segment: an unclosed last segment is dropped and
-    decoded again by the next window. A window that may be judged silent holds all its text to the end, and so
-    does one that may yet be decoded again (`hold`)."""
+    The text is decoded segment by segment, as the transcript's segments are. In the audio's final window it
+    flows at once. In earlier windows, text after the window's first pair of timestamps waits for the next pair,
+    which closes its segment: a window that ends inside a segment is decoded again from there by the next one.
+    A window that may be judged silent holds all its text to the end, and so does one that may yet be decoded
+    again (`hold`)."""
 
-    def __init__(self, window: SpeechWindow, timestamp_begin: int, final: bool, hold: bool = False) -> None:
+    def __init__(self, window: SpeechWindow, decode: Callable[[list[int]], str], timestamp_begin: int,
+                 final: bool, hold: bool = False) -> None:
         self.window = window
+        self.decode = decode
         self.timestamp_begin = timestamp_begin
         self.final = final
         self.hold = hold
-        self.kept = ""
-        self.unclosed = ""
-        self.paired = False
-        self.previous_was_timestamp = False
+        self.tokens: list[int] = []
+        self.released = ""
 
-    def feed(self, text: str, token_ids: list[int]) -> str:
-        timestamp_seen = False
-        for token in token_ids:
-            is_timestamp = token >= self.timestamp_begin
-            self.paired |= is_timestamp and self.previous_was_timestamp
-            timestamp_seen |= is_timestamp
-            self.previous_was_timestamp = is_timestamp
-        if self.paired and not self.final:
-            self.unclosed += text
-        else:
-            self.kept += text
-        if timestamp_seen:
-            self.kept, self.unclosed = self.kept + self.unclosed, ""
+    def feed(self, token_ids: list[int]) -> str:
+        self.tokens.extend(token_ids)
         if self.hold or self.window.no_speech_prob > NO_SPEECH_THRESHOLD:
             return ""
-        released, self.kept = self.kept, ""
-        return released
+        cuts = segment_cuts(self.tokens, self.timestamp_begin)
+        sure = len(self.tokens) if self.final or not cuts else cuts[-1]
+        bounds = [0, *(cut for cut in cuts if cut < sure), sure]
+        text = "".join(self.decode(self.tokens[start:end]) for start, end in zip(bounds, bounds[1:]))
+        return self._release(text.rstrip(UNFINISHED_CHARACTER))
 
-    def finish(self) -> str:
-        """The held text that stays, once the window has finished."""
-        return "" if is_silent(self.window) else self.kept
+    def finish(self, kept: str) -> str:
+        """What is left to release of `kept`, the window's text as the transcript kept it."""
+        return self._release(kept)
+
+    def _release(self, text: str) -> str:
+        new = text[len(self.released):]
+        self.released += new
+        return new

@@ -27,7 +27,7 @@ from serving.errors import APIError
 from serving.transcription import Transcript, TranscriptionOptions, TranscriptionService, compression_ratio
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
-from speech.long_form import StreamedText, split_window
+from speech.long_form import StreamedText, is_silent, split_window
 from speech.subtitles import clock, to_srt, to_vtt
 from speech.vad import SpeechDetector, SpeechMap
 from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
@@ -351,34 +351,69 @@ def test_windows_without_timestamp_pairs_are_one_segment():
     assert split_window([], T, 3000, final=True) == ([], 3000)
 
 
-def feed_all(gate: StreamedText, steps: list[tuple[str, int]]) -> list[str]:
-    return [gate.feed(text, [token]) for text, token in steps]
+def streamed(tiny_en, tokens: list[int], window: SpeechWindow, final: bool) -> tuple[list[str], str]:
+    """What a gate releases token by token, and what it releases at the end, given the text the transcript keeps
+    (its segments' text, as TranscriptionJob builds it)."""
+    decode = TranscriptionService(None, tiny_en, ("tiny.en",)).text_of
+    gate = StreamedText(window, decode, tiny_en.tokens.timestamp_begin, final)
+    released = [gate.feed([token]) for token in tokens]
+    kept = "".join(decode(part.tokens) for part in split_window(tokens, tiny_en.tokens.timestamp_begin, 3000, final)[0])
+    return released, gate.finish("" if is_silent(window) else kept)
 
 
-STEPS = [("", T), (" a", 5), ("", T + 50), ("", T + 50), (" b", 6), ("", T + 80), ("", T + 80), (" c", 7)]
+def speech_window(**scores: float) -> SpeechWindow:
+    return SpeechWindow(torch.zeros(1), 0, **scores)
 
 
-def test_streamed_text_waits_for_segments_to_close_in_earlier_windows():
-    gate = StreamedText(SpeechWindow(torch.zeros(1), 0), T, final=False)
-    assert feed_all(gate, STEPS) == ["", " a", "", "", "", " b", "", ""]
-    assert gate.finish() == ""  # " c" never closed: the next window decodes it again
+def test_streamed_text_waits_for_segments_to_close_in_earlier_windows(tiny_en):
+    t = tiny_en.tokens.timestamp_begin
+    a, b, c = (tiny_en.processor.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" a", " b", " c"))
+    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, t + 80, c], speech_window(), final=False)
+    assert released == ["", " a", "", "", "", "", " b", ""]
+    assert rest == ""  # " c" never closed: the next window decodes it again
+    # a lone timestamp inside a segment closes nothing: the transcript cuts at the last pair
+    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, c], speech_window(), final=False)
+    assert "".join(released) + rest == " a"
 
 
-def test_streamed_text_flows_at_once_in_the_final_window():
-    gate = StreamedText(SpeechWindow(torch.zeros(1), 0), T, final=True)
-    assert feed_all(gate, STEPS) == ["", " a", "", "", " b", "", "", " c"]
-    assert gate.finish() == ""
+def test_streamed_text_flows_at_once_in_the_final_window(tiny_en):
+    t = tiny_en.tokens.timestamp_begin
+    a, b, c = (tiny_en.processor.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" a", " b", " c"))
+    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, t + 80, c], speech_window(), final=True)
+    assert released == ["", " a", "", "", " b", "", "", " c"]
+    assert rest == ""
 
 
-def test_a_window_that_may_be_silent_holds_its_text_to_the_end():
-    likely_silent = SpeechWindow(torch.zeros(1), 0, no_speech_prob=0.9, avg_logprob=-0.2)
-    gate = StreamedText(likely_silent, T, final=True)
-    assert feed_all(gate, STEPS) == [""] * len(STEPS)
-    assert gate.finish() == " a b c"  # confident tokens: it was speech after all
-    silent = SpeechWindow(torch.zeros(1), 0, no_speech_prob=0.9, avg_logprob=-2.0)
-    gate = StreamedText(silent, T, final=True)
-    feed_all(gate, STEPS)
-    assert gate.finish() == ""
+def test_a_window_that_may_be_silent_holds_its_text_to_the_end(tiny_en):
+    t = tiny_en.tokens.timestamp_begin
+    a, b = (tiny_en.processor.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" a", " b"))
+    tokens = [t, a, t + 50, t + 50, b]
+    released, rest = streamed(tiny_en, tokens, speech_window(no_speech_prob=0.9, avg_logprob=-0.2), final=True)
+    assert released == [""] * len(tokens)
+    assert rest == " a b"  # confident tokens: it was speech after all
+    released, rest = streamed(tiny_en, tokens, speech_window(no_speech_prob=0.9, avg_logprob=-2.0), final=True)
+    assert "".join(released) + rest == ""
+
+
+def test_streamed_text_is_always_what_the_transcript_keeps(tiny_en):
+    """Random windows of words, characters split over several byte tokens, lone timestamps and pairs: what
+    streams out is at every step the start of the text the transcript keeps, and all of it in the end."""
+    t = tiny_en.tokens.timestamp_begin
+    encode = tiny_en.processor.tokenizer.encode
+    pieces = [encode(text, add_special_tokens=False) for text in (" the", " fox", " 狐", "ü", " 😀")]
+    assert max(len(piece) for piece in pieces) > 1  # some characters take more than one token
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        tokens = [t]
+        for _ in range(rng.integers(1, 12)):
+            tokens += [t + int(rng.integers(1, 1500))] if rng.random() < 0.3 else list(pieces[rng.integers(5)])
+        final = bool(rng.random() < 0.3)
+        released, rest = streamed(tiny_en, tokens, speech_window(), final)
+        kept = "".join(released) + rest
+        expected = "".join(tiny_en.processor.tokenizer.decode(part.tokens, skip_special_tokens=True)
+                           for part in split_window(tokens, t, 3000, final)[0])
+        assert kept == expected, tokens
+        assert "\ufffd" not in "".join(released), tokens
 
 # ---------------------------------------------------------------- audio decoding
 
