@@ -128,6 +128,9 @@ class Config:
                                choices=["chat", "whisper"])
     max_audio_mb: int = option("--max-audio-mb", "MAX_AUDIO_MB", "largest audio upload in MB (whisper serving)",
                                25, int)
+    whisper_beam_size: int = option("--whisper-beam-size", "WHISPER_BEAM_SIZE",
+                                    "beams per 30 s window decoded at temperature 0 (whisper serving; 1 is greedy): "
+                                    "each beam is a batch row, all of a window's beams share its encoded audio", 1, int)
     continuous_batching_microsleep: float = option(
         "--continuous-batching-microsleep", "CONTINUOUS_BATCHING_MICROSLEEP",
         "seconds the scheduler yields between steps so new requests can join", 0.001, float)
@@ -233,6 +236,7 @@ class Config:
         positive = {
             "--port": self.port, "--continuous-batching-batch-size": self.continuous_batching_batch_size,
             "--max-concurrent": self.max_concurrent, "--max-audio-mb": self.max_audio_mb,
+            "--whisper-beam-size": self.whisper_beam_size,
             "--torch-profiling-steps": self.torch_profiling_steps,
         }
         for flag, value in positive.items():

@@ -63,12 +63,12 @@ class PrefillStep:
 @dataclass
 class DecodeStep:
     cache: RowKVCache
+    rows: list[int]  # the cache row each query row reads and writes
     positions: torch.Tensor
     lengths: list[int]
 
-    @property
-    def rows(self) -> torch.Tensor:
-        return torch.arange(len(self.lengths), device=self.positions.device)
+    def __post_init__(self) -> None:
+        self.row_tensor = torch.tensor(self.rows, device=self.positions.device)
 
 
 Step = SpanStep | StaticDecodeStep | ProbeStep | PrefillStep | DecodeStep
@@ -175,14 +175,14 @@ def _decode_attention(module, query, key, value, scaling, step: DecodeStep) -> t
     lengths (a padded, masked batch changes the summation order inside the kernel). Query heads
     sharing a KV head are laid along the query axis, so K/V are never repeated or copied."""
     batch, heads, _, head_dim = query.shape
-    cached_keys, cached_values = step.cache.write(module.layer_idx, step.rows, step.positions,
+    cached_keys, cached_values = step.cache.write(module.layer_idx, step.row_tensor, step.positions,
                                                   key[:, :, 0], value[:, :, 0])
     kv_heads = cached_keys.shape[1]
     grouped_query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     output = torch.cat([
-        F.scaled_dot_product_attention(grouped_query[row:row + 1], cached_keys[row:row + 1, :, :length],
+        F.scaled_dot_product_attention(grouped_query[index:index + 1], cached_keys[row:row + 1, :, :length],
                                        cached_values[row:row + 1, :, :length], scale=scaling)
-        for row, length in enumerate(step.lengths)
+        for index, (row, length) in enumerate(zip(step.rows, step.lengths))
     ])
     return output.reshape(batch, heads, 1, head_dim).transpose(1, 2)
 

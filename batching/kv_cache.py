@@ -37,10 +37,13 @@ class RowKVCache:
         self.capacity = self.initial_capacity
 
     @torch.inference_mode()
-    def move_row(self, source: int, target: int, length: int) -> None:
+    def copy_rows(self, sources: list[int], targets: list[int], length: int) -> None:
+        """Row targets[i] takes the first `length` K/V of row sources[i] (as they were before any copy)."""
         for keys, values in self.layers.values():
-            keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]
+            source_rows = torch.tensor(sources, device=keys.device)
+            target_rows = torch.tensor(targets, device=keys.device)
+            keys[target_rows, :, :length] = keys[source_rows, :, :length]
+            values[target_rows, :, :length] = values[source_rows, :, :length]
 
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,9 @@
-"""How right Whisper's times are: word error rate, and how far word and segment start times fall from where
-the words were really spoken, on clips whose layout is known because they are built word by word (espeak-ng
-speaks each word; the words of a sentence are joined with short gaps, sentences with pauses of 1 to 6 s,
-one clip opening on 8 s of silence). Also audio seconds per wall second at 1 and 8 clients. The server with
-the speech detector on and off, beside transformers' ASR pipeline with return_timestamps="word" on the same
-weights, one clip at a time, in its own process after the server stops.
+"""How right Whisper's times are: word error rate, and how far word and segment start times fall from where the
+words were really spoken, on clips whose layout is known because they are built word by word (espeak-ng speaks
+each word; the words of a sentence are joined with short gaps, sentences with pauses of 1 to 6 s, one clip
+opening on 8 s of silence). Also audio seconds per wall second at 1 and 8 clients. The server, greedy and with
+five beams, with the speech detector on and off, beside transformers' ASR pipeline with
+return_timestamps="word" on the same weights, one clip at a time, in its own process after the server stops.
 
     python -m bench.whisper_timing
 """
@@ -39,6 +39,7 @@ LAYOUTS = {"pauses of 1.5 s": (0.5, SENTENCES[:4], 1.5), "pauses of 6 s": (0.5, 
            "8 s of silence first": (8.0, SENTENCES[7:10], 1.0)}
 LEVELS = (1, 8)
 REPEATS = 4  # each clip this many times per level
+BEAMS = (1, 5)  # greedy, and beam search as OpenAI's transcribe runs it by default
 
 
 @dataclass
@@ -161,15 +162,16 @@ def throughput(run_one, clips: list[Clip], concurrency: int) -> float:
     return sum(c.seconds for c in work) / (time.perf_counter() - started)
 
 
-def server_rows(clips: list[Clip], env: dict[str, str]) -> list[Row]:
-    rows = []
-    with running_server("--serving-type", "whisper", env=env, log_path=RESULTS / "whisper-timing-server.log") as url:
+def server_rows(clips: list[Clip], env: dict[str, str], beams: int) -> list[Row]:
+    rows, decoding = [], "greedy" if beams == 1 else f"beam {beams}"
+    with running_server("--serving-type", "whisper", "--whisper-beam-size", str(beams), env=env,
+                        log_path=RESULTS / f"whisper-timing-server-beam{beams}.log") as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
         for vad in (True, False):
             results = [server_result(client, clip, vad) for clip in clips]
             speeds = {f"{level} client{'s' * (level > 1)}": throughput(lambda c: server_result(client, c, vad),
                                                                          clips, level) for level in LEVELS}
-            rows.append(Row(f"Batchwise, greedy, VAD {'on' if vad else 'off'}", *score(clips, results), speeds))
+            rows.append(Row(f"Batchwise, {decoding}, VAD {'on' if vad else 'off'}", *score(clips, results), speeds))
             print(rows[-1], flush=True)
     return rows
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     env = process_env(os.environ.get("MKL_CBWR", DEFAULT_MKL_CBWR))
     with tempfile.TemporaryDirectory() as folder:
         clips = [build_clip(name, Path(folder)) for name in LAYOUTS]
-        rows = server_rows(clips, env)
+        rows = [row for beams in BEAMS for row in server_rows(clips, env, beams)]
         rows.append(pipeline_in_own_process(clips, env))
     text = report(clips, rows)
     (RESULTS / "whisper-timing.md").write_text(text + "\n")

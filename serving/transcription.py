@@ -16,7 +16,7 @@ import numpy as np
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from batching import Engine, QueueFullError, SamplingParams, Sequence
-from batching.families.whisper_runner import SpeechWindow
+from batching.families.whisper_runner import SpeechWindow, decoded
 from config import Config
 from models import TranscriptionSegment, TranscriptionWord
 from serving.errors import APIError, check_error, check_model_name, server_busy
@@ -73,8 +73,9 @@ def compression_ratio(text: str) -> float:
 
 
 class TranscriptionService:
-    def __init__(self, engine: Engine, loaded: LoadedWhisper, served_names: tuple[str, ...]) -> None:
+    def __init__(self, engine: Engine, loaded: LoadedWhisper, served_names: tuple[str, ...], beams: int = 1) -> None:
         self.engine = engine
+        self.beams = beams  # per window decoded at temperature 0
         self.metrics: Metrics | None = None
         self.served_names = served_names
         self.model_name = served_names[0]
@@ -206,17 +207,19 @@ class TranscriptionJob:
             for attempt, temperature in enumerate(temperatures := self.options.temperatures()):
                 last_attempt = attempt == len(temperatures) - 1
                 seq = await self._submit_window(seek, previous, language, temperature)
-                gate = StreamedText(seq.inputs, self.service.text_of, self.service.tokens.timestamp_begin, final,
-                                    hold=not last_attempt)
+                window = seq.inputs  # a beam search's text is only known at its end: held till then
+                gate = StreamedText(window, self.service.text_of, self.service.tokens.timestamp_begin, final,
+                                    hold=not last_attempt or window.beams > 1)
                 async for text in self._stream_window(seq, gate):
                     yield text
-                seq.inputs.avg_logprob = seq.cumulative_logprob / max(len(seq.output_ids), 1)
-                text_ratio = compression_ratio(self.service.text_of(seq.output_ids))
-                if last_attempt or not decoded_badly(seq.inputs, text_ratio):
+                result = decoded(seq)
+                window.avg_logprob = result.logprob / max(len(result.tokens), 1)
+                ratio = compression_ratio(self.service.text_of(result.tokens))
+                if last_attempt or not decoded_badly(window, ratio):
                     break
-            words = await self._timed_words(seq, language) if self.options.word_timestamps else []
+            words = await self._timed_words(window, result.tokens, language) if self.options.word_timestamps else []
             segments_before = len(self.transcript.segments)
-            advance, kept_tokens = self._add_segments(seq, seek, final, temperature, words)
+            advance, kept_tokens = self._add_segments(window, result.tokens, ratio, seek, final, temperature, words)
             kept = "".join(segment.text for segment in self.transcript.segments[segments_before:])
             if text := self._visible(gate.finish(kept)):
                 yield text
@@ -231,6 +234,7 @@ class TranscriptionJob:
         service = self.service
         prompt, start_index = service.decoder_prompt(previous, language, self.options.task)
         window = await service.window(self.audio, seek, start_index)
+        window.beams = service.beams if temperature == 0 else 1  # hotter retries sample, as OpenAI's do
         if self.options.word_timestamps:
             window.audio_positions = max(1, (min(self.window_frames, self.content_frames - seek) + 1) // 2)
         self.windows += 1
@@ -259,25 +263,24 @@ class TranscriptionJob:
             return []
         return self.service.tokenizer.encode(" " + self.options.prompt.strip(), add_special_tokens=False)
 
-    async def _timed_words(self, seq: Sequence, language: str) -> list[TimedWord]:
+    async def _timed_words(self, window: SpeechWindow, tokens: list[int], language: str) -> list[TimedWord]:
         """The window's words timed by its cross-attention, off the event loop."""
         decode = self.service.tokenizer.decode
         text_language = "en" if self.options.task == "translate" else language
-        return await asyncio.to_thread(self.service._timed, "word_timing", align_words, seq.inputs.alignment_scores,
-                                       seq.output_ids, self.service.tokens.end_of_text, decode, text_language)
+        return await asyncio.to_thread(self.service._timed, "word_timing", align_words, window.alignment_scores,
+                                       tokens, self.service.tokens.end_of_text, decode, text_language)
 
 
-    def _add_segments(self, seq: Sequence, seek: int, final: bool, temperature: float,
-                      words: list[TimedWord]) -> tuple[int, list[int]]:
+    def _add_segments(self, window: SpeechWindow, decoded_tokens: list[int], ratio: float, seek: int, final: bool,
+                      temperature: float, words: list[TimedWord]) -> tuple[int, list[int]]:
         """Append the window's segments (none if it is silence) and their words; return the frames to advance
         and the tokens the transcript kept."""
-        window, frames = seq.inputs, min(self.window_frames, self.content_frames - seek)
+        frames = min(self.window_frames, self.content_frames - seek)
         if is_silent(window):
             return frames, []
         tokens = self.service.tokens
-        generated = [token for token in seq.output_ids if token != tokens.end_of_text]
+        generated = [token for token in decoded_tokens if token != tokens.end_of_text]
         parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
-        ratio = compression_ratio(self.service.text_of(seq.output_ids))
         offset, duration = seek / FRAMES_PER_SECOND, self.transcript.duration
 
         def original(seconds: float, is_end: bool = False) -> float:
@@ -335,7 +338,7 @@ async def start_transcription_service(config: Config, progress: StartupProgress)
     progress.enter("building the engine")
     engine = build_whisper_engine(loaded, config)
     engine.start()
-    service = TranscriptionService(engine, loaded, config.served_names(loaded.name))
+    service = TranscriptionService(engine, loaded, config.served_names(loaded.name), config.whisper_beam_size)
     logger.info("serving %s (speech to text) on http://%s:%d", ", ".join(service.served_names), config.host,
                 config.port)
     return service

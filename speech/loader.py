@@ -98,7 +98,10 @@ def load_whisper(config: Config) -> LoadedWhisper:
 
 def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     batch_size = config.continuous_batching_batch_size
-    cache = WhisperRowCache(max_rows=batch_size, max_length=loaded.model.config.max_target_positions)
+    cache = WhisperRowCache(max_rows=batch_size, max_length=loaded.model.config.max_target_positions,
+                            beams=config.whisper_beam_size)
+    if config.whisper_beam_size > 1:
+        logger.info("windows at temperature 0 are decoded with %d beams (a batch row each)", config.whisper_beam_size)
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=STEP_TOKENS)
     runner = WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),

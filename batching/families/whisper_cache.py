@@ -1,8 +1,9 @@
-"""Per-row memory for Whisper decoding: the growing self-attention K/V of each row, and the cross-attention
-K/V of the row's audio window, projected from the encoder once when the window is admitted. Running windows
-occupy rows 0..B-1 (the scheduler moves the last row into a freed one), so a decode step reads every row's
-audio K/V as one batch. It serves the scheduler as its KV memory; rows never run out, so nothing is
-preempted."""
+"""Per-row memory for Whisper decoding: the growing self-attention K/V of each row, and the cross-attention K/V
+of the row's audio window, projected from the encoder once when the window is admitted. Running windows occupy
+rows 0..B-1 (the scheduler moves the last row into a freed one), so a decode step reads every row's audio K/V
+as one batch. A window decoded with beam search has one self-attention row per beam (window row r, beam b:
+self-attention row r x beams + b), and its beams share the window's audio K/V. It serves the scheduler as its
+KV memory; rows never run out, so nothing is preempted."""
 
 from __future__ import annotations
 
@@ -13,11 +14,24 @@ from batching.sequence import Sequence
 
 
 class WhisperRowCache:
-    def __init__(self, max_rows: int, max_length: int) -> None:
+    def __init__(self, max_rows: int, max_length: int, beams: int = 1) -> None:
         self.max_rows = max_rows
-        self.self_attention = RowKVCache(max_rows, max_length)
+        self.beams = beams
+        self.self_attention = RowKVCache(max_rows * beams, max_length)
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> [rows, heads, frames, head_dim] x2
         self.pending_moves: list[tuple[int, int, int]] = []  # (source row, target row, self-attention length)
+
+    def beam_row(self, row: int, beam: int = 0) -> int:
+        """The self-attention row of a window's beam."""
+        return row * self.beams + beam
+
+    def reorder_beams(self, row: int, parents: list[int], length: int) -> None:
+        """On the step thread: beam b of the window in `row` continues beam parents[b], so it takes that beam's
+        first `length` self-attention K/V."""
+        moved = [(parent, beam) for beam, parent in enumerate(parents) if parent != beam]
+        if moved:
+            self.self_attention.copy_rows([self.beam_row(row, parent) for parent, _ in moved],
+                                          [self.beam_row(row, beam) for _, beam in moved], length)
 
     def grow_rows(self, length: int) -> None:
         """On the step thread: room for `length` self-attention positions in every row."""
@@ -58,8 +72,10 @@ class WhisperRowCache:
 
     @torch.inference_mode()
     def _move(self, source: int, target: int, length: int) -> None:
-        """`length` counts the row's self-attention entries; its cross-attention K/V move whole."""
-        self.self_attention.move_row(source, target, length)
+        """`length` counts the row's self-attention entries (in each of its beams); its cross-attention K/V move
+        whole."""
+        self.self_attention.copy_rows([self.beam_row(source, beam) for beam in range(self.beams)],
+                                      [self.beam_row(target, beam) for beam in range(self.beams)], length)
         for keys, values in self.cross.values():
             keys[target] = keys[source]
             values[target] = values[source]

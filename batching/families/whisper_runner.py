@@ -4,6 +4,8 @@ Newly admitted windows: the encoder runs once over all of them, every decoder la
 K/V are projected from its output once and stored in the window's row, then the decoder prompts run
 packed. Running windows: one token per row, self-attention over the row's own cache (attended row by
 row, so a row's result does not depend on its neighbours), cross-attention over the row's stored K/V.
+A window decoded with beam search (batching.families.whisper_beams) decodes one row per beam, every beam
+attending to the window's one copy of its audio K/V.
 For a window that wants word timestamps, the alignment heads' cross-attention scores of the query that
 chose each token are kept (speech.word_timing turns them into times when the window ends).
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration
 
 from batching.attention import DecodeStep, PrefillStep, batchwise_attention, pack_prompts
+from batching.families.whisper_beams import BeamSearch, Hypothesis
 from batching.families.whisper_cache import WhisperRowCache
 from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
@@ -39,30 +42,57 @@ class SpeechWindow:
     detect_language: bool = False
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0  # of the window's tokens, set when its decoding ends
+    beams: int = 1  # beam search width; 1 samples (greedy at temperature 0)
+    search: BeamSearch | None = None  # the window's beam search, from its first step on
     audio_positions: int | None = None  # encoder positions that hold audio (20 ms each); word timing only
     # per generated token: the alignment heads' cross-attention scores ([heads, audio_positions], float32, on
     # the model's device until the window ends) of the query that chose it, for a window with audio_positions set
     alignment_scores: list[torch.Tensor] = field(default_factory=list)
 
+    @property
+    def rows(self) -> int:
+        """Rows it decodes in a step: one per running beam."""
+        return len(self.search.running) if self.search else 1
+
+
+def decoded(seq: Sequence) -> Hypothesis:
+    """What a finished window decoded: its best hypothesis under beam search, else its sampled tokens. (The
+    sequence of a beam-searched window carries the best running beam's newest token at each step, so that it
+    advances and ends with the search; its own tokens are not the transcript's.)"""
+    search = seq.inputs.search
+    return search.best if search else Hypothesis(seq.output_ids, seq.cumulative_logprob)
+
+
+def beam_rows(seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+    """The rows a step computes, in order: (window, beam) for each running beam, (window, 0) for the others."""
+    return [(seq, beam) for seq in seqs for beam in range(seq.inputs.rows)]
+
+
+def history(seq: Sequence, beam: int) -> list[int]:
+    """The tokens a row has generated: its beam's, or the sequence's own."""
+    search = seq.inputs.search
+    return search.running[beam].tokens if search else seq.output_ids
+
 
 class AlignmentRecorder:
-    """Collects, during one step, the alignment heads' cross-attention scores of the rows that want them."""
+    """Collects, during one forward, the alignment heads' cross-attention scores of the rows whose windows want
+    them (row i belongs to windows[i])."""
 
-    def __init__(self, heads: dict[int, list[int]], seqs: list[Sequence]) -> None:
+    def __init__(self, heads: dict[int, list[int]], windows: list[SpeechWindow]) -> None:
         self.heads = heads
-        self.wanting = {index: seq for index, seq in enumerate(seqs) if seq.inputs.audio_positions}
+        self.wanting = {index: window for index, window in enumerate(windows) if window.audio_positions}
         self.scores: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
 
     def record(self, layer: int, index: int, query: torch.Tensor, keys: torch.Tensor) -> None:
-        """query: [heads, dim] (scaled), keys: [heads, frames, dim] of batch item `index`."""
+        """query: [heads, dim] (scaled), keys: [heads, frames, dim] of row `index`'s window."""
         if index in self.wanting and layer in self.heads:
             heads = self.heads[layer]
             self.scores[index].append(torch.einsum("hd,hfd->hf", query[heads], keys[heads]))
 
-    def finish(self) -> None:
-        for index, seq in self.wanting.items():
-            window = seq.inputs
-            window.alignment_scores.append(torch.cat(self.scores[index])[:, :window.audio_positions].float())
+    def finish(self) -> dict[int, torch.Tensor]:
+        """Each wanting row's scores, [alignment heads, audio positions]."""
+        return {index: torch.cat(self.scores[index])[:, :window.audio_positions].float()
+                for index, window in self.wanting.items()}
 
 
 class WhisperRunner:
@@ -86,25 +116,67 @@ class WhisperRunner:
         (rows 0..B-1, in row order)."""
         prefilling = [span.seq for span in spans if span.start == 0]
         decoding = [span.seq for span in spans if span.start > 0]
-        logits = self.logits(prefilling, decoding)
-        seqs = prefilling + decoding
+        logits, alignment = self._forward(prefilling, decoding)
+        rows = beam_rows(prefilling + decoding)
         with self._timed("rules_and_sampling"):
-            ruled = self.rules.apply(logits, [s.output_ids for s in seqs], [s.inputs.detect_language for s in seqs])
-            # the sampler reports each token's log-prob under these ruled logits (seq.cumulative_logprob)
-            tokens = dict(zip(seqs, sample(ruled, seqs)))
-        return [tokens[span.seq] for span in spans]
+            searching = [index for index, (seq, _) in enumerate(rows) if seq.inputs.beams > 1]
+            if searching:  # beams add up log-probabilities: normalised first, then ruled (as transformers does)
+                logits[searching] = logits[searching].log_softmax(dim=-1)
+            ruled = self.rules.apply(logits, [history(seq, beam) for seq, beam in rows],
+                                     [seq.inputs.detect_language for seq, _ in rows])
+            chosen = self._sample(rows, ruled, alignment)
+            for seq in dict.fromkeys(rows[index][0] for index in searching):
+                indices = [index for index in searching if rows[index][0] is seq]
+                chosen[seq] = self._advance_search(seq, ruled[indices], [alignment.get(i) for i in indices])
+        return [chosen[span.seq] for span in spans]
 
     @torch.inference_mode()
     def logits(self, prefilling: list[Sequence], decoding: list[Sequence]) -> torch.Tensor:
-        """The model's next-token logits ([sequences, vocab] float32), before Whisper's rules."""
-        logits = []
-        if prefilling:
-            logits.append(self._prefill_logits(prefilling))
-        if decoding:
-            logits.append(self._decode_logits(decoding))
-        return torch.cat(logits)
+        """The model's next-token logits ([rows, vocab] float32), before Whisper's rules: one row per prefilling
+        window, then one per decoding row."""
+        return self._forward(prefilling, decoding)[0]
 
-    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _forward(self, prefilling: list[Sequence], decoding: list[Sequence]
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The logits, and the alignment scores of the rows that want them (by row)."""
+        logits, alignment = [], {}
+        if prefilling:
+            prefill_logits, alignment = self._prefill_logits(prefilling)
+            logits.append(prefill_logits)
+        if decoding:
+            decode_logits, decode_alignment = self._decode_logits(decoding)
+            alignment |= {len(prefilling) + index: scores for index, scores in decode_alignment.items()}
+            logits.append(decode_logits)
+        return torch.cat(logits), alignment
+
+    def _sample(self, rows: list[tuple[Sequence, int]], ruled: torch.Tensor,
+                alignment: dict[int, torch.Tensor]) -> dict[Sequence, TokenLogprob]:
+        """A token for each window that samples; the sampler reports its log-prob under the ruled logits."""
+        sampling = [index for index, (seq, _) in enumerate(rows) if seq.inputs.beams == 1]
+        if not sampling:
+            return {}
+        seqs = [rows[index][0] for index in sampling]
+        for index, seq in zip(sampling, seqs):
+            if index in alignment:
+                seq.inputs.alignment_scores.append(alignment[index])
+        return dict(zip(seqs, sample(ruled[sampling], seqs)))
+
+    def _advance_search(self, seq: Sequence, logprobs: torch.Tensor, alignment: list[torch.Tensor | None]
+                        ) -> TokenLogprob:
+        """One beam search step for a window: its beams' caches follow their parents; the sequence gets the best
+        running beam's token, or the end of text once the search is done."""
+        window = seq.inputs
+        if window.search is None:
+            window.search = BeamSearch(window.beams, self.rules.tokens.end_of_text, seq.params.max_tokens)
+        search = window.search
+        parents = search.advance(logprobs, alignment if window.audio_positions else None)
+        if search.done:
+            window.alignment_scores = search.best.notes
+            return TokenLogprob(self.rules.tokens.end_of_text, 0.0)
+        self.cache.reorder_beams(seq.row, parents, seq.length)
+        return TokenLogprob(search.running[0].tokens[-1], 0.0)
+
+    def _prefill_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         rows = [seq.row for seq in seqs]
         with self._timed("encoder"):
             self._store_cross_attention(seqs, self._tensor(rows))
@@ -112,28 +184,31 @@ class WhisperRunner:
             self.cache.grow_rows(max(len(s.prompt_ids) for s in seqs))
             ids, positions, token_rows, spans = pack_prompts(seqs)
             position_tensor = self._tensor(positions)
-            step = PrefillStep(self.cache.self_attention, self._tensor(token_rows), position_tensor, spans)
-            recorder = AlignmentRecorder(self.alignment_heads, seqs)
+            step = PrefillStep(self.cache.self_attention, self._tensor([self.cache.beam_row(r) for r in token_rows]),
+                               position_tensor, spans)
+            recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq in seqs])
             hidden = self._decoder(self._tensor(ids)[None], position_tensor[None], step,
                                    partial(self._cross_prefill, spans=spans, rows=rows, recorder=recorder))
-            recorder.finish()
             starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
             ends = [end - 1 for _, end in spans]
             logits = self.model.proj_out(hidden[0, self._tensor(starts + ends)]).float()
             self._record_no_speech(seqs, logits[:len(seqs)])
-            return logits[len(seqs):]
+            return logits[len(seqs):], recorder.finish()
 
-    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _decode_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One row per running beam of each window (one for a window that samples), windows in row order."""
         with self._timed("decoder_steps"):
-            lengths = [s.length for s in seqs]
+            rows = beam_rows(seqs)
+            lengths = [seq.length for seq, _ in rows]
             self.cache.grow_rows(max(lengths))
             positions = self._tensor([length - 1 for length in lengths])
-            step = DecodeStep(self.cache.self_attention, positions, lengths)
-            ids = self._tensor([s.last_token for s in seqs])[:, None]
-            recorder = AlignmentRecorder(self.alignment_heads, seqs)
-            hidden = self._decoder(ids, positions[:, None], step, partial(self._cross_decode, recorder=recorder))
-            recorder.finish()
-            return self.model.proj_out(hidden[:, -1]).float()
+            step = DecodeStep(self.cache.self_attention, [self.cache.beam_row(seq.row, beam) for seq, beam in rows],
+                              positions, lengths)
+            ids = self._tensor([history(seq, beam)[-1] for seq, beam in rows])[:, None]
+            recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
+            attend = partial(self._cross_decode, queries=[seq.inputs.rows for seq in seqs], recorder=recorder)
+            hidden = self._decoder(ids, positions[:, None], step, attend)
+            return self.model.proj_out(hidden[:, -1]).float(), recorder.finish()
 
     def _store_cross_attention(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
         features = torch.stack([s.inputs.features for s in seqs]).to(self.device, self.model.dtype)
@@ -177,12 +252,28 @@ class WhisperRunner:
             recorder.record(layer, index, query[0, :, end - 1], keys[0])
         return torch.cat(outputs, dim=2)
 
-    def _cross_decode(self, layer: int, query: torch.Tensor, recorder: AlignmentRecorder) -> torch.Tensor:
-        """One token per row ([B, heads, 1, dim]); every row's audio has the same length, so no mask."""
-        keys, values = self.cache.cross_rows(layer, 0, query.shape[0])
+    def _cross_decode(self, layer: int, query: torch.Tensor, queries: list[int], recorder: AlignmentRecorder
+                      ) -> torch.Tensor:
+        """One token per row ([rows, heads, 1, dim]); window w (rows 0..B-1 of the audio K/V) has queries[w] of
+        them, one per beam, laid along the query axis of its attention. Every window's audio has the same
+        length, so no mask; windows with as many queries each attend as one batch."""
+        keys, values = self.cache.cross_rows(layer, 0, len(queries))
+        window_of_row = [window for window, count in enumerate(queries) for _ in range(count)]
         for index in recorder.wanting:
-            recorder.record(layer, index, query[index, :, 0], keys[index])
-        return F.scaled_dot_product_attention(query, keys, values, scale=1.0)
+            recorder.record(layer, index, query[index, :, 0], keys[window_of_row[index]])
+        if len(set(queries)) == 1:
+            windows, beams = len(queries), queries[0]
+            grouped = query.reshape(windows, beams, self.heads, -1).transpose(1, 2)  # [windows, heads, beams, dim]
+            output = F.scaled_dot_product_attention(grouped, keys, values, scale=1.0)
+            return output.transpose(1, 2).reshape(windows * beams, 1, self.heads, -1).transpose(1, 2)
+        outputs, start = [], 0
+        for window, count in enumerate(queries):
+            window_query = query[start:start + count].transpose(0, 2)  # [1, heads, beams, dim]
+            output = F.scaled_dot_product_attention(window_query, keys[window:window + 1], values[window:window + 1],
+                                                    scale=1.0)
+            outputs.append(output.transpose(0, 2))
+            start += count
+        return torch.cat(outputs)
 
     def _record_no_speech(self, seqs: list[Sequence], start_logits: torch.Tensor) -> None:
         no_speech = self.rules.tokens.no_speech

@@ -143,6 +143,32 @@ def test_hqq_quantised_whisper_still_transcribes(clips, tmp_path):
     assert quantised and int(quantised[1]) > 0
 
 
+def test_beam_search_serves_text_times_and_streams_that_agree(clips, laid_out):
+    """--whisper-beam-size 5: each window decoded at temperature 0 is a five-beam search. Its words are timed
+    where they are spoken, a long clip's windows chain, its stream carries the final text, and clips decoded
+    together equal each decoded alone."""
+    with running_server("--serving-type", "whisper", "--whisper-beam-size", "5") as base_url:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        clip, voices = laid_out["step, pause, fox"]
+        timed = transcribe(client, clip, response_format="verbose_json", timestamp_granularities=["word", "segment"])
+        long = transcribe(client, clips["long"], response_format="verbose_json")
+        streamed = list(transcribe(client, clips["long"], stream=True))
+        names = ["fox", "short0", "short1", "short2"]
+        alone = [transcribe(client, clips[name]).text for name in names]
+        with ThreadPoolExecutor(len(names)) as pool:
+            together = list(pool.map(lambda name: transcribe(client, clips[name]).text, names))
+    assert " ".join(w.word for w in timed.words) == " ".join(timed.text.split())
+    for voice_on, voice_off in voices:
+        sentence = [w for w in timed.words if voice_on - 0.5 <= w.start and w.end <= voice_off + 0.5]
+        assert len(sentence) >= 8 and abs(sentence[0].start - voice_on) <= 0.5, timed.words
+        assert abs(sentence[-1].end - voice_off) <= 0.5, timed.words
+    assert len({s.seek for s in long.segments}) >= 2
+    for word in ("fox", "journey", "weather", "meeting", "library", "engineers"):
+        assert word in long.text.lower(), long.text
+    assert "".join(e.delta for e in streamed[:-1]) == streamed[-1].text == long.text
+    assert together == alone and "lazy dog" in alone[0].lower()
+
+
 def test_word_timestamps_need_verbose_json(server, clips):
     response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("fox.wav", clips["fox"])},
                           data={"model": "whisper-1", "timestamp_granularities[]": "word"})

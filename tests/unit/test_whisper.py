@@ -12,22 +12,26 @@ import av
 import numpy as np
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
-from transformers.generation.logits_process import SuppressTokensLogitsProcessor, WhisperTimeStampLogitsProcessor
+from transformers import (GenerationConfig, GenerationMixin, LlamaConfig, LlamaForCausalLM, WhisperConfig,
+                          WhisperForConditionalGeneration)
+from transformers.generation.logits_process import (LogitsProcessorList, SuppressTokensLogitsProcessor,
+                                                    WhisperTimeStampLogitsProcessor)
 
 from api.audio import render
 from batching import Sequence
 from batching.detokenizer import IncrementalDetokenizer
+from batching.families.whisper_beams import BeamSearch
 from batching.families.whisper_cache import WhisperRowCache
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
-from batching.families.whisper_runner import SpeechWindow, WhisperRunner
+from batching.families.whisper_runner import SpeechWindow, WhisperRunner, decoded
+from batching.scheduler import Span
 from config import Config
 from models import TranscriptionSegment
 from serving.errors import APIError
 from serving.transcription import Transcript, TranscriptionOptions, TranscriptionService, compression_ratio
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
-from speech.long_form import StreamedText, is_silent, split_window
+from speech.long_form import StreamedText, is_silent, split_window, window_features
 from speech.subtitles import clock, to_srt, to_vtt
 from speech.vad import SpeechDetector, SpeechMap
 from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
@@ -158,14 +162,14 @@ def test_runner_matches_transformers_on_tiny_en(tiny_en):
 
 
 def decode_windows(loaded: LoadedWhisper, windows: list[tuple[list[int], torch.Tensor, int]],
-                   batch_size: int = 8) -> list[Sequence]:
+                   batch_size: int = 8, beams: int = 1) -> list[Sequence]:
     """Run (prompt, features, max_tokens) windows through the real engine at once; they finish at different
     steps, so rows are freed and refilled by moving the last row (with its cross-attention K/V)."""
     async def body(engine):
-        seqs = [engine.add(prompt, greedy(limit), inputs=window(loaded, prompt, features))
-                for prompt, features, limit in windows]
+        seqs = [engine.add(prompt, greedy(limit), inputs=dataclasses.replace(window(loaded, prompt, f), beams=beams))
+                for prompt, f, limit in windows]
         return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
-    config = Config(serving_type="whisper", continuous_batching_batch_size=batch_size)
+    config = Config(serving_type="whisper", continuous_batching_batch_size=batch_size, whisper_beam_size=beams)
     return run_with_engine(lambda: build_whisper_engine(loaded, config), body)
 
 
@@ -199,6 +203,67 @@ def test_windows_joining_a_running_batch_decode_as_alone(random_whisper):
     joined = run_with_engine(lambda: build_whisper_engine(random_whisper, config), staggered)
     alone = [decode_windows(random_whisper, [w])[0] for w in windows]
     assert [s.output_ids for s in joined] == [s.output_ids for s in alone]
+
+def transformers_beam_search(loaded: LoadedWhisper, generation: GenerationConfig, prompt: list[int],
+                             features: torch.Tensor, max_tokens: int, beams: int) -> list[int]:
+    """transformers' own beam search (GenerationMixin.generate, num_beams) under the processors our rules
+    match (test_rules_match_transformers_processors): the tokens after the prompt."""
+    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(generation.suppress_tokens),
+                                      WhisperTimeStampLogitsProcessor(generation, begin_index=len(prompt))])
+    end_of_text = loaded.tokens.end_of_text
+    settings = GenerationConfig(num_beams=beams, do_sample=False, max_new_tokens=max_tokens, length_penalty=1.0,
+                                early_stopping=False, eos_token_id=end_of_text, pad_token_id=end_of_text,
+                                decoder_start_token_id=loaded.tokens.start_of_transcript)
+    with torch.inference_mode():
+        output = GenerationMixin.generate(loaded.model, input_features=features[None],
+                                          decoder_input_ids=torch.tensor([prompt]), generation_config=settings,
+                                          logits_processor=processors)
+    tokens = output[0, len(prompt):].tolist()
+    return tokens[:tokens.index(end_of_text) + 1] if end_of_text in tokens else tokens
+
+
+@pytest.mark.parametrize("beams", [2, 5])
+def test_beam_search_matches_transformers_generate(tiny_en, beams):
+    """tiny.en on spoken windows, decoded together with N beams each (every beam a batch row; one window ends
+    at its token limit, two at their end of text, at different steps): each chooses the tokens transformers'
+    generate(num_beams=N) chooses for it alone."""
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); it synthesises the test speech")
+    clips = [spoken_clip(SENTENCES[i:i + count], pause_seconds=0.5) for i, count in ((0, 1), (1, 2), (3, 1))]
+    features = [window_features(tiny_en.processor.feature_extractor, decode_audio(clip), 0) for clip in clips]
+    prompt = [tiny_en.tokens.start_of_transcript]
+    windows = [(prompt, f, limit) for f, limit in zip(features, (100, 100, 12))]
+    seqs = decode_windows(tiny_en, windows, beams=beams)
+    expected = [transformers_beam_search(tiny_en, tiny_en.model.generation_config, *w, beams) for w in windows]
+    assert [decoded(seq).tokens for seq in seqs] == expected
+    assert [tokens[-1] == tiny_en.tokens.end_of_text for tokens in expected] == [True, True, False]
+    greedy_tokens = [seq.output_ids for seq in decode_windows(tiny_en, windows)]
+    assert greedy_tokens != expected, "beam search should choose differently from greedy somewhere"
+    for seq in seqs:
+        assert decoded(seq).logprob < 0 and seq.inputs.search.done
+
+def test_beam_search_keeps_what_transformers_keeps_when_hypotheses_end_at_many_lengths():
+    """A random language model over 12 tokens ends often, at varied lengths, so the length-normalised scores,
+    the spare candidates and the early stop all decide: fed the model's log-probabilities of its running beams,
+    BeamSearch finds the hypothesis transformers' generate(num_beams=N) returns."""
+    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(config).eval()
+    lengths = set()
+    for prompt in ([0, *range(first, first + size)] for first in range(2, 10) for size in (1, 3)):
+        for beams in (2, 3, 5):
+            with torch.inference_mode():
+                output = model.generate(torch.tensor([prompt]), num_beams=beams, do_sample=False, max_new_tokens=10,
+                                        length_penalty=1.0, early_stopping=False)[0, len(prompt):].tolist()
+                search = BeamSearch(beams, end_of_text=1, max_tokens=10)
+                while not search.done:
+                    ids = torch.tensor([prompt + beam.tokens for beam in search.running])
+                    search.advance(model(ids).logits[:, -1].float().log_softmax(dim=-1))
+            expected = output[:output.index(1) + 1] if 1 in output else output
+            assert search.best.tokens == expected, (prompt, beams)
+            lengths.add(len(expected))
+    assert len(lengths) >= 3, lengths
 
 # ---------------------------------------------------------------- the transcription service, in process
 
@@ -509,16 +574,15 @@ def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en)
     seqs = [window_sequence(tiny_en, prompt, f, row) for row, (prompt, f) in enumerate(zip(prompts(tiny_en), features))]
     for seq in seqs:
         seq.inputs.audio_positions = model.config.max_source_positions
-    with torch.inference_mode():
-        logits = runner.logits(seqs, [])
-        for _ in range(3):
-            for seq, row_logits in zip(seqs, logits):
-                seq.output_ids.append(int(row_logits.argmax()))
-            logits = runner.logits([], seqs)
+    spans = [Span(seq, 0, len(seq.prompt_ids)) for seq in seqs]
+    for _ in range(4):
+        for seq, token in zip(seqs, runner.step(spans)):
+            seq.output_ids.append(token.token_id)
+        spans = [Span(seq, seq.length - 1, seq.length) for seq in seqs]
     model.set_attn_implementation("eager")  # the implementation that returns attention weights
     try:
         for seq, f in zip(seqs, features):
-            assert len(seq.inputs.alignment_scores) == len(seq.output_ids) + 1  # the next token's too
+            assert len(seq.inputs.alignment_scores) == len(seq.output_ids)
             ids = torch.tensor([seq.prompt_ids + seq.output_ids])
             with torch.inference_mode():
                 output = model(input_features=f[None], decoder_input_ids=ids, output_attentions=True)
