@@ -9,6 +9,7 @@ writes them into the engine's KV memory and attends over them:
   row attending over its whole fixed-length slot, masked to its own length: shapes never change, so the
   step compiles once per batch size;
 - PrefillStep / DecodeStep (row caches, as the Whisper runner uses): packed prompts, then one token per row;
+  StaticRowStep: the same rows allocated whole, every row attending over all of its row masked to its length;
 - ProbeStep: one token through the model to learn its KV layout.
 """
 
@@ -71,7 +72,20 @@ class DecodeStep:
         self.row_tensor = torch.tensor(self.rows, device=self.positions.device)
 
 
-Step = SpanStep | StaticDecodeStep | ProbeStep | PrefillStep | DecodeStep
+@dataclass
+class StaticRowStep:
+    """One token per row of row caches allocated whole ([rows, kv_heads, max_length, head_dim] per layer, as a
+    static Whisper cache keeps them): row i writes its K/V at (write_rows[i], positions[i]) (a padding row writes
+    to a scratch row) and attends over all of cache row i with the positions from lengths[i] on masked out, so
+    that every shape depends on the row count alone."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    write_rows: torch.Tensor  # [rows]
+    positions: torch.Tensor  # [rows]
+    lengths: torch.Tensor  # [rows]
+
+
+Step = SpanStep | StaticDecodeStep | ProbeStep | PrefillStep | DecodeStep | StaticRowStep
 
 
 def pack_prompts(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
@@ -100,6 +114,8 @@ def batchwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return query.transpose(1, 2), None
     if isinstance(batchwise_step, PrefillStep):
         return _prefill_attention(module, query, key, value, scaling, batchwise_step), None
+    if isinstance(batchwise_step, StaticRowStep):
+        return _static_row_attention(module, query, key, value, scaling, batchwise_step), None
     return _decode_attention(module, query, key, value, scaling, batchwise_step), None
 
 
@@ -185,6 +201,18 @@ def _decode_attention(module, query, key, value, scaling, step: DecodeStep) -> t
         for index, (row, length) in enumerate(zip(step.rows, step.lengths))
     ])
     return output.reshape(batch, heads, 1, head_dim).transpose(1, 2)
+
+
+def _static_row_attention(module, query, key, value, scaling, step: StaticRowStep) -> torch.Tensor:
+    """One token per row ([rows, heads, 1, dim]) over whole cache rows, each masked to its own length."""
+    rows = query.shape[0]
+    cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
+    cached_keys[step.write_rows, :, step.positions] = key[:, :, 0]
+    cached_values[step.write_rows, :, step.positions] = value[:, :, 0]
+    mask = torch.arange(cached_keys.shape[2], device=query.device) < step.lengths[:, None]
+    output = F.scaled_dot_product_attention(query, cached_keys[:rows], cached_values[:rows],
+                                            attn_mask=mask[:, None, None, :], scale=scaling, enable_gqa=True)
+    return output.transpose(1, 2)
 
 
 def _no_mask(*args, **kwargs) -> None:

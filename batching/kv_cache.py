@@ -20,6 +20,13 @@ class RowKVCache:
         self.capacity = self.initial_capacity
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def allocate(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Every layer's tensors at their full length now (a static cache), so they never grow or move."""
+        shape = (self.max_rows, kv_heads, self.max_length, head_dim)
+        self.layers = {layer: (torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device)) for layer in range(layers)}
+        self.capacity = self.max_length
+
     @torch.inference_mode()
     def reserve(self, length: int) -> None:
         if length <= self.capacity:

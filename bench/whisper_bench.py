@@ -3,7 +3,9 @@
 (in its own process, after the server stops: both are CPU-bound), and where the server's time goes.
 
     python -m bench.whisper_bench
-    python -m bench.whisper_bench --requests 24 --server-args "--torch-dtype bfloat16"
+    python -m bench.whisper_bench --requests 24 --server-args "" --server-args "--torch-compile true"
+
+Each --server-args is one server configuration, measured one after another in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import httpx
 from openai import OpenAI
 
 from bench.report import fmt
-from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, process_env
+from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, cpu_model, process_env
 from bench.stats import percentile
 from tests.helpers.server_process import running_server
 from tests.helpers.synthetic_speech import SENTENCES, spoken_clip, wav_seconds
@@ -81,13 +83,13 @@ def transcribe_streaming(client: OpenAI, clip: Clip) -> tuple[float, float]:
     return first_text or float("nan"), time.perf_counter() - started
 
 
-def run_level(base_url: str, clips: list[Clip], concurrency: int) -> AudioMeasurement:
+def run_level(base_url: str, clips: list[Clip], concurrency: int, label: str = "server") -> AudioMeasurement:
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda clip: transcribe_streaming(client, clip), clips))
     wall = time.perf_counter() - started
-    return AudioMeasurement(f"server, {concurrency} concurrent client{'s' * (concurrency > 1)}",
+    return AudioMeasurement(f"{label}, {concurrency} concurrent client{'s' * (concurrency > 1)}",
                             sum(c.seconds for c in clips), wall, [r[0] for r in results], [r[1] for r in results])
 
 
@@ -98,13 +100,13 @@ def server_snapshot(base_url: str) -> dict[str, float]:
 
 def run_server(clips: list[Clip], requests: int, server_args: list[str],
                env: dict[str, str]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
-    results = []
+    results, label = [], f"server {shlex.join(server_args)}" if server_args else "server"
     with running_server("--serving-type", "whisper", *server_args, env=env,
                         log_path=RESULTS / "whisper-server.log") as base_url:
         run_level(base_url, clips[:1], 1)  # warm-up
         for level in LEVELS:
             before = server_snapshot(base_url)
-            measurement = run_level(base_url, workload(clips, requests), level)
+            measurement = run_level(base_url, workload(clips, requests), level, label)
             after = server_snapshot(base_url)
             results.append((measurement, {key: after[key] - before.get(key, 0.0) for key in after}))
             print(f"{measurement.configuration}: {measurement.audio_per_wall:.1f} audio s / wall s", flush=True)
@@ -178,10 +180,10 @@ def breakdown(measurement: AudioMeasurement, phases: dict[str, float]) -> list[s
     return lines
 
 
-def report(clips: list[Clip], requests: int, server_args: list[str],
-           server: list[tuple[AudioMeasurement, dict[str, float]]], base: AudioMeasurement) -> str:
+def report(clips: list[Clip], requests: int, server: list[tuple[AudioMeasurement, dict[str, float]]],
+           base: AudioMeasurement) -> str:
     lines = [f"# Batchwise whisper benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
-             f"- server flags: `--serving-type whisper {shlex.join(server_args)}`; {os.cpu_count()} CPUs",
+             f"- {cpu_model()}, {os.cpu_count()} CPUs; servers run `--serving-type whisper` with the flags named",
              "- clips (espeak-ng at 120 wpm): " + ", ".join(f"{c.name} {c.seconds:.1f} s" for c in clips)
              + f"; {requests} requests cycling through them, streaming, temperature 0",
              f"- baseline: `pipeline('automatic-speech-recognition')` on the same converted model, one clip at a "
@@ -196,7 +198,8 @@ def report(clips: list[Clip], requests: int, server_args: list[str],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Batchwise whisper benchmark against transformers' pipeline.")
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default 16)")
-    parser.add_argument("--server-args", default="", help="extra flags for main.py")
+    parser.add_argument("--server-args", action="append",
+                        help="extra flags for main.py, one server configuration each time it is given (default: none)")
     parser.add_argument("--baseline-only", metavar="OUTPUT", help=argparse.SUPPRESS)
     parser.add_argument("--clips", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -210,12 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = process_env(os.environ.get("MKL_CBWR", DEFAULT_MKL_CBWR))
-    server_args = shlex.split(args.server_args)
+    configurations = [shlex.split(flags) for flags in args.server_args or [""]]
     with tempfile.TemporaryDirectory() as folder:
         clips = make_clips(Path(folder))
-        server = run_server(clips, args.requests, server_args, env)
+        server = [result for flags in configurations for result in run_server(clips, args.requests, flags, env)]
         base = run_baseline(clips, args.requests, env)
-    text = report(clips, args.requests, server_args, server, base)
+    text = report(clips, args.requests, server, base)
     (RESULTS / "whisper-latest.md").write_text(text + "\n")
     print("\n" + text, flush=True)
 

@@ -337,6 +337,8 @@ async def start_transcription_service(config: Config, progress: StartupProgress)
     loaded = await asyncio.to_thread(load_whisper, config)
     progress.enter("building the engine")
     engine = build_whisper_engine(loaded, config)
+    progress.enter("warming up the decode step")
+    await engine.on_step_thread(engine.runner.warm_up, progress.count)
     engine.start()
     service = TranscriptionService(engine, loaded, config.served_names(loaded.name), config.whisper_beam_size)
     logger.info("serving %s (speech to text) on http://%s:%d", ", ".join(service.served_names), config.host,

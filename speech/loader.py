@@ -13,7 +13,8 @@ from transformers import GenerationConfig, WhisperForConditionalGeneration, Whis
 from batching import Engine, Scheduler
 from batching.families.whisper_cache import WhisperRowCache
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
-from batching.families.whisper_runner import WhisperRunner
+from batching.families.whisper_runner import WhisperRunner, alignment_heads
+from batching.families.whisper_static import StaticWindowDecoder
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
 from converters.hqq import quantize_linears
@@ -78,10 +79,6 @@ def rule_settings(generation: GenerationConfig) -> RuleSettings:
 def load_whisper(config: Config) -> LoadedWhisper:
     source = whisper_source(config)
     logger.info("loading Whisper %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
-    ignored = [flag for flag, on in (("--static-cache", config.static_cache), ("--torch-compile", config.torch_compile))
-               if on]
-    if ignored:
-        logger.warning("%s: not applied to Whisper in this version (the chat engine only)", ", ".join(ignored))
     started = time.perf_counter()
     processor = WhisperProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype)
@@ -96,13 +93,29 @@ def load_whisper(config: Config) -> LoadedWhisper:
     return loaded
 
 
+def static_decoder(model: WhisperForConditionalGeneration, cache: WhisperRowCache, config: Config
+                   ) -> StaticWindowDecoder:
+    """Allocate the whole cache now and build the static-shape decode step (compiled with --torch-compile)."""
+    if not config.static_cache:
+        logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+    shape, heads = model.config, model.config.decoder_attention_heads
+    size = cache.allocate(shape.decoder_layers, heads, shape.d_model // heads, shape.max_source_positions, model.dtype,
+                          model.device)
+    logger.info("static cache: %.0f MiB for %d windows of %d tokens (%d beam%s each) and their audio", size / 2**20,
+                cache.max_rows, shape.max_target_positions, cache.beams, "" if cache.beams == 1 else "s")
+    compile_mode = config.torch_compile_mode if config.torch_compile else None
+    return StaticWindowDecoder(model, cache, sorted(alignment_heads(model)), compile_mode)
+
+
 def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     batch_size = config.continuous_batching_batch_size
-    cache = WhisperRowCache(max_rows=batch_size, max_length=loaded.model.config.max_target_positions,
-                            beams=config.whisper_beam_size)
+    model, static = loaded.model, config.static_cache or config.torch_compile
+    cache = WhisperRowCache(max_rows=batch_size, max_length=model.config.max_target_positions,
+                            beams=config.whisper_beam_size, static=static)
     if config.whisper_beam_size > 1:
         logger.info("windows at temperature 0 are decoded with %d beams (a batch row each)", config.whisper_beam_size)
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=STEP_TOKENS)
-    runner = WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
+    runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules),
+                           static_decoder(model, cache, config) if static else None)
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
                   config.continuous_batching_microsleep, **engine_options(config))

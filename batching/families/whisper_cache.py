@@ -14,12 +14,28 @@ from batching.sequence import Sequence
 
 
 class WhisperRowCache:
-    def __init__(self, max_rows: int, max_length: int, beams: int = 1) -> None:
+    def __init__(self, max_rows: int, max_length: int, beams: int = 1, static: bool = False) -> None:
         self.max_rows = max_rows
         self.beams = beams
-        self.self_attention = RowKVCache(max_rows * beams, max_length)
+        self.static = static
+        # a static cache has one more self-attention row, where the padding rows of a static step write
+        self.self_attention = RowKVCache(max_rows * beams + static, max_length)
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> [rows, heads, frames, head_dim] x2
         self.pending_moves: list[tuple[int, int, int]] = []  # (source row, target row, self-attention length)
+
+    @property
+    def scratch_row(self) -> int:
+        return self.max_rows * self.beams
+
+    def allocate(self, layers: int, heads: int, head_dim: int, frames: int, dtype: torch.dtype,
+                 device: torch.device) -> int:
+        """A static cache: every tensor at its full size now, never grown, moved or given back; returns bytes."""
+        self.self_attention.allocate(layers, heads, head_dim, dtype, device)
+        shape = (self.max_rows, heads, frames, head_dim)
+        self.cross = {layer: (torch.zeros(shape, dtype=dtype, device=device),
+                              torch.zeros(shape, dtype=dtype, device=device)) for layer in range(layers)}
+        tensors = [t for pair in [*self.self_attention.layers.values(), *self.cross.values()] for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def beam_row(self, row: int, beam: int = 0) -> int:
         """The self-attention row of a window's beam."""
@@ -65,10 +81,11 @@ class WhisperRowCache:
             self.pending_moves.clear()
 
     def idle(self) -> None:
-        """Give all memory back (no window is running)."""
+        """Give all memory back (no window is running), unless it is static."""
         self.pending_moves.clear()
-        self.self_attention.release()
-        self.cross.clear()
+        if not self.static:
+            self.self_attention.release()
+            self.cross.clear()
 
     @torch.inference_mode()
     def _move(self, source: int, target: int, length: int) -> None:

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration
 
-from batching.attention import DecodeStep, PrefillStep, batchwise_attention, pack_prompts
+from batching.attention import DecodeStep, PrefillStep, pack_prompts
 from batching.families.whisper_beams import BeamSearch, Hypothesis
 from batching.families.whisper_cache import WhisperRowCache
+from batching.families.whisper_decoder import attend_audio, run_decoder, split_heads
+from batching.families.whisper_static import StaticWindowDecoder
 from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
 from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
-
-CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
 
 
 @dataclass
@@ -61,6 +61,14 @@ def decoded(seq: Sequence) -> Hypothesis:
     advances and ends with the search; its own tokens are not the transcript's.)"""
     search = seq.inputs.search
     return search.best if search else Hypothesis(seq.output_ids, seq.cumulative_logprob)
+
+
+def alignment_heads(model: WhisperForConditionalGeneration) -> dict[int, list[int]]:
+    """The cross-attention heads that follow the audio (from the generation config), by decoder layer."""
+    heads: defaultdict[int, list[int]] = defaultdict(list)
+    for layer, head in getattr(model.generation_config, "alignment_heads", None) or []:
+        heads[layer].append(head)
+    return dict(heads)
 
 
 def beam_rows(seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
@@ -97,17 +105,16 @@ class AlignmentRecorder:
 
 class WhisperRunner:
     def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache,
-                 rules: WhisperLogitRules) -> None:
+                 rules: WhisperLogitRules, static: StaticWindowDecoder | None = None) -> None:
         self.model = model
+        self.static = static
         self.encoder = model.get_encoder()
         self.decoder = model.get_decoder()
         self.cache = cache
         self.rules = rules
         self.device = model.device
         self.heads = model.config.decoder_attention_heads
-        self.alignment_heads: defaultdict[int, list[int]] = defaultdict(list)  # layer -> heads
-        for layer, head in getattr(model.generation_config, "alignment_heads", None) or []:
-            self.alignment_heads[layer].append(head)
+        self.alignment_heads = alignment_heads(model)
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
@@ -187,7 +194,7 @@ class WhisperRunner:
             step = PrefillStep(self.cache.self_attention, self._tensor([self.cache.beam_row(r) for r in token_rows]),
                                position_tensor, spans)
             recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq in seqs])
-            hidden = self._decoder(self._tensor(ids)[None], position_tensor[None], step,
+            hidden = run_decoder(self.decoder, self._tensor(ids)[None], position_tensor[None], step,
                                    partial(self._cross_prefill, spans=spans, rows=rows, recorder=recorder))
             starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
             ends = [end - 1 for _, end in spans]
@@ -195,10 +202,18 @@ class WhisperRunner:
             self._record_no_speech(seqs, logits[:len(seqs)])
             return logits[len(seqs):], recorder.finish()
 
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
+        on_ready(batch sizes ready, all of them) after each."""
+        if self.static is not None:
+            self.static.warm_up(on_ready)
+
     def _decode_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One row per running beam of each window (one for a window that samples), windows in row order."""
         with self._timed("decoder_steps"):
             rows = beam_rows(seqs)
+            if self.static is not None:
+                return self._static_decode_logits(rows)
             lengths = [seq.length for seq, _ in rows]
             self.cache.grow_rows(max(lengths))
             positions = self._tensor([length - 1 for length in lengths])
@@ -207,39 +222,27 @@ class WhisperRunner:
             ids = self._tensor([history(seq, beam)[-1] for seq, beam in rows])[:, None]
             recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
             attend = partial(self._cross_decode, queries=[seq.inputs.rows for seq in seqs], recorder=recorder)
-            hidden = self._decoder(ids, positions[:, None], step, attend)
+            hidden = run_decoder(self.decoder, ids, positions[:, None], step, attend)
             return self.model.proj_out(hidden[:, -1]).float(), recorder.finish()
+
+    def _static_decode_logits(self, rows: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        logits, queries = self.static.decode([self.cache.beam_row(seq.row, beam) for seq, beam in rows],
+                                             [history(seq, beam)[-1] for seq, beam in rows],
+                                             [seq.length for seq, _ in rows])
+        recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
+        for layer, layer_queries in zip(self.static.alignment_layers, queries):
+            for index in recorder.wanting:
+                keys, _ = self.cache.cross_rows(layer, rows[index][0].row, rows[index][0].row + 1)
+                recorder.record(layer, index, layer_queries[index], keys[0])
+        return logits, recorder.finish()
 
     def _store_cross_attention(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
         features = torch.stack([s.inputs.features for s in seqs]).to(self.device, self.model.dtype)
         encoded = self.encoder(features).last_hidden_state
         for index, layer in enumerate(self.decoder.layers):
             attention = layer.encoder_attn
-            self.cache.store_cross(index, rows, self._split_heads(attention.k_proj(encoded)),
-                                   self._split_heads(attention.v_proj(encoded)))
-
-    def _decoder(self, ids: torch.Tensor, positions: torch.Tensor, step: PrefillStep | DecodeStep,
-                 cross_attend: CrossAttend) -> torch.Tensor:
-        """ids/positions: [N, L]; the same arithmetic, in the same order, as WhisperDecoder's forward."""
-        hidden = self.decoder.embed_tokens(ids) + self.decoder.embed_positions(ids, position_ids=positions)
-        for index, layer in enumerate(self.decoder.layers):
-            hidden = hidden + self._self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden), step)
-            hidden = hidden + self._cross_attention(layer.encoder_attn, layer.encoder_attn_layer_norm(hidden),
-                                                    partial(cross_attend, index))
-            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
-        return self.decoder.layer_norm(hidden)
-
-    def _self_attention(self, attention: torch.nn.Module, hidden: torch.Tensor,
-                        step: PrefillStep | DecodeStep) -> torch.Tensor:
-        query = self._split_heads(attention.q_proj(hidden) * attention.scaling)
-        key, value = self._split_heads(attention.k_proj(hidden)), self._split_heads(attention.v_proj(hidden))
-        output, _ = batchwise_attention(attention, query, key, value, None, scaling=1.0, batchwise_step=step)
-        return attention.out_proj(output.reshape(hidden.shape))
-
-    def _cross_attention(self, attention: torch.nn.Module, hidden: torch.Tensor,
-                         attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        output = attend(self._split_heads(attention.q_proj(hidden) * attention.scaling))
-        return attention.out_proj(output.transpose(1, 2).reshape(hidden.shape))
+            self.cache.store_cross(index, rows, split_heads(attention.k_proj(encoded), self.heads),
+                                   split_heads(attention.v_proj(encoded), self.heads))
 
     def _cross_prefill(self, layer: int, query: torch.Tensor, spans: list[tuple[int, int]], rows: list[int],
                        recorder: AlignmentRecorder) -> torch.Tensor:
@@ -262,10 +265,7 @@ class WhisperRunner:
         for index in recorder.wanting:
             recorder.record(layer, index, query[index, :, 0], keys[window_of_row[index]])
         if len(set(queries)) == 1:
-            windows, beams = len(queries), queries[0]
-            grouped = query.reshape(windows, beams, self.heads, -1).transpose(1, 2)  # [windows, heads, beams, dim]
-            output = F.scaled_dot_product_attention(grouped, keys, values, scale=1.0)
-            return output.transpose(1, 2).reshape(windows * beams, 1, self.heads, -1).transpose(1, 2)
+            return attend_audio(query, keys, values, queries[0])
         outputs, start = [], 0
         for window, count in enumerate(queries):
             window_query = query[start:start + count].transpose(0, 2)  # [1, heads, beams, dim]
@@ -281,10 +281,6 @@ class WhisperRunner:
             return
         for seq, probability in zip(seqs, start_logits.softmax(dim=-1)[:, no_speech].tolist()):
             seq.inputs.no_speech_prob = probability
-
-    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        """[N, L, heads * dim] -> [N, heads, L, dim]"""
-        return states.view(*states.shape[:2], self.heads, -1).transpose(1, 2)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

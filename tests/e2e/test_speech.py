@@ -169,6 +169,27 @@ def test_beam_search_serves_text_times_and_streams_that_agree(clips, laid_out):
     assert together == alone and "lazy dog" in alone[0].lower()
 
 
+def test_compiled_static_decode_step_serves_the_same_transcript(client, clips, tmp_path):
+    """--torch-compile: the decode step is compiled for every bucket of windows before the server is ready,
+    and then transcribes as the eager server does (the module's server), words and all."""
+    log = tmp_path / "server.log"
+    with running_server("--serving-type", "whisper", "--torch-compile", "true", "--continuous-batching-batch-size",
+                        "2", log_path=log) as base_url:
+        compiled = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        names = ["fox", "short0", "short1"]
+        with ThreadPoolExecutor(len(names)) as pool:
+            served = list(pool.map(lambda name: transcribe(compiled, clips[name], response_format="verbose_json",
+                                                           timestamp_granularities=["word"]), names))
+    expected = [transcribe(client, clips[name], response_format="verbose_json", timestamp_granularities=["word"])
+                for name in names]
+    assert [r.text for r in served] == [r.text for r in expected] and "lazy dog" in served[0].text.lower()
+    for ours, theirs in zip(served, expected):
+        assert [w.word for w in ours.words] == [w.word for w in theirs.words]
+        assert all(abs(a.start - b.start) <= 0.02 for a, b in zip(ours.words, theirs.words))
+    text = log.read_text()
+    assert "static cache:" in text and "Whisper decode step for 2 windows ready" in text
+
+
 def test_word_timestamps_need_verbose_json(server, clips):
     response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("fox.wav", clips["fox"])},
                           data={"model": "whisper-1", "timestamp_granularities[]": "word"})

@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import (GenerationConfig, GenerationMixin, LlamaConfig, LlamaForCausalLM, WhisperConfig,
                           WhisperForConditionalGeneration)
 from transformers.generation.logits_process import (LogitsProcessorList, SuppressTokensLogitsProcessor,
@@ -162,14 +163,16 @@ def test_runner_matches_transformers_on_tiny_en(tiny_en):
 
 
 def decode_windows(loaded: LoadedWhisper, windows: list[tuple[list[int], torch.Tensor, int]],
-                   batch_size: int = 8, beams: int = 1) -> list[Sequence]:
+                   batch_size: int = 8, beams: int = 1, audio_positions: int | None = None, **flags) -> list[Sequence]:
     """Run (prompt, features, max_tokens) windows through the real engine at once; they finish at different
     steps, so rows are freed and refilled by moving the last row (with its cross-attention K/V)."""
     async def body(engine):
-        seqs = [engine.add(prompt, greedy(limit), inputs=dataclasses.replace(window(loaded, prompt, f), beams=beams))
+        seqs = [engine.add(prompt, greedy(limit), inputs=dataclasses.replace(
+                    window(loaded, prompt, f), beams=beams, audio_positions=audio_positions))
                 for prompt, f, limit in windows]
         return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
-    config = Config(serving_type="whisper", continuous_batching_batch_size=batch_size, whisper_beam_size=beams)
+    config = Config(serving_type="whisper", continuous_batching_batch_size=batch_size, whisper_beam_size=beams,
+                    **flags)
     return run_with_engine(lambda: build_whisper_engine(loaded, config), body)
 
 
@@ -203,6 +206,61 @@ def test_windows_joining_a_running_batch_decode_as_alone(random_whisper):
     joined = run_with_engine(lambda: build_whisper_engine(random_whisper, config), staggered)
     alone = [decode_windows(random_whisper, [w])[0] for w in windows]
     assert [s.output_ids for s in joined] == [s.output_ids for s in alone]
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_static_cache_decodes_as_the_growing_cache_does(random_whisper, beams):
+    """--static-cache: the same tokens (greedy and beam search) and the same word-timing scores as the cache
+    that grows, for windows that end at different steps while others run, in a batch of 2 windows that must
+    refill its rows."""
+    torch.manual_seed(8)
+    features = torch.randn(4, 80, frames(random_whisper))
+    windows = [(prompt, f, limit) for prompt, f, limit in zip(prompts(random_whisper) * 2, features, (5, 20, 9, 14))]
+    growing = decode_windows(random_whisper, windows, batch_size=2, beams=beams, audio_positions=100)
+    static = decode_windows(random_whisper, windows, batch_size=2, beams=beams, audio_positions=100,
+                            static_cache=True)
+    assert [decoded(seq).tokens for seq in static] == [decoded(seq).tokens for seq in growing]
+    for ours, theirs in zip(static, growing):
+        assert len(ours.inputs.alignment_scores) == len(decoded(ours).tokens)
+        for a, b in zip(ours.inputs.alignment_scores, theirs.inputs.alignment_scores):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(random_whisper):
+    """--torch-compile: every bucket of windows is compiled during warm-up (its progress reported); then
+    windows that join mid-stream, one cancelled, batches of every size, decode the eager engine's tokens
+    without one more compilation."""
+    torch.manual_seed(9)
+    features = torch.randn(5, 80, frames(random_whisper))
+    windows = [(prompt, f, limit) for prompt, f, limit in zip(prompts(random_whisper) * 2, features, (6, 18, 3, 12, 9))]
+    eager = [seq.output_ids for seq in decode_windows(random_whisper, windows, batch_size=3)]
+    compiled_before, progress, buckets = {}, [], []
+
+    def build():
+        engine = build_whisper_engine(random_whisper, Config(serving_type="whisper", continuous_batching_batch_size=3,
+                                                             torch_compile=True))
+        engine.runner.warm_up(lambda ready, total: progress.append((ready, total)))
+        buckets.extend(engine.runner.static.buckets)
+        compiled_before.update(counters["frames"])
+        return engine
+
+    async def varied(engine):
+        tasks = []
+        for index, (prompt, f, limit) in enumerate(windows):
+            seq = engine.add(prompt, greedy(limit), inputs=window(random_whisper, prompt, f))
+            tasks.append(asyncio.create_task(finish(engine, seq)))
+            if index == 1:
+                doomed = engine.add(prompt, greedy(30), inputs=window(random_whisper, prompt, f))
+                await asyncio.sleep(0.05)
+                engine.cancel(doomed)
+            if index % 2 == 0:
+                await tasks[-1]
+        return [(await task).output_ids for task in tasks]
+
+    served = run_with_engine(build, varied)
+    assert buckets == [1, 2, 3] and progress == [(ready, 3) for ready in range(4)]
+    assert dict(counters["frames"]) == compiled_before, "a recompilation happened while serving"
+    assert served == eager
+
 
 def transformers_beam_search(loaded: LoadedWhisper, generation: GenerationConfig, prompt: list[int],
                              features: torch.Tensor, max_tokens: int, beams: int) -> list[int]:

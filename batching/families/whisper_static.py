@@ -1,0 +1,115 @@
+"""Whisper's decode step on a static cache, gpt-fast style: the running windows padded to a bucket of fixed
+size (1, 2, 4, ... up to the batch size), each with one row per beam, one token per row; self-attention
+over whole cache rows masked to each row's length, cross-attention over the windows' stored audio K/V. Its
+shapes depend only on the bucket, so with --torch-compile it is compiled once per bucket at start-up (CUDA
+graphs on CUDA with mode reduce-overhead) and never while serving."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from transformers import WhisperForConditionalGeneration
+
+from batching.attention import StaticRowStep
+from batching.families.whisper_cache import WhisperRowCache
+from batching.families.whisper_decoder import attend_audio, run_decoder
+from batching.static_decode import bucket_sizes
+
+logger = logging.getLogger("batchwise.compile")
+
+
+class StaticStepForward(torch.nn.Module):
+    """What is compiled: one decode step over windows x beams rows, with the caches as buffers, so that a
+    compiled graph updates them in place (and CUDA graphs see fixed addresses)."""
+
+    def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache,
+                 alignment_layers: list[int]) -> None:
+        super().__init__()
+        self.decoder = model.get_decoder()
+        self.proj_out = model.proj_out
+        self.beams = cache.beams
+        self.alignment_layers = alignment_layers
+        self.layers = len(cache.cross)
+        for layer in range(self.layers):
+            for name, tensor in zip(("self_keys", "self_values"), cache.self_attention.layers[layer]):
+                self.register_buffer(f"{name}_{layer}", tensor, persistent=False)
+            for name, tensor in zip(("cross_keys", "cross_values"), cache.cross[layer]):
+                self.register_buffer(f"{name}_{layer}", tensor, persistent=False)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor, lengths: torch.Tensor
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All [rows]; returns the next-token logits [rows, vocab] and, for each alignment layer, its
+        cross-attention queries [rows, heads, dim] (word timing scores them against the audio keys)."""
+        step = StaticRowStep(self._cache("self_keys"), self._cache("self_values"), write_rows,
+                             positions, lengths)
+        windows = ids.shape[0] // self.beams
+        alignment_queries = []
+
+        def cross_attend(layer: int, query: torch.Tensor) -> torch.Tensor:
+            if layer in self.alignment_layers:
+                alignment_queries.append(query[:, :, 0])
+            keys, values = getattr(self, f"cross_keys_{layer}"), getattr(self, f"cross_values_{layer}")
+            return attend_audio(query, keys[:windows], values[:windows], self.beams)
+
+        hidden = run_decoder(self.decoder, ids[:, None], positions[:, None], step, cross_attend)
+        return self.proj_out(hidden[:, -1]).float(), alignment_queries
+
+    def _cache(self, name: str) -> list[torch.Tensor]:
+        return [getattr(self, f"{name}_{layer}") for layer in range(self.layers)]
+
+
+class StaticWindowDecoder:
+    def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache, alignment_layers: list[int],
+                 compile_mode: str | None = None) -> None:
+        self.cache = cache
+        self.alignment_layers = alignment_layers
+        self.device = model.device
+        self.buckets = bucket_sizes(cache.max_rows)
+        self.compile_mode = compile_mode
+        forward = StaticStepForward(model, cache, alignment_layers)
+        self.step = self._compiled(forward) if compile_mode else forward
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int], ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One token for each given self-attention row (its last token, the row's length with it): the rows'
+        logits [len(rows), vocab], and each alignment layer's queries of those rows. The other rows of the
+        bucket are padding: they write to the scratch row and their results are dropped."""
+        beams = self.cache.beams
+        size = self.bucket(max(rows) // beams + 1) * beams
+        all_ids, positions, all_lengths = [0] * size, [0] * size, [1] * size
+        write_rows = [self.cache.scratch_row] * size
+        for row, token, length in zip(rows, ids, lengths):
+            all_ids[row], positions[row], write_rows[row], all_lengths[row] = token, length - 1, row, length
+        logits, queries = self.step(*map(self._tensor, (all_ids, positions, write_rows, all_lengths)))
+        kept = self._tensor(rows)
+        return logits[kept], [layer_queries[kept] for layer_queries in queries]
+
+    def bucket(self, windows: int) -> int:
+        return next(size for size in self.buckets if size >= windows)
+
+    @torch.inference_mode()
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the
+        first requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
+        on_ready(0, len(self.buckets))
+        for ready, windows in enumerate(self.buckets, 1):
+            started = time.perf_counter()
+            size = windows * self.cache.beams
+            padding = [[0] * size, [0] * size, [self.cache.scratch_row] * size, [1] * size]
+            for _ in range(2):  # distinct tensors, as when serving (aliased inputs would be guarded on)
+                self.step(*map(self._tensor, padding))
+            logger.info("Whisper decode step for %d window%s ready in %.1f s", windows, "" if windows == 1 else "s",
+                        time.perf_counter() - started)
+            on_ready(ready, len(self.buckets))
+
+    def _compiled(self, forward: StaticStepForward) -> torch.nn.Module:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
+        logger.info("compiling the Whisper decode step (torch.compile mode %s) for %s windows", self.compile_mode,
+                    ", ".join(map(str, self.buckets)))
+        return torch.compile(forward, mode=self.compile_mode, dynamic=False)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
