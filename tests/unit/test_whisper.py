@@ -6,6 +6,9 @@ import asyncio
 import dataclasses
 import io
 import math
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import av
@@ -610,6 +613,13 @@ def test_uploads_scored_at_once_get_the_speech_map_each_gets_alone():
     with ThreadPoolExecutor(len(uploads)) as pool:
         assert list(pool.map(detector.speech_map, uploads)) == alone
     assert len(alone[0].chunks) == 2 and alone[1].chunks == ()  # two sentences 3 s apart; silence
+
+
+def test_importing_the_server_leaves_torch_its_threads():
+    """silero_vad's import calls torch.set_num_threads(1) for the whole process; every model would then run on
+    one core."""
+    check = "import torch; threads = torch.get_num_threads(); import app; assert torch.get_num_threads() == threads"
+    subprocess.run([sys.executable, "-c", check], check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
 def test_the_speech_detector_hears_no_speech_in_silence_or_hum():
