@@ -28,6 +28,28 @@ def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
     return [*sizes, rows]
 
 
+def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str) -> torch.nn.Module:
+    """torch.compile with static shapes: one graph per bucket, all kept."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
+    logger.info("compiling the %s (torch.compile mode %s) for batch sizes %s", what, mode, ", ".join(map(str, buckets)))
+    return torch.compile(forward, mode=mode, dynamic=False)
+
+
+@torch.inference_mode()
+def warm_up_buckets(buckets: list[int], run: Callable[[int], None], on_ready: Callable[[int, int], None], what: str,
+                    unit: str) -> None:
+    """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the first
+    requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
+    on_ready(0, len(buckets))
+    for ready, size in enumerate(buckets, 1):
+        started = time.perf_counter()
+        for _ in range(2):
+            run(size)
+        logger.info("%s for %d %s%s ready in %.1f s", what, size, unit, "" if size == 1 else "s",
+                    time.perf_counter() - started)
+        on_ready(ready, len(buckets))
+
+
 class DecodeForward(torch.nn.Module):
     """What is compiled: the model's forward for [rows, 1] tokens, with the arena's K/V as buffers, so that a
     compiled graph updates them in place (and CUDA graphs see fixed addresses)."""
@@ -59,9 +81,9 @@ class StaticDecoder:
         self.padding = arena.scratch.start  # where rows of a bucket that hold no sequence write their K/V
         self.device = model.device
         self.buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
-        self.compile_mode = compile_mode
         forward = DecodeForward(model, arena)
-        self.step = self._compiled(forward) if compile_mode else forward
+        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, self.buckets,
+                                                                             "decode step")
 
     @torch.inference_mode()
     def decode(self, spans: list[Span]) -> torch.Tensor:
@@ -81,25 +103,12 @@ class StaticDecoder:
     def bucket(self, rows: int) -> int:
         return next(size for size in self.buckets if size >= rows)
 
-    @torch.inference_mode()
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the
-        first requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
-        on_ready(0, len(self.buckets))
-        for ready, rows in enumerate(self.buckets, 1):
-            started = time.perf_counter()
-            zeros = self._tensor([0] * rows)
-            for _ in range(2):
-                self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding)
-            logger.info("decode step for %d row%s ready in %.1f s", rows, "" if rows == 1 else "s",
-                        time.perf_counter() - started)
-            on_ready(ready, len(self.buckets))
+        warm_up_buckets(self.buckets, self._run_padding, on_ready, "decode step", "row")
 
-    def _compiled(self, forward: DecodeForward) -> torch.nn.Module:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
-        logger.info("compiling the decode step (torch.compile mode %s) for batch sizes %s", self.compile_mode,
-                    ", ".join(map(str, self.buckets)))
-        return torch.compile(forward, mode=self.compile_mode, dynamic=False)
+    def _run_padding(self, rows: int) -> None:
+        zeros = self._tensor([0] * rows)
+        self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

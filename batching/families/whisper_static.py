@@ -6,8 +6,6 @@ graphs on CUDA with mode reduce-overhead) and never while serving."""
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Callable
 
 import torch
@@ -16,10 +14,7 @@ from transformers import WhisperForConditionalGeneration
 from batching.attention import StaticRowStep
 from batching.families.whisper_cache import WhisperRowCache
 from batching.families.whisper_decoder import attend_audio, run_decoder
-from batching.static_decode import bucket_sizes
-
-logger = logging.getLogger("batchwise.compile")
-
+from batching.static_decode import bucket_sizes, compiled_per_bucket, warm_up_buckets
 
 class StaticStepForward(torch.nn.Module):
     """What is compiled: one decode step over windows x beams rows, with the caches as buffers, so that a
@@ -68,9 +63,9 @@ class StaticWindowDecoder:
         self.alignment_layers = alignment_layers
         self.device = model.device
         self.buckets = bucket_sizes(cache.max_rows)
-        self.compile_mode = compile_mode
         forward = StaticStepForward(model, cache, alignment_layers)
-        self.step = self._compiled(forward) if compile_mode else forward
+        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, self.buckets,
+                                                                             "Whisper decode step")
 
     @torch.inference_mode()
     def decode(self, rows: list[int], ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -90,26 +85,13 @@ class StaticWindowDecoder:
     def bucket(self, windows: int) -> int:
         return next(size for size in self.buckets if size >= windows)
 
-    @torch.inference_mode()
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the
-        first requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
-        on_ready(0, len(self.buckets))
-        for ready, windows in enumerate(self.buckets, 1):
-            started = time.perf_counter()
-            size = windows * self.cache.beams
-            padding = [[0] * size, [0] * size, [self.cache.scratch_row] * size, [1] * size]
-            for _ in range(2):  # distinct tensors, as when serving (aliased inputs would be guarded on)
-                self.step(*map(self._tensor, padding))
-            logger.info("Whisper decode step for %d window%s ready in %.1f s", windows, "" if windows == 1 else "s",
-                        time.perf_counter() - started)
-            on_ready(ready, len(self.buckets))
+        warm_up_buckets(self.buckets, self._run_padding, on_ready, "Whisper decode step", "window")
 
-    def _compiled(self, forward: StaticStepForward) -> torch.nn.Module:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
-        logger.info("compiling the Whisper decode step (torch.compile mode %s) for %s windows", self.compile_mode,
-                    ", ".join(map(str, self.buckets)))
-        return torch.compile(forward, mode=self.compile_mode, dynamic=False)
+    def _run_padding(self, windows: int) -> None:
+        size = windows * self.cache.beams
+        padding = [[0] * size, [0] * size, [self.cache.scratch_row] * size, [1] * size]
+        self.step(*map(self._tensor, padding))  # distinct tensors, as when serving (aliased ones are guarded on)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

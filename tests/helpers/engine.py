@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
+
+from torch._dynamo.utils import counters
 
 from batching import Engine, SamplingParams, Sequence
 from config import Config
@@ -45,3 +48,26 @@ async def generate_all(engine: Engine, prompts: list[list[int]], params: Samplin
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+
+@dataclass
+class WarmUpRecord:
+    """What building a compiled engine did: its warm-up progress, its buckets, and dynamo's frame counts once
+    it was warm (compare them after serving: any difference is a recompilation)."""
+    progress: list[tuple[int, int]] = field(default_factory=list)
+    buckets: list[int] = field(default_factory=list)
+    frames_when_warm: dict[str, int] = field(default_factory=dict)
+
+    def warmed(self, factory: Callable[[], Engine]) -> Callable[[], Engine]:
+        def build() -> Engine:
+            engine = factory()
+            engine.runner.warm_up(lambda ready, total: self.progress.append((ready, total)))
+            self.buckets.extend(engine.runner.static.buckets)
+            self.frames_when_warm.update(counters["frames"])
+            return engine
+        return build
+
+    def assert_complete_and_never_recompiled(self) -> None:
+        assert len(self.buckets) > 1
+        assert self.progress == [(ready, len(self.buckets)) for ready in range(len(self.buckets) + 1)]
+        assert dict(counters["frames"]) == self.frames_when_warm, "a recompilation happened while serving"

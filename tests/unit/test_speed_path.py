@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 import transformers
-from torch._dynamo.utils import counters
 
 from batching import ATTENTION_NAME, KVArena, Slots, kv_layout
 from batching.static_decode import DecodeForward, bucket_sizes
@@ -19,7 +18,7 @@ from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.generator import Generator, ServingOptions
-from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.engine import WarmUpRecord, finish, generate_all, greedy, make_engine, run_with_engine
 from tests.helpers.tiny_models import tiny_model
 
 
@@ -69,14 +68,9 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(t
     model = tiny_model("llama", len(tokenizer), seed=11)
     prompts = random_prompts(10, len(tokenizer), seed=12, lengths=(2, 50))
     eager = outputs(model, tokenizer, prompts, max_tokens=24, batch_size=6)
-    compiled_before, progress, buckets = {}, [], []
-
-    def build():
-        engine = make_engine(model, tokenizer, batch_size=6, torch_compile=True, static_cache_decoder_max_length=96)
-        engine.runner.warm_up(lambda ready, total: progress.append((ready, total)))
-        buckets.extend(engine.runner.static.buckets)
-        compiled_before.update(counters["frames"])
-        return engine
+    warm_up = WarmUpRecord()
+    build = warm_up.warmed(lambda: make_engine(model, tokenizer, batch_size=6, torch_compile=True,
+                                               static_cache_decoder_max_length=96))
 
     async def varied(engine):
         """Joins mid-stream, a cancellation, batches of every size."""
@@ -92,8 +86,7 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(t
         return [(await stream).output_ids for stream in streams]
 
     served = run_with_engine(build, varied)
-    assert len(buckets) > 1 and progress == [(ready, len(buckets)) for ready in range(len(buckets) + 1)]
-    assert dict(counters["frames"]) == compiled_before, "a recompilation happened while serving"
+    warm_up.assert_complete_and_never_recompiled()
     assert served == eager
 
 

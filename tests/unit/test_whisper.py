@@ -15,7 +15,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from transformers import (GenerationConfig, GenerationMixin, LlamaConfig, LlamaForCausalLM, WhisperConfig,
                           WhisperForConditionalGeneration)
 from transformers.generation.logits_process import (LogitsProcessorList, SuppressTokensLogitsProcessor,
@@ -39,7 +38,7 @@ from speech.long_form import StreamedText, is_silent, split_window, window_featu
 from speech.subtitles import clock, to_srt, to_vtt
 from speech.vad import SpeechDetector, SpeechMap
 from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
-from tests.helpers.engine import finish, greedy, run_with_engine
+from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
 from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_bytes
 
 # ---------------------------------------------------------------- subtitles and response formats
@@ -236,15 +235,9 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(r
     features = torch.randn(5, 80, frames(random_whisper))
     windows = [(prompt, f, limit) for prompt, f, limit in zip(prompts(random_whisper) * 2, features, (6, 18, 3, 12, 9))]
     eager = [seq.output_ids for seq in decode_windows(random_whisper, windows, batch_size=3)]
-    compiled_before, progress, buckets = {}, [], []
-
-    def build():
-        engine = build_whisper_engine(random_whisper, Config(serving_type="whisper", continuous_batching_batch_size=3,
-                                                             torch_compile=True))
-        engine.runner.warm_up(lambda ready, total: progress.append((ready, total)))
-        buckets.extend(engine.runner.static.buckets)
-        compiled_before.update(counters["frames"])
-        return engine
+    warm_up = WarmUpRecord()
+    config = Config(serving_type="whisper", continuous_batching_batch_size=3, torch_compile=True)
+    build = warm_up.warmed(lambda: build_whisper_engine(random_whisper, config))
 
     async def varied(engine):
         tasks = []
@@ -260,8 +253,8 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(r
         return [(await task).output_ids for task in tasks]
 
     served = run_with_engine(build, varied)
-    assert buckets == [1, 2, 3] and progress == [(ready, 3) for ready in range(4)]
-    assert dict(counters["frames"]) == compiled_before, "a recompilation happened while serving"
+    assert warm_up.buckets == [1, 2, 3]
+    warm_up.assert_complete_and_never_recompiled()
     assert served == eager
 
 
