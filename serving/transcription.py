@@ -155,7 +155,8 @@ class TranscriptionService:
             raise server_busy(error) from None
 
     def text_of(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        # no clean-up of spaces: the text of a segment's first tokens then always begins its whole text
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def language_code(self, token_id: int) -> str:
         return next(code for code, language_id in self.tokens.languages.items() if language_id == token_id)

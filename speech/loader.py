@@ -22,8 +22,6 @@ from model_manager import engine_options, served_name
 
 logger = logging.getLogger("batchwise.model")
 
-STEP_TOKENS = 4096  # more than any window's prompt, so prompts are never cut into chunks
-
 _MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens
 
 
@@ -114,7 +112,9 @@ def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
                             beams=config.whisper_beam_size, static=static)
     if config.whisper_beam_size > 1:
         logger.info("windows at temperature 0 are decoded with %d beams (a batch row each)", config.whisper_beam_size)
-    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=STEP_TOKENS)
+    # the prompts of a whole batch of windows in one step: the runner prefills a prompt whole, never in chunks
+    step_tokens = batch_size * model.config.max_target_positions
+    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens)
     runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules),
                            static_decoder(model, cache, config) if static else None)
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),

@@ -29,6 +29,16 @@ class Hypothesis:
         return Hypothesis([*self.tokens, token], logprob, notes)
 
 
+@dataclass
+class BeamStep:
+    """What one step of a search would make of it, before it is accepted."""
+    parents: list[int]  # each new running beam's parent
+    running: list[Hypothesis]
+    scores: torch.Tensor
+    finished: list[tuple[float, Hypothesis]]
+    done: bool
+
+
 class BeamSearch:
     def __init__(self, width: int, end_of_text: int, max_tokens: int) -> None:
         self.width = width
@@ -43,9 +53,9 @@ class BeamSearch:
     def best(self) -> Hypothesis:
         return self.finished[0][1]
 
-    def advance(self, logprobs: torch.Tensor, notes: list[Any] | None = None) -> list[int]:
-        """One step: `logprobs` [running beams, vocab] (log_softmax of the logits, then the decoding rules),
-        `notes` one per running beam (kept with the token it chose). Returns each new running beam's parent."""
+    def propose(self, logprobs: torch.Tensor, notes: list[Any] | None = None) -> BeamStep:
+        """One step, the search itself unchanged: `logprobs` [running beams, vocab] (log_softmax of the logits,
+        then the decoding rules), `notes` one per running beam (kept with the token it chose)."""
         vocab = logprobs.shape[1]
         notes = notes or [None] * len(self.running)
         total = (logprobs.float().cpu() + self.scores[:, None]).flatten()
@@ -59,18 +69,15 @@ class BeamSearch:
             return self.running[parent].extended(tokens[index], float(top_scores[index]), notes[parent])
 
         normalised = top_scores / length
-        for index in range(self.width):  # only the best N may finish; the rest are spares to run on
-            if ends[index]:
-                self.finished.append((float(normalised[index]), candidate(index)))
-        self.finished = sorted(self.finished, key=lambda item: item[0], reverse=True)[:self.width]
+        finished = [*self.finished, *((float(normalised[index]), candidate(index))  # only the best N may finish
+                                      for index in range(self.width) if ends[index])]
+        finished = sorted(finished, key=lambda item: item[0], reverse=True)[:self.width]
         running_scores = top_scores + ends.float() * ENDED
         order = running_scores.topk(self.width).indices.tolist()
-        self.running = [candidate(index) for index in order]
-        self.scores = running_scores[order]
-        self.done = bool(ends.all()) or not self._can_improve(length)
-        return [parents[index] for index in order]
+        scores = running_scores[order]
+        can_improve = len(finished) < self.width or float(scores[0] / length) > finished[-1][0]
+        return BeamStep([parents[index] for index in order], [candidate(index) for index in order], scores,
+                        finished, bool(ends.all()) or not can_improve)
 
-    def _can_improve(self, length: int) -> bool:
-        if len(self.finished) < self.width:
-            return True
-        return float(self.scores[0] / length) > self.finished[-1][0]
+    def accept(self, step: BeamStep) -> None:
+        self.running, self.scores, self.finished, self.done = step.running, step.scores, step.finished, step.done

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration
 
 from batching.attention import DecodeStep, PrefillStep, pack_prompts
-from batching.families.whisper_beams import BeamSearch, Hypothesis
+from batching.families.whisper_beams import BeamSearch, BeamStep, Hypothesis
 from batching.families.whisper_cache import WhisperRowCache
 from batching.families.whisper_decoder import attend_audio, run_decoder, split_heads
 from batching.families.whisper_static import StaticWindowDecoder
@@ -120,9 +120,12 @@ class WhisperRunner:
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
         """One token per span, in span order: new windows' prompts are prefilled whole, running ones decode
-        (rows 0..B-1, in row order)."""
+        (rows 0..B-1, in row order). No window changes until every window's token is chosen, so a step that
+        fails can be run again (on fewer rows) as it was."""
         prefilling = [span.seq for span in spans if span.start == 0]
         decoding = [span.seq for span in spans if span.start > 0]
+        if any(seq.output_ids for seq in prefilling):
+            raise RuntimeError("a Whisper window preempted after it began decoding cannot resume")
         logits, alignment = self._forward(prefilling, decoding)
         rows = beam_rows(prefilling + decoding)
         with self._timed("rules_and_sampling"):
@@ -131,10 +134,16 @@ class WhisperRunner:
                 logits[searching] = logits[searching].log_softmax(dim=-1)
             ruled = self.rules.apply(logits, [history(seq, beam) for seq, beam in rows],
                                      [seq.inputs.detect_language for seq, _ in rows])
-            chosen = self._sample(rows, ruled, alignment)
-            for seq in dict.fromkeys(rows[index][0] for index in searching):
-                indices = [index for index in searching if rows[index][0] is seq]
-                chosen[seq] = self._advance_search(seq, ruled[indices], [alignment.get(i) for i in indices])
+            sampling = [index for index, (seq, _) in enumerate(rows) if seq.inputs.beams == 1]
+            sampled = sample(ruled[sampling], [rows[index][0] for index in sampling]) if sampling else []
+            proposals = {seq: self._propose(seq, ruled[indices], [alignment.get(index) for index in indices])
+                         for seq, indices in self._rows_by_window(rows, searching).items()}
+        chosen = {seq: self._accept(seq, *proposal) for seq, proposal in proposals.items()}
+        for index, token in zip(sampling, sampled):
+            seq = rows[index][0]
+            chosen[seq] = token
+            if index in alignment:
+                seq.inputs.alignment_scores.append(alignment[index])
         return [chosen[span.seq] for span in spans]
 
     @torch.inference_mode()
@@ -156,31 +165,29 @@ class WhisperRunner:
             logits.append(decode_logits)
         return torch.cat(logits), alignment
 
-    def _sample(self, rows: list[tuple[Sequence, int]], ruled: torch.Tensor,
-                alignment: dict[int, torch.Tensor]) -> dict[Sequence, TokenLogprob]:
-        """A token for each window that samples; the sampler reports its log-prob under the ruled logits."""
-        sampling = [index for index, (seq, _) in enumerate(rows) if seq.inputs.beams == 1]
-        if not sampling:
-            return {}
-        seqs = [rows[index][0] for index in sampling]
-        for index, seq in zip(sampling, seqs):
-            if index in alignment:
-                seq.inputs.alignment_scores.append(alignment[index])
-        return dict(zip(seqs, sample(ruled[sampling], seqs)))
+    @staticmethod
+    def _rows_by_window(rows: list[tuple[Sequence, int]], indices: list[int]) -> dict[Sequence, list[int]]:
+        by_window: dict[Sequence, list[int]] = {}
+        for index in indices:
+            by_window.setdefault(rows[index][0], []).append(index)
+        return by_window
 
-    def _advance_search(self, seq: Sequence, logprobs: torch.Tensor, alignment: list[torch.Tensor | None]
-                        ) -> TokenLogprob:
-        """One beam search step for a window: its beams' caches follow their parents; the sequence gets the best
-        running beam's token, or the end of text once the search is done."""
+    def _propose(self, seq: Sequence, logprobs: torch.Tensor, alignment: list[torch.Tensor | None]
+                 ) -> tuple[BeamSearch, BeamStep]:
         window = seq.inputs
-        if window.search is None:
-            window.search = BeamSearch(window.beams, self.rules.tokens.end_of_text, seq.params.max_tokens)
-        search = window.search
-        parents = search.advance(logprobs, alignment if window.audio_positions else None)
+        search = window.search or BeamSearch(window.beams, self.rules.tokens.end_of_text, seq.params.max_tokens)
+        return search, search.propose(logprobs, alignment if window.audio_positions else None)
+
+    def _accept(self, seq: Sequence, search: BeamSearch, step: BeamStep) -> TokenLogprob:
+        """A window's beam search takes its step: its beams' caches follow their parents; the sequence gets the
+        best running beam's token, or the end of text once the search is done."""
+        window = seq.inputs
+        search.accept(step)
+        window.search = search
         if search.done:
             window.alignment_scores = search.best.notes
             return TokenLogprob(self.rules.tokens.end_of_text, 0.0)
-        self.cache.reorder_beams(seq.row, parents, seq.length)
+        self.cache.reorder_beams(seq.row, step.parents, seq.length)
         return TokenLogprob(search.running[0].tokens[-1], 0.0)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -192,6 +192,16 @@ def test_batched_windows_decode_exactly_as_alone(random_whisper):
         assert 0 < seq.inputs.no_speech_prob < 1
 
 
+def test_a_full_batch_of_long_prompts_is_admitted_in_one_step_each_whole(tiny_en):
+    """Twenty windows carrying the most previous text a prompt holds: one step admits them all, every prompt
+    whole (the runner prefills prompts whole; a chunk would be taken for a decoding row)."""
+    engine = build_whisper_engine(tiny_en, Config(serving_type="whisper", continuous_batching_batch_size=20))
+    service = TranscriptionService(None, tiny_en, ("tiny.en",))
+    prompt, _ = service.decoder_prompt(list(range(1000)), "en", "transcribe")
+    engine.scheduler.add([window_sequence(tiny_en, prompt, torch.zeros(80, frames(tiny_en))) for _ in range(20)])
+    assert [(span.start, span.end) for span in engine.scheduler.plan()] == [(0, len(prompt))] * 20
+
+
 def test_windows_joining_a_running_batch_decode_as_alone(random_whisper):
     torch.manual_seed(4)
     features = torch.randn(3, 80, frames(random_whisper))
@@ -313,7 +323,7 @@ def test_beam_search_keeps_what_transformers_keeps_when_hypotheses_end_at_many_l
                 search = BeamSearch(beams, end_of_text=1, max_tokens=10)
                 while not search.done:
                     ids = torch.tensor([prompt + beam.tokens for beam in search.running])
-                    search.advance(model(ids).logits[:, -1].float().log_softmax(dim=-1))
+                    search.accept(search.propose(model(ids).logits[:, -1].float().log_softmax(dim=-1)))
             expected = output[:output.index(1) + 1] if 1 in output else output
             assert search.best.tokens == expected, (prompt, beams)
             lengths.add(len(expected))
