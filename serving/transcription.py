@@ -296,7 +296,6 @@ class TranscriptionJob:
             start, end = original(part.start), original(part.end, is_end=True)
             if part_words:  # the words' times are finer than the window's timestamp tokens
                 start, end = part_words[0].start, part_words[-1].end
-            if part_words:
                 self.transcript.words.extend(part_words)
             segments.append(TranscriptionSegment(
                 id=len(segments), seek=round(self.speech.original_seconds(offset) * FRAMES_PER_SECOND),

@@ -273,14 +273,9 @@ class WhisperRunner:
             recorder.record(layer, index, query[index, :, 0], keys[window_of_row[index]])
         if len(set(queries)) == 1:
             return attend_audio(query, keys, values, queries[0])
-        outputs, start = [], 0
-        for window, count in enumerate(queries):
-            window_query = query[start:start + count].transpose(0, 2)  # [1, heads, beams, dim]
-            output = F.scaled_dot_product_attention(window_query, keys[window:window + 1], values[window:window + 1],
-                                                    scale=1.0)
-            outputs.append(output.transpose(0, 2))
-            start += count
-        return torch.cat(outputs)
+        starts = [sum(queries[:window]) for window in range(len(queries) + 1)]
+        return torch.cat([attend_audio(query[start:end], keys[window:window + 1], values[window:window + 1], count)
+                          for window, (count, start, end) in enumerate(zip(queries, starts, starts[1:]))])
 
     def _record_no_speech(self, seqs: list[Sequence], start_logits: torch.Tensor) -> None:
         no_speech = self.rules.tokens.no_speech

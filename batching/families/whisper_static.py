@@ -73,9 +73,7 @@ class StaticWindowDecoder:
         logits [len(rows), vocab], and each alignment layer's queries of those rows. The other rows of the
         bucket are padding: they write to the scratch row and their results are dropped."""
         beams = self.cache.beams
-        size = self.bucket(max(rows) // beams + 1) * beams
-        all_ids, positions, all_lengths = [0] * size, [0] * size, [1] * size
-        write_rows = [self.cache.scratch_row] * size
+        all_ids, positions, write_rows, all_lengths = self._padding(self.bucket(max(rows) // beams + 1) * beams)
         for row, token, length in zip(rows, ids, lengths):
             all_ids[row], positions[row], write_rows[row], all_lengths[row] = token, length - 1, row, length
         logits, queries = self.step(*map(self._tensor, (all_ids, positions, write_rows, all_lengths)))
@@ -89,9 +87,13 @@ class StaticWindowDecoder:
         warm_up_buckets(self.buckets, self._run_padding, on_ready, "Whisper decode step", "window")
 
     def _run_padding(self, windows: int) -> None:
-        size = windows * self.cache.beams
-        padding = [[0] * size, [0] * size, [self.cache.scratch_row] * size, [1] * size]
-        self.step(*map(self._tensor, padding))  # distinct tensors, as when serving (aliased ones are guarded on)
+        # distinct tensors, as when serving (aliased ones are guarded on)
+        self.step(*map(self._tensor, self._padding(windows * self.cache.beams)))
+
+    def _padding(self, rows: int) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Step inputs (ids, positions, write rows, lengths) for `rows` rows that hold no sequence: each writes
+        to the scratch row and attends to one position."""
+        return [0] * rows, [0] * rows, [self.cache.scratch_row] * rows, [1] * rows
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
