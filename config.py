@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 EMBEDDED_CHAT_MODEL = "embedded:SmolLM2-135M-Instruct"
+DECODER_MODEL_TYPE = "AutoModelForCausalLM"
+SEQ2SEQ_MODEL_TYPE = "AutoModelForSeq2SeqLM"
 
 
 class ConfigError(ValueError):
@@ -107,8 +109,9 @@ class Config:
     log_format: str = option("--log-format", "LOG_FORMAT", "text: human-readable lines; json: one JSON object per "
                              "line (time, level, logger, message, request fields), for log shippers", "text",
                              choices=["text", "json"])
-    model_type: str = option("--model-type", "MODEL_TYPE", "transformers Auto class for the model",
-                             "AutoModelForCausalLM")
+    model_type: str = option("--model-type", "MODEL_TYPE", "transformers Auto class for the model (with "
+                             f"--architecture-type encoder-decoder the default means {SEQ2SEQ_MODEL_TYPE})",
+                             DECODER_MODEL_TYPE)
     tokenizer_type: str = option("--tokenizer-type", "TOKENIZER_TYPE", "transformers Auto class for the tokenizer",
                                  "AutoTokenizer")
     tokenizer_use_fast: bool = option("--tokenizer-use-fast", "TOKENIZER_USE_FAST", "use the fast tokenizer",
@@ -253,10 +256,8 @@ class Config:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ConfigError("--max-num-batched-tokens must be at least 16")
         parse_memory(self.kv_cache_memory)
-        if self.serving_type == "chat" and (self.architecture_type == "encoder-decoder"
-                                            or self.model_type == "AutoModelForSeq2SeqLM"):
-            raise ConfigError("encoder-decoder chat models (T5, BART) are not served yet; decoder models are, and "
-                              "Whisper with --serving-type whisper")
+        if self.encoder_decoder:
+            self._check_encoder_decoder()
         if self.device_map and self.serving_type == "whisper":
             raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device")
         if self.device_map and self.hqq:
@@ -288,6 +289,30 @@ class Config:
             with open(self.api_key) as keys:
                 return [line.strip() for line in keys if line.strip() and not line.startswith("#")]
         return [key.strip() for key in self.api_key.split(",") if key.strip()]
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """A text encoder-decoder model (T5, BART) is served."""
+        return self.serving_type == "chat" and (self.architecture_type == "encoder-decoder"
+                                                or self.model_type == SEQ2SEQ_MODEL_TYPE)
+
+    @property
+    def model_class(self) -> str:
+        """The transformers Auto class to load with: --model-type, or the Seq2Seq class its default stands for
+        under --architecture-type encoder-decoder."""
+        if self.encoder_decoder and self.model_type == DECODER_MODEL_TYPE:
+            return SEQ2SEQ_MODEL_TYPE
+        return self.model_type
+
+    def _check_encoder_decoder(self) -> None:
+        if self.hf_model == EMBEDDED_CHAT_MODEL:
+            raise ConfigError("encoder-decoder serving needs --hf-model (a T5 or BART folder or hub id): the "
+                              "embedded model is a decoder model")
+        unsupported = {"--static-cache": self.static_cache, "--torch-compile": self.torch_compile,
+                       "--batch-invariant": self.batch_invariant, "--device-map": self.device_map}
+        for flag, value in unsupported.items():
+            if value:
+                raise ConfigError(f"{flag} serves decoder models; encoder-decoder models do not take it yet")
 
     @property
     def device(self) -> str:

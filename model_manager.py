@@ -18,6 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
                       StepProfiler, kv_layout)
 from batching.failpoints import Failpoints, parse_failpoints
+from batching.families import text_family
+from batching.families.encoder_decoder import EncoderDecoderRunner
+from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.runner import MIN_INVARIANT_ROWS
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
@@ -42,7 +45,20 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    context_length: int
+    context_length: int  # the most tokens one sequence holds (an encoder-decoder's: decoder tokens)
+    encoder_length: int | None = None  # an encoder-decoder's longest encoder input
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.encoder_length is not None
+
+    @property
+    def decoder_prompt(self) -> list[int]:
+        """What an encoder-decoder's decoder starts from: its start token, then the token its generation config
+        forces first (mBART's target language), if any."""
+        forced = self.model.generation_config.forced_bos_token_id
+        return [self.model.generation_config.decoder_start_token_id or self.model.config.decoder_start_token_id,
+                *([forced] if forced is not None else [])]
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -85,11 +101,17 @@ def load_model(config: Config) -> LoadedModel:
     source = model_source(config)
     logger.info("loading %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
-    model_class = getattr(transformers, config.model_type)
+    model_class = getattr(transformers, config.model_class)
     tokenizer_class = getattr(transformers, config.tokenizer_type)
     tokenizer = tokenizer_class.from_pretrained(source, use_fast=config.tokenizer_use_fast)
     placement = {"device_map": config.device_map, "max_memory": config.weight_memory()} if config.device_map else {}
-    model = model_class.from_pretrained(source, dtype=config.dtype, attn_implementation=ATTENTION_NAME, **placement)
+    # an encoder-decoder's decoder is driven layer by layer (batching.families); its encoder runs as HF's own
+    attention = {} if config.encoder_decoder else {"attn_implementation": ATTENTION_NAME}
+    model = model_class.from_pretrained(source, dtype=config.dtype, **attention, **placement)
+    if config.encoder_decoder != model.config.is_encoder_decoder:
+        raise ModelLoadError(f"{source} is {'an encoder-decoder' if model.config.is_encoder_decoder else 'a decoder'} "
+                             f"model: give --architecture-type "
+                             f"{'encoder-decoder' if model.config.is_encoder_decoder else 'decoder'}")
     if config.device_map:
         logger.info("device map: %s", describe_placement(getattr(model, "hf_device_map", {"": model.device})))
     else:
@@ -97,10 +119,27 @@ def load_model(config: Config) -> LoadedModel:
     model.eval()
     if config.hqq:
         logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
+    name = served_name(config.hf_model, EMBEDDED_CHAT_NAME)
+    if config.encoder_decoder:
+        loaded = encoder_decoder_lengths(model, tokenizer, name, config)
+        logger.info("loaded %s in %.1f s (encoder input up to %d tokens, decoder up to %d)", source,
+                    time.perf_counter() - started, loaded.encoder_length, loaded.context_length)
+        return loaded
     model_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
     context_length = min(config.max_model_len or model_context, model_context)
     logger.info("loaded %s in %.1f s (context %d tokens)", source, time.perf_counter() - started, context_length)
-    return LoadedModel(model, tokenizer, served_name(config.hf_model, EMBEDDED_CHAT_NAME), context_length)
+    return LoadedModel(model, tokenizer, name, context_length)
+
+
+def encoder_decoder_lengths(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, config: Config
+                            ) -> LoadedModel:
+    """--static-cache-encoder-max-length and --static-cache-decoder-max-length bound what one sequence holds, within
+    the model's learned positions (T5's relative positions have no bound)."""
+    decoder, encoder = config.static_cache_decoder_max_length, config.static_cache_encoder_max_length
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        decoder, encoder = min(decoder, positions), min(encoder, positions)
+    return LoadedModel(model, tokenizer, name, decoder, encoder)
 
 
 def describe_placement(device_map: dict[str, int | str]) -> str:
@@ -151,6 +190,8 @@ def attention_cost(model: PreTrainedModel, layout: KVLayout) -> float:
 
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     """The chat engine over a KV arena sized by the budget; run it off the event loop (it probes the model)."""
+    if loaded.encoder_decoder:
+        return build_encoder_decoder_engine(loaded, config)
     batch_size = config.continuous_batching_batch_size
     device = loaded.model.device
     layout = kv_layout(loaded.model)
@@ -176,6 +217,27 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
         static = StaticDecoder(loaded.model, arena, config.torch_compile_mode if config.torch_compile else None,
                                MIN_INVARIANT_ROWS if config.batch_invariant else 1)
     runner = ModelRunner(loaded.model, arena, static, config.batch_invariant)
+    return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
+                  **engine_options(config))
+
+
+def build_encoder_decoder_engine(loaded: LoadedModel, config: Config) -> Engine:
+    """The engine of a text encoder-decoder model (T5, BART): a row per sequence, each holding its encoder
+    input's cross-attention K/V and its decoder tokens' self-attention K/V."""
+    batch_size = config.continuous_batching_batch_size
+    try:
+        family = text_family(loaded.model, loaded.context_length)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
+    cache = EncoderDecoderRows(batch_size, loaded.context_length, loaded.encoder_length)
+    row_bytes = 2 * family.layers * family.heads * family.head_dim * loaded.model.dtype.itemsize
+    logger.info("K/V memory: at most %.1f MiB (%d rows of %d encoder and %d decoder positions)",
+                batch_size * row_bytes * (loaded.encoder_length + loaded.context_length) / 2**20, batch_size,
+                loaded.encoder_length, loaded.context_length)
+    # a whole batch of decoder prompts in one step: the runner prefills them whole, never in chunks
+    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
+                          step_tokens=batch_size * loaded.context_length)
+    runner = EncoderDecoderRunner(family, cache, loaded.model.device)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
                   **engine_options(config))
 

@@ -16,6 +16,7 @@ writes them into the engine's KV memory and attends over them:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +54,18 @@ class ProbeStep:
     devices: dict[int, torch.device] = field(default_factory=dict)
 
 
+# An additive attention bias by relative position (T5's): bias(queries, keys) is [1, heads, queries, keys] for the
+# last `queries` of `keys` positions, causal mask included.
+PositionBias = Callable[[int, int], torch.Tensor]
+
+
 @dataclass
 class PrefillStep:
     cache: RowKVCache
     rows: torch.Tensor
     positions: torch.Tensor
     spans: list[tuple[int, int]]
+    bias: PositionBias | None = None
 
 
 @dataclass
@@ -67,6 +74,7 @@ class DecodeStep:
     rows: list[int]  # the cache row each query row reads and writes
     positions: torch.Tensor
     lengths: list[int]
+    bias: PositionBias | None = None
 
     def __post_init__(self) -> None:
         self.row_tensor = torch.tensor(self.rows, device=self.positions.device)
@@ -89,13 +97,14 @@ Step = SpanStep | StaticDecodeStep | ProbeStep | PrefillStep | DecodeStep | Stat
 
 
 def pack_prompts(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
-    """The prompts laid end to end: token ids, each token's position and row, and each prompt's span."""
+    """The sequences' tokens (their prompts, and what they had generated before a preemption) laid end to end:
+    token ids, each token's position and row, and each sequence's span."""
     ids, positions, rows, spans = [], [], [], []
     for seq in seqs:
-        spans.append((len(ids), len(ids) + len(seq.prompt_ids)))
-        ids.extend(seq.prompt_ids)
-        positions.extend(range(len(seq.prompt_ids)))
-        rows.extend([seq.row] * len(seq.prompt_ids))
+        spans.append((len(ids), len(ids) + seq.length))
+        ids.extend(seq.all_ids)
+        positions.extend(range(seq.length))
+        rows.extend([seq.row] * seq.length)
     return ids, positions, rows, spans
 
 
@@ -179,7 +188,8 @@ def _prefill_attention(module, query, key, value, scaling, step: PrefillStep) ->
     step.cache.write(module.layer_idx, step.rows, step.positions, key[0].transpose(0, 1), value[0].transpose(0, 1))
     outputs = [
         F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                       is_causal=True, scale=scaling, enable_gqa=True)
+                                       is_causal=step.bias is None, scale=scaling, enable_gqa=True,
+                                       attn_mask=step.bias(end - start, end - start) if step.bias else None)
         for start, end in step.spans
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2)
@@ -197,7 +207,8 @@ def _decode_attention(module, query, key, value, scaling, step: DecodeStep) -> t
     grouped_query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     output = torch.cat([
         F.scaled_dot_product_attention(grouped_query[index:index + 1], cached_keys[row:row + 1, :, :length],
-                                       cached_values[row:row + 1, :, :length], scale=scaling)
+                                       cached_values[row:row + 1, :, :length], scale=scaling,
+                                       attn_mask=step.bias(1, length) if step.bias else None)
         for index, (row, length) in enumerate(zip(step.rows, step.lengths))
     ])
     return output.reshape(batch, heads, 1, head_dim).transpose(1, 2)

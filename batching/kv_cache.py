@@ -52,6 +52,17 @@ class RowKVCache:
             keys[target_rows, :, :length] = keys[source_rows, :, :length]
             values[target_rows, :, :length] = values[source_rows, :, :length]
 
+    def store(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store whole rows from position 0: keys/values are [len(rows), kv_heads, length, head_dim] (room for
+        `length` reserved first)."""
+        if layer not in self.layers:
+            shape = (self.max_rows, keys.shape[1], self.capacity, keys.shape[3])
+            # positions past a row's length are never read, so no zero fill is needed
+            self.layers[layer] = (keys.new_empty(shape), values.new_empty(shape))
+        cached_keys, cached_values = self.layers[layer]
+        cached_keys[rows, :, :keys.shape[2]] = keys
+        cached_values[rows, :, :values.shape[2]] = values
+
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one token per (row, position); keys/values are [tokens, kv_heads, head_dim]."""

@@ -17,7 +17,7 @@ from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallPar
 
 
 def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[int]:
-    if not generator.tokenizer.chat_template:
+    if not generator.tokenizer.chat_template and not generator.encoder_decoder:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     for index, message in enumerate(request.messages):
         for part in message.image_parts():
@@ -39,7 +39,7 @@ def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[in
         text = generator.render(messages, [{"type": "function", "function": tool} for tool in tools])
     except Exception as error:  # templates raise their own errors for dialogues they reject
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-    return generator.tokenizer(text, add_special_tokens=False).input_ids
+    return generator.prompt_ids(text)
 
 
 def template_message(message: ChatMessage) -> dict:

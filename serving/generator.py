@@ -12,6 +12,7 @@ from functools import lru_cache, partial
 from typing import AsyncIterator, Awaitable, Callable
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
+from batching.families.encoder_decoder import TextInput
 from config import Config
 from model_manager import LoadedModel, build_engine, load_model
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
@@ -69,6 +70,9 @@ class Generator:
         vocab_size = loaded.model.get_output_embeddings().out_features  # the logits' width
         self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self.tokenizer = loaded.tokenizer
+        self.encoder_decoder = loaded.encoder_decoder
+        self.encoder_length = loaded.encoder_length
+        self.decoder_prompt = loaded.decoder_prompt if loaded.encoder_decoder else []
         self.served_names = options.served_names
         self.model_name = options.served_names[0]
         self.context_length = loaded.context_length
@@ -110,8 +114,15 @@ class Generator:
         return memory.used_tokens, memory.tokens
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        if not self.tokenizer.chat_template and self.encoder_decoder:
+            return plain_dialogue(messages)
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
                                                   tokenize=False)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A rendered chat's token ids: a chat template writes a decoder's special tokens itself; an encoder's input
+        takes the tokenizer's (T5's closing </s>, BART's <s> ... </s>)."""
+        return self.tokenizer(text, add_special_tokens=self.encoder_decoder).input_ids
 
     async def output_grammar(self, request: SamplingRequest) -> CompiledGrammar | None:
         """The grammar the reply must follow, compiled off the event loop (and cached); None if free."""
@@ -149,7 +160,10 @@ class Generator:
         choices: list[Choice] = []
         try:
             for (ids, text), param in zip(prompts, params):
-                for seq in self.engine.add_siblings(ids, param, per_prompt, request_id, user=request.user or ""):
+                # an encoder-decoder's prompt is its encoder's input; its decoder starts from its own prompt
+                engine_prompt, inputs = (self.decoder_prompt, TextInput(ids)) if self.encoder_decoder else (ids, None)
+                for seq in self.engine.add_siblings(engine_prompt, param, per_prompt, request_id, inputs,
+                                                    user=request.user or ""):
                     choices.append(Choice(len(choices), ids, text, seq))
         except QueueFullError as error:
             self.cancel(choices)
@@ -165,18 +179,9 @@ class Generator:
         if prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
         limit = request.completion_limit
-        asked = f"{prompt_tokens} prompt tokens" + (f" plus {limit} completion tokens" if limit is not None else "")
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
-        room = self.context_length - prompt_tokens
-        if room < 1 or (limit is not None and limit > room):
-            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. "
-                                f"However, you requested {asked}.", param=param, code="context_length_exceeded")
-        kv_tokens = self.engine.max_sequence_tokens
-        if prompt_tokens + (limit or 1) > kv_tokens:
-            raise APIError(400, f"This server's KV memory holds at most {kv_tokens} tokens for one request "
-                                f"(--kv-cache-memory). However, you requested {asked}.", param=param,
-                           code="context_length_exceeded")
-        room = min(room, kv_tokens - prompt_tokens)
+        room = self._encoder_decoder_room(request, prompt_tokens, limit, param) if self.encoder_decoder \
+            else self._decoder_room(prompt_tokens, limit, param)
         calls_tools = isinstance(request, ChatCompletionRequest) and bool(request.callable_tools)
         self._check_token_ids(request.logit_bias or {}, "logit_bias")
         self._check_token_ids(request.stop_token_ids or [], "stop_token_ids")
@@ -189,6 +194,37 @@ class Generator:
             min_tokens=min(request.min_tokens, limit or room), logprobs=request.top_logprob_count,
             prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
             grammar=grammar, shown_special_tokens=self.tool_marker_tokens if calls_tools else ())
+
+    def _decoder_room(self, prompt_tokens: int, limit: int | None, param: str) -> int:
+        """How many tokens may follow the prompt in the model's context and the KV memory."""
+        asked = f"{prompt_tokens} prompt tokens" + (f" plus {limit} completion tokens" if limit is not None else "")
+        room = self.context_length - prompt_tokens
+        if room < 1 or (limit is not None and limit > room):
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. "
+                                f"However, you requested {asked}.", param=param, code="context_length_exceeded")
+        kv_tokens = self.engine.max_sequence_tokens
+        if prompt_tokens + (limit or 1) > kv_tokens:
+            raise APIError(400, f"This server's KV memory holds at most {kv_tokens} tokens for one request "
+                                f"(--kv-cache-memory). However, you requested {asked}.", param=param,
+                           code="context_length_exceeded")
+        return min(room, kv_tokens - prompt_tokens)
+
+    def _encoder_decoder_room(self, request: SamplingRequest, prompt_tokens: int, limit: int | None,
+                              param: str) -> int:
+        """How many tokens the decoder may write; the prompt must fit the encoder."""
+        if prompt_tokens > self.encoder_length:
+            raise APIError(400, f"This server's encoder reads at most {self.encoder_length} tokens "
+                                f"(--static-cache-encoder-max-length). However, your prompt has {prompt_tokens} "
+                                "tokens.", param=param, code="context_length_exceeded")
+        room = self.context_length - len(self.decoder_prompt)
+        if limit is not None and limit > room:
+            raise APIError(400, f"This server's decoder writes at most {room} tokens "
+                                f"(--static-cache-decoder-max-length). However, you requested {limit} completion "
+                                "tokens.", param="max_tokens", code="context_length_exceeded")
+        if isinstance(request, CompletionRequest) and request.echo:
+            raise APIError(400, "echo is for decoder models: an encoder-decoder model's prompt is its encoder's "
+                                "input, which it neither continues nor scores", param="echo")
+        return room
 
     def _check_token_ids(self, token_ids, param: str) -> None:
         vocab = len(self.tokenizer)
@@ -292,6 +328,14 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> Gener
     generator = await asyncio.to_thread(Generator, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
     return generator
+
+
+def plain_dialogue(messages: list[dict]) -> str:
+    """A chat for an encoder-decoder model without a chat template (T5, BART): a lone user message as it is,
+    as instruction-tuned T5 models take it; otherwise one "Role: text" line per message."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join(f"{message['role'].capitalize()}: {message['content']}" for message in messages)
 
 
 def json_value(value: dict | str, param: str) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from batching import Engine, Scheduler
-from batching.families.whisper_cache import WhisperRowCache
+from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
 from batching.families.whisper_runner import WhisperRunner, alignment_heads
 from batching.families.whisper_static import StaticWindowDecoder
@@ -91,14 +91,13 @@ def load_whisper(config: Config) -> LoadedWhisper:
     return loaded
 
 
-def static_decoder(model: WhisperForConditionalGeneration, cache: WhisperRowCache, config: Config
+def static_decoder(model: WhisperForConditionalGeneration, cache: EncoderDecoderRows, config: Config
                    ) -> StaticWindowDecoder:
     """Allocate the whole cache now and build the static-shape decode step (compiled with --torch-compile)."""
     if not config.static_cache:
         logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
     shape, heads = model.config, model.config.decoder_attention_heads
-    size = cache.allocate(shape.decoder_layers, heads, shape.d_model // heads, shape.max_source_positions, model.dtype,
-                          model.device)
+    size = cache.allocate(shape.decoder_layers, heads, shape.d_model // heads, model.dtype, model.device)
     logger.info("static cache: %.0f MiB for %d windows of %d tokens (%d beam%s each) and their audio", size / 2**20,
                 cache.max_rows, shape.max_target_positions, cache.beams, "" if cache.beams == 1 else "s")
     compile_mode = config.torch_compile_mode if config.torch_compile else None
@@ -108,8 +107,9 @@ def static_decoder(model: WhisperForConditionalGeneration, cache: WhisperRowCach
 def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     batch_size = config.continuous_batching_batch_size
     model, static = loaded.model, config.static_cache or config.torch_compile
-    cache = WhisperRowCache(max_rows=batch_size, max_length=model.config.max_target_positions,
-                            beams=config.whisper_beam_size, static=static)
+    cache = EncoderDecoderRows(max_rows=batch_size, max_length=model.config.max_target_positions,
+                               max_source=model.config.max_source_positions,
+                               beams=config.whisper_beam_size, static=static)
     if config.whisper_beam_size > 1:
         logger.info("windows at temperature 0 are decoded with %d beams (a batch row each)", config.whisper_beam_size)
     # the prompts of a whole batch of windows in one step: the runner prefills a prompt whole, never in chunks

@@ -1,56 +1,53 @@
-"""Whisper's decoder arithmetic, driven layer by layer with the HF module's own weights: what the eager runner
-and the static (compilable) decode step both run, so that the two cannot drift apart."""
+"""Whisper's arithmetic, driven layer by layer with the HF module's own weights: what the eager runner and the
+static (compilable) decode step both run, so that the two cannot drift apart."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+from transformers import WhisperForConditionalGeneration
 
-from batching.attention import Step, batchwise_attention
-
-CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
-
-
-def split_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
-    """[N, L, heads * dim] -> [N, heads, L, dim]"""
-    return states.view(*states.shape[:2], heads, -1).transpose(1, 2)
+from batching.attention import Step
+from batching.families.encoder_decoder import CrossAttend, cross_attention, self_attention, split_heads
 
 
-def run_decoder(decoder: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, step: Step,
-                cross_attend: CrossAttend) -> torch.Tensor:
-    """ids/positions: [N, L]; the same arithmetic, in the same order, as WhisperDecoder's forward. Self-attention
-    goes through batching.attention with `step`; cross-attention through `cross_attend`."""
-    heads = decoder.config.decoder_attention_heads
-    hidden = decoder.embed_tokens(ids) + decoder.embed_positions(ids, position_ids=positions)
-    for index, layer in enumerate(decoder.layers):
-        hidden = hidden + _self_attention(layer.self_attn, layer.self_attn_layer_norm(hidden), step, heads)
-        hidden = hidden + _cross_attention(layer.encoder_attn, layer.encoder_attn_layer_norm(hidden),
-                                           partial(cross_attend, index), heads)
-        hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
-    return decoder.layer_norm(hidden)
+class WhisperFamily:
+    position_bias = None
 
+    def __init__(self, model: WhisperForConditionalGeneration) -> None:
+        self.model = model
+        self.encoder = model.get_encoder()
+        self.decoder = model.get_decoder()
+        self.layers = len(self.decoder.layers)
+        self.heads = model.config.decoder_attention_heads
+        self.head_dim = model.config.d_model // self.heads
 
-def attend_audio(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beams: int) -> torch.Tensor:
-    """Cross-attention of one token per row ([windows x beams, heads, 1, dim]) over each window's audio K/V
-    ([windows, heads, frames, dim]): a window's beams are laid along the query axis of one attention. Every
-    window's audio has the same length, so there is no mask."""
-    windows, heads = keys.shape[0], keys.shape[1]
-    grouped = query.reshape(windows, beams, heads, -1).transpose(1, 2)  # [windows, heads, beams, dim]
-    output = F.scaled_dot_product_attention(grouped, keys, values, scale=1.0)
-    return output.transpose(1, 2).reshape(windows * beams, 1, heads, -1).transpose(1, 2)
+    def encode(self, inputs: list[Any]) -> tuple[torch.Tensor, list[int]]:
+        """inputs: speech windows (their log-mel features, [mel bins, frames] each, all as long)."""
+        features = torch.stack([window.features for window in inputs]).to(self.model.device, self.model.dtype)
+        encoded = self.encoder(features).last_hidden_state
+        return encoded, [encoded.shape[1]] * len(inputs)
 
+    def cross_keys_values(self, layer: int, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = self.decoder.layers[layer].encoder_attn
+        return split_heads(attention.k_proj(encoded), self.heads), split_heads(attention.v_proj(encoded), self.heads)
 
-def _self_attention(attention: torch.nn.Module, hidden: torch.Tensor, step: Step, heads: int) -> torch.Tensor:
-    query = split_heads(attention.q_proj(hidden) * attention.scaling, heads)
-    key, value = split_heads(attention.k_proj(hidden), heads), split_heads(attention.v_proj(hidden), heads)
-    output, _ = batchwise_attention(attention, query, key, value, None, scaling=1.0, batchwise_step=step)
-    return attention.out_proj(output.reshape(hidden.shape))
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, step: Step, cross_attend: CrossAttend
+               ) -> torch.Tensor:
+        """The same arithmetic, in the same order, as WhisperDecoder's forward."""
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(ids) + decoder.embed_positions(ids, position_ids=positions)
+        for index, layer in enumerate(decoder.layers):
+            attention, cross = layer.self_attn, layer.encoder_attn
+            hidden = hidden + self_attention(
+                attention, (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj),
+                layer.self_attn_layer_norm(hidden), step, self.heads, attention.scaling)
+            hidden = hidden + cross_attention(cross.q_proj, cross.out_proj, layer.encoder_attn_layer_norm(hidden),
+                                              partial(cross_attend, index), self.heads, cross.scaling)
+            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+        return decoder.layer_norm(hidden)
 
-
-def _cross_attention(attention: torch.nn.Module, hidden: torch.Tensor,
-                     attend: Callable[[torch.Tensor], torch.Tensor], heads: int) -> torch.Tensor:
-    output = attend(split_heads(attention.q_proj(hidden) * attention.scaling, heads))
-    return attention.out_proj(output.transpose(1, 2).reshape(hidden.shape))
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.proj_out(hidden)

@@ -1,32 +1,24 @@
-"""Model forwards for one Whisper engine step, driving the HF module's own weights layer by layer.
-
-Newly admitted windows: the encoder runs once over all of them, every decoder layer's cross-attention
-K/V are projected from its output once and stored in the window's row, then the decoder prompts run
-packed. Running windows: one token per row, self-attention over the row's own cache (attended row by
-row, so a row's result does not depend on its neighbours), cross-attention over the row's stored K/V.
-A window decoded with beam search (batching.families.whisper_beams) decodes one row per beam, every beam
-attending to the window's one copy of its audio K/V.
-For a window that wants word timestamps, the alignment heads' cross-attention scores of the query that
-chose each token are kept (speech.word_timing turns them into times when the window ends).
+"""Whisper on the encoder-decoder runner (batching.families.encoder_decoder): each window's audio is encoded
+once, its decoder rows decode over it; on top, Whisper's decoding rules (batching.families.whisper_rules),
+beam search (batching.families.whisper_beams, one row per beam, every beam attending to the window's one copy
+of its audio K/V), the no-speech probability read at <|startoftranscript|>, and, for a window that wants word
+timestamps, the alignment heads' cross-attention scores of the query that chose each token (speech.word_timing
+turns them into times when the window ends). A static cache decodes through batching.families.whisper_static.
 """
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration
 
-from batching.attention import DecodeStep, PrefillStep, pack_prompts
+from batching.families.encoder_decoder import EncoderDecoderRunner
+from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_beams import BeamSearch, BeamStep, Hypothesis
-from batching.families.whisper_cache import WhisperRowCache
-from batching.families.whisper_decoder import attend_audio, run_decoder, split_heads
+from batching.families.whisper_decoder import WhisperFamily
 from batching.families.whisper_static import StaticWindowDecoder
 from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
@@ -103,19 +95,13 @@ class AlignmentRecorder:
                 for index, window in self.wanting.items()}
 
 
-class WhisperRunner:
-    def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache,
+class WhisperRunner(EncoderDecoderRunner):
+    def __init__(self, model: WhisperForConditionalGeneration, cache: EncoderDecoderRows,
                  rules: WhisperLogitRules, static: StaticWindowDecoder | None = None) -> None:
-        self.model = model
+        super().__init__(WhisperFamily(model), cache, model.device)
         self.static = static
-        self.encoder = model.get_encoder()
-        self.decoder = model.get_decoder()
-        self.cache = cache
         self.rules = rules
-        self.device = model.device
-        self.heads = model.config.decoder_attention_heads
         self.alignment_heads = alignment_heads(model)
-        self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
@@ -128,7 +114,7 @@ class WhisperRunner:
             raise RuntimeError("a Whisper window preempted after it began decoding cannot resume")
         logits, alignment = self._forward(prefilling, decoding)
         rows = beam_rows(prefilling + decoding)
-        with self._timed("rules_and_sampling"):
+        with self.timed("rules_and_sampling"):
             searching = [index for index, (seq, _) in enumerate(rows) if seq.inputs.beams > 1]
             if searching:  # beams add up log-probabilities: normalised first, then ruled (as transformers does)
                 logits[searching] = logits[searching].log_softmax(dim=-1)
@@ -151,6 +137,15 @@ class WhisperRunner:
         """The model's next-token logits ([rows, vocab] float32), before Whisper's rules: one row per prefilling
         window, then one per decoding row."""
         return self._forward(prefilling, decoding)[0]
+
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
+        on_ready(batch sizes ready, all of them) after each."""
+        if self.static is not None:
+            self.static.warm_up(on_ready)
+
+    def last_token(self, seq: Sequence, beam: int) -> int:
+        return history(seq, beam)[-1]
 
     def _forward(self, prefilling: list[Sequence], decoding: list[Sequence]
                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -191,46 +186,22 @@ class WhisperRunner:
         return TokenLogprob(search.running[0].tokens[-1], 0.0)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        rows = [seq.row for seq in seqs]
-        with self._timed("encoder"):
-            self._store_cross_attention(seqs, self._tensor(rows))
-        with self._timed("decoder_prefill"):
-            self.cache.grow_rows(max(len(s.prompt_ids) for s in seqs))
-            ids, positions, token_rows, spans = pack_prompts(seqs)
-            position_tensor = self._tensor(positions)
-            step = PrefillStep(self.cache.self_attention, self._tensor([self.cache.beam_row(r) for r in token_rows]),
-                               position_tensor, spans)
-            recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq in seqs])
-            hidden = run_decoder(self.decoder, self._tensor(ids)[None], position_tensor[None], step,
-                                   partial(self._cross_prefill, spans=spans, rows=rows, recorder=recorder))
-            starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
-            ends = [end - 1 for _, end in spans]
-            logits = self.model.proj_out(hidden[0, self._tensor(starts + ends)]).float()
-            self._record_no_speech(seqs, logits[:len(seqs)])
-            return logits[len(seqs):], recorder.finish()
-
-    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
-        on_ready(batch sizes ready, all of them) after each."""
-        if self.static is not None:
-            self.static.warm_up(on_ready)
+        recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq in seqs])
+        hidden, spans = self.prefill(seqs, recorder)
+        starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
+        ends = [end - 1 for _, end in spans]
+        logits = self.family.logits(hidden[0, self.tensor(starts + ends)]).float()
+        self._record_no_speech(seqs, logits[:len(seqs)])
+        return logits[len(seqs):], recorder.finish()
 
     def _decode_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One row per running beam of each window (one for a window that samples), windows in row order."""
-        with self._timed("decoder_steps"):
-            rows = beam_rows(seqs)
-            if self.static is not None:
+        rows = beam_rows(seqs)
+        if self.static is not None:
+            with self.timed("decoder_steps"):
                 return self._static_decode_logits(rows)
-            lengths = [seq.length for seq, _ in rows]
-            self.cache.grow_rows(max(lengths))
-            positions = self._tensor([length - 1 for length in lengths])
-            step = DecodeStep(self.cache.self_attention, [self.cache.beam_row(seq.row, beam) for seq, beam in rows],
-                              positions, lengths)
-            ids = self._tensor([history(seq, beam)[-1] for seq, beam in rows])[:, None]
-            recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
-            attend = partial(self._cross_decode, queries=[seq.inputs.rows for seq in seqs], recorder=recorder)
-            hidden = run_decoder(self.decoder, ids, positions[:, None], step, attend)
-            return self.model.proj_out(hidden[:, -1]).float(), recorder.finish()
+        recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
+        return self.family.logits(self.decode(rows, recorder)).float(), recorder.finish()
 
     def _static_decode_logits(self, rows: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         logits, queries = self.static.decode([self.cache.beam_row(seq.row, beam) for seq, beam in rows],
@@ -243,54 +214,9 @@ class WhisperRunner:
                 recorder.record(layer, index, layer_queries[index], keys[0])
         return logits, recorder.finish()
 
-    def _store_cross_attention(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
-        features = torch.stack([s.inputs.features for s in seqs]).to(self.device, self.model.dtype)
-        encoded = self.encoder(features).last_hidden_state
-        for index, layer in enumerate(self.decoder.layers):
-            attention = layer.encoder_attn
-            self.cache.store_cross(index, rows, split_heads(attention.k_proj(encoded), self.heads),
-                                   split_heads(attention.v_proj(encoded), self.heads))
-
-    def _cross_prefill(self, layer: int, query: torch.Tensor, spans: list[tuple[int, int]], rows: list[int],
-                       recorder: AlignmentRecorder) -> torch.Tensor:
-        """Packed prompts ([1, heads, tokens, dim]): each span attends to its own row's audio; the prompt's
-        last query chooses the first token."""
-        outputs = []
-        for index, ((start, end), row) in enumerate(zip(spans, rows)):
-            keys, values = self.cache.cross_rows(layer, row, row + 1)
-            outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, scale=1.0))
-            recorder.record(layer, index, query[0, :, end - 1], keys[0])
-        return torch.cat(outputs, dim=2)
-
-    def _cross_decode(self, layer: int, query: torch.Tensor, queries: list[int], recorder: AlignmentRecorder
-                      ) -> torch.Tensor:
-        """One token per row ([rows, heads, 1, dim]); window w (rows 0..B-1 of the audio K/V) has queries[w] of
-        them, one per beam, laid along the query axis of its attention. Every window's audio has the same
-        length, so no mask; windows with as many queries each attend as one batch."""
-        keys, values = self.cache.cross_rows(layer, 0, len(queries))
-        window_of_row = [window for window, count in enumerate(queries) for _ in range(count)]
-        for index in recorder.wanting:
-            recorder.record(layer, index, query[index, :, 0], keys[window_of_row[index]])
-        if len(set(queries)) == 1:
-            return attend_audio(query, keys, values, queries[0])
-        starts = [sum(queries[:window]) for window in range(len(queries) + 1)]
-        return torch.cat([attend_audio(query[start:end], keys[window:window + 1], values[window:window + 1], count)
-                          for window, (count, start, end) in enumerate(zip(queries, starts, starts[1:]))])
-
     def _record_no_speech(self, seqs: list[Sequence], start_logits: torch.Tensor) -> None:
         no_speech = self.rules.tokens.no_speech
         if no_speech is None:
             return
         for seq, probability in zip(seqs, start_logits.softmax(dim=-1)[:, no_speech].tolist()):
             seq.inputs.no_speech_prob = probability
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    @contextmanager
-    def _timed(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        if self.device.type == "cuda":  # kernels run asynchronously: wait so the time lands in its phase
-            torch.cuda.synchronize(self.device)
-        self.seconds[phase] += time.perf_counter() - started

@@ -12,26 +12,26 @@ import torch
 from transformers import WhisperForConditionalGeneration
 
 from batching.attention import StaticRowStep
-from batching.families.whisper_cache import WhisperRowCache
-from batching.families.whisper_decoder import attend_audio, run_decoder
+from batching.families.encoder_decoder import attend_encoded
+from batching.families.encoder_decoder_cache import EncoderDecoderRows
+from batching.families.whisper_decoder import WhisperFamily
 from batching.static_decode import bucket_sizes, compiled_per_bucket, warm_up_buckets
 
 class StaticStepForward(torch.nn.Module):
     """What is compiled: one decode step over windows x beams rows, with the caches as buffers, so that a
     compiled graph updates them in place (and CUDA graphs see fixed addresses)."""
 
-    def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache,
+    def __init__(self, model: WhisperForConditionalGeneration, cache: EncoderDecoderRows,
                  alignment_layers: list[int]) -> None:
         super().__init__()
-        self.decoder = model.get_decoder()
-        self.proj_out = model.proj_out
+        self.family = WhisperFamily(model)
         self.beams = cache.beams
         self.alignment_layers = alignment_layers
-        self.layers = len(cache.cross)
+        self.layers = len(cache.cross.layers)
         for layer in range(self.layers):
             for name, tensor in zip(("self_keys", "self_values"), cache.self_attention.layers[layer]):
                 self.register_buffer(f"{name}_{layer}", tensor, persistent=False)
-            for name, tensor in zip(("cross_keys", "cross_values"), cache.cross[layer]):
+            for name, tensor in zip(("cross_keys", "cross_values"), cache.cross.layers[layer]):
                 self.register_buffer(f"{name}_{layer}", tensor, persistent=False)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor, lengths: torch.Tensor
@@ -47,17 +47,17 @@ class StaticStepForward(torch.nn.Module):
             if layer in self.alignment_layers:
                 alignment_queries.append(query[:, :, 0])
             keys, values = getattr(self, f"cross_keys_{layer}"), getattr(self, f"cross_values_{layer}")
-            return attend_audio(query, keys[:windows], values[:windows], self.beams)
+            return attend_encoded(query, keys[:windows], values[:windows], self.beams)
 
-        hidden = run_decoder(self.decoder, ids[:, None], positions[:, None], step, cross_attend)
-        return self.proj_out(hidden[:, -1]).float(), alignment_queries
+        hidden = self.family.decode(ids[:, None], positions[:, None], step, cross_attend)
+        return self.family.logits(hidden[:, -1]).float(), alignment_queries
 
     def _cache(self, name: str) -> list[torch.Tensor]:
         return [getattr(self, f"{name}_{layer}") for layer in range(self.layers)]
 
 
 class StaticWindowDecoder:
-    def __init__(self, model: WhisperForConditionalGeneration, cache: WhisperRowCache, alignment_layers: list[int],
+    def __init__(self, model: WhisperForConditionalGeneration, cache: EncoderDecoderRows, alignment_layers: list[int],
                  compile_mode: str | None = None) -> None:
         self.cache = cache
         self.alignment_layers = alignment_layers

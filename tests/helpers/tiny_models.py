@@ -31,12 +31,54 @@ def tiny_model(architecture: str, vocab_size: int, seed: int = 0) -> transformer
     return model.eval()
 
 
-def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """One token per byte (byte-level BPE without merges) and <eos> as token 0: grammar masks can be read
-    off character by character."""
+def byte_tokenizer(**special_tokens: str) -> transformers.PreTrainedTokenizerFast:
+    """One token per byte (byte-level BPE without merges) after the special tokens (default: <eos> as token 0):
+    grammar masks can be read off character by character."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    special_tokens = special_tokens or {"eos_token": "<eos>"}
+    specials = list(dict.fromkeys(special_tokens.values()))
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE({"<eos>": 0, **{char: i + 1 for i, char in enumerate(alphabet)}}, merges=[]))
+    vocab = {token: i for i, token in enumerate([*specials, *alphabet])}
+    tokenizer = Tokenizer(models.BPE(vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
+
+
+# special tokens as each family's real vocabularies place them
+SEQ2SEQ_SPECIALS = {"t5": {"pad_token": "<pad>", "eos_token": "</s>"},
+                    "bart": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>"}}
+
+
+def tiny_seq2seq(architecture: str, seed: int = 0, tokenizer: transformers.PreTrainedTokenizerBase | None = None
+                 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """A random-weight encoder-decoder: t5 (T5 v1.0: ReLU, tied and scaled head), flan-t5 (T5 v1.1: gated GELU,
+    untied head), mt5, or bart; over `tokenizer`'s vocabulary, or a byte tokenizer with its family's special
+    tokens."""
+    family = "bart" if architecture == "bart" else "t5"
+    tokenizer = tokenizer or byte_tokenizer(**SEQ2SEQ_SPECIALS[family])
+    ids = {"pad_token_id": tokenizer.pad_token_id or 0, "eos_token_id": tokenizer.eos_token_id}
+    if family == "bart":
+        ids["bos_token_id"] = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1
+    s, vocab = TINY_SIZES, len(tokenizer)
+    torch.manual_seed(seed)
+    if family == "t5":
+        config_class = transformers.MT5Config if architecture == "mt5" else transformers.T5Config
+        config = config_class(vocab_size=vocab, d_model=s["hidden"], d_kv=16, d_ff=s["intermediate"],
+                              num_layers=s["layers"], num_heads=s["heads"], decoder_start_token_id=ids["pad_token_id"],
+                              feed_forward_proj="relu" if architecture == "t5" else "gated-gelu",
+                              tie_word_embeddings=architecture == "t5", **ids)
+    else:
+        config = transformers.BartConfig(vocab_size=vocab, d_model=s["hidden"], encoder_layers=s["layers"],
+                                         decoder_layers=s["layers"], encoder_attention_heads=s["heads"],
+                                         decoder_attention_heads=s["heads"], encoder_ffn_dim=s["intermediate"],
+                                         decoder_ffn_dim=s["intermediate"], max_position_embeddings=s["positions"],
+                                         decoder_start_token_id=ids["eos_token_id"], forced_eos_token_id=None,
+                                         scale_embedding=True, **ids)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
+    # larger weights than the initialiser's, so greedy output varies token to token (gated layers grow faster)
+    scale = 2.0 if architecture in ("flan-t5", "mt5") else 8.0
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    return model, tokenizer

@@ -24,7 +24,7 @@ from api.audio import render
 from batching import Sequence
 from batching.detokenizer import IncrementalDetokenizer
 from batching.families.whisper_beams import BeamSearch
-from batching.families.whisper_cache import WhisperRowCache
+from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
 from batching.families.whisper_runner import SpeechWindow, WhisperRunner, decoded
 from batching.scheduler import Span
@@ -131,7 +131,8 @@ def prompts(loaded: LoadedWhisper) -> list[list[int]]:
 
 
 def runner_for(loaded: LoadedWhisper, rows: int = 4) -> WhisperRunner:
-    cache = WhisperRowCache(rows, loaded.model.config.max_target_positions)
+    cache = EncoderDecoderRows(rows, loaded.model.config.max_target_positions,
+                               loaded.model.config.max_source_positions)
     return WhisperRunner(loaded.model, cache, WhisperLogitRules(loaded.tokens, loaded.rules))
 
 

@@ -1,0 +1,132 @@
+"""Encoder-decoder text models (T5 v1.0, Flan-T5, mT5, BART) on the engine: every request's greedy tokens equal
+transformers' own `generate` for it alone, whether it runs alone, in a batch of different lengths, joins a
+running batch, shares its prompt with siblings, loses its neighbours to cancellation, or is preempted and
+recomputed."""
+
+import asyncio
+
+import pytest
+import torch
+
+from batching import SamplingParams
+from batching.families.encoder_decoder import TextInput
+from config import Config
+from model_manager import LoadedModel, build_engine
+from tests.helpers.engine import finish, greedy, run_with_engine
+from tests.helpers.tiny_models import tiny_seq2seq
+
+ARCHITECTURES = ["t5", "flan-t5", "mt5", "bart"]
+DECODER_LENGTH, ENCODER_LENGTH = 64, 96
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def loaded(request) -> LoadedModel:
+    model, tokenizer = tiny_seq2seq(request.param, seed=ARCHITECTURES.index(request.param))
+    return LoadedModel(model, tokenizer, request.param, DECODER_LENGTH, ENCODER_LENGTH)
+
+
+def engine_for(loaded: LoadedModel, batch_size: int = 4):
+    config = Config(continuous_batching_batch_size=batch_size, architecture_type="encoder-decoder", hf_model="tiny")
+    return lambda: build_engine(loaded, config)
+
+
+def prompts(loaded: LoadedModel, count: int) -> list[list[int]]:
+    """Encoder inputs of different lengths (3 to 80 tokens), each closed by the end-of-sequence token."""
+    eos = loaded.tokenizer.eos_token_id
+    return [[5 + (i * 31 + j * 7) % 240 for j in range(3 + (i * 23) % 78)] + [eos] for i in range(count)]
+
+
+def transformers_greedy(loaded: LoadedModel, prompt: list[int], tokens: int) -> list[int]:
+    with torch.inference_mode():
+        output = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=tokens, min_new_tokens=tokens,
+                                       do_sample=False, num_beams=1)
+    return output[0, len(loaded.decoder_prompt):].tolist()
+
+
+def add(engine, loaded: LoadedModel, prompt: list[int], tokens: int, count: int = 1, **params):
+    """`count` sequences of one prompt; end of sequence banned, as generate's min_new_tokens bans it."""
+    return engine.add_siblings(loaded.decoder_prompt, greedy(tokens, min_tokens=tokens, **params), count,
+                               inputs=TextInput(prompt))
+
+
+def test_batched_and_joining_requests_decode_as_transformers_does_alone(loaded):
+    """Six requests on four rows: different encoder lengths and budgets, so rows leave and waiting ones join."""
+    budgets = [40, 12, 30, 20, 33, 9]
+    inputs = prompts(loaded, len(budgets))
+
+    async def body(engine):
+        seqs = [add(engine, loaded, prompt, tokens)[0] for prompt, tokens in zip(inputs, budgets)]
+        return [seq.output_ids for seq in await asyncio.gather(*(finish(engine, seq) for seq in seqs))]
+
+    outputs = run_with_engine(engine_for(loaded), body)
+    assert len(set(map(tuple, outputs))) > 1
+    assert len({token for output in outputs for token in output}) > 10, "the model should not repeat a few tokens"
+    for prompt, tokens, output in zip(inputs, budgets, outputs):
+        assert output == transformers_greedy(loaded, prompt, tokens)
+
+
+def test_siblings_share_the_encoder_pass(loaded):
+    prompt = prompts(loaded, 3)[2]
+    encoder_calls = []
+    hook = loaded.model.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
+
+    async def body(engine):
+        seqs = add(engine, loaded, prompt, 16, count=3)
+        sampled = engine.add_siblings(loaded.decoder_prompt, SamplingParams(max_tokens=16, temperature=2.0, seed=7),
+                                      2, inputs=TextInput(prompt))
+        done = await asyncio.gather(*(finish(engine, seq) for seq in [*seqs, *sampled]))
+        return [seq.output_ids for seq in done]
+
+    try:
+        outputs = run_with_engine(engine_for(loaded, batch_size=8), body)
+    finally:
+        hook.remove()
+    expected = transformers_greedy(loaded, prompt, 16)
+    assert outputs[:3] == [expected] * 3
+    assert outputs[3] != outputs[4]  # seeds 7 and 8
+    assert len(encoder_calls) == 2  # one per prompt: the greedy three, the sampled two
+
+
+def test_cancelled_rows_leave_and_the_others_decode_on(loaded):
+    inputs = prompts(loaded, 4)
+
+    async def body(engine):
+        seqs = [add(engine, loaded, prompt, 30)[0] for prompt in inputs]
+        async for delta in engine.stream(seqs[1]):
+            if len(seqs[1].output_ids) >= 3:
+                break  # leaving the stream cancels the sequence
+        engine.cancel(seqs[2])
+        kept = [seqs[0], seqs[3]]
+        await asyncio.gather(*(finish(engine, seq) for seq in kept))
+        return [seq.output_ids for seq in kept], engine.scheduler.memory.used_tokens
+
+    (first, last), held = run_with_engine(engine_for(loaded), body)
+    assert first == transformers_greedy(loaded, inputs[0], 30)
+    assert last == transformers_greedy(loaded, inputs[3], 30)
+    assert held == 0
+
+
+def test_a_preempted_sequence_recomputes_its_tokens_and_goes_on(loaded):
+    inputs = prompts(loaded, 3)
+
+    async def body(engine):
+        seqs = [add(engine, loaded, prompt, 24)[0] for prompt in inputs]
+        while len(seqs[1].output_ids) < 6:
+            await asyncio.sleep(0.001)
+        engine.scheduler.preempt(seqs[1])
+        await asyncio.gather(*(finish(engine, seq) for seq in seqs))
+        return [seq.output_ids for seq in seqs], engine.scheduler.preemptions
+
+    outputs, preemptions = run_with_engine(engine_for(loaded), body)
+    assert preemptions == 1
+    for prompt, output in zip(inputs, outputs):
+        assert output == transformers_greedy(loaded, prompt, 24)
+
+
+def test_unsupported_families_are_refused_with_the_served_ones_named():
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+    model = PegasusForConditionalGeneration(PegasusConfig(vocab_size=64, d_model=16, encoder_layers=1,
+                                                          decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16))
+    loaded = LoadedModel(model, None, "pegasus", 32, 32)
+    with pytest.raises(RuntimeError, match="'pegasus' are not served; these are: T5, mT5, BART"):
+        engine_for(loaded)()
