@@ -12,6 +12,7 @@ import torch
 EMBEDDED_CHAT_MODEL = "embedded:SmolLM2-135M-Instruct"
 DECODER_MODEL_TYPE = "AutoModelForCausalLM"
 SEQ2SEQ_MODEL_TYPE = "AutoModelForSeq2SeqLM"
+VISION_MODEL_TYPES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,17 @@ class Config:
                                choices=["chat", "whisper"])
     max_audio_mb: int = option("--max-audio-mb", "MAX_AUDIO_MB", "largest audio upload in MB (whisper serving)",
                                25, int)
+    max_image_mb: float = option("--max-image-mb", "MAX_IMAGE_MB", "largest image in a chat message, in MB "
+                                 "(vision-language models)", 20.0, float)
+    max_image_pixels: int = option("--max-image-pixels", "MAX_IMAGE_PIXELS", "most pixels (width x height) an image "
+                                   "may have", 40_000_000, int)
+    allow_remote_images: bool = option("--allow-remote-images", "ALLOW_REMOTE_IMAGES", "fetch http(s) image URLs "
+                                       "(with --image-fetch-timeout and --max-image-mb)", True, parse_bool)
+    image_fetch_timeout: float = option("--image-fetch-timeout", "IMAGE_FETCH_TIMEOUT", "seconds to fetch a remote "
+                                        "image", 10.0, float)
+    allowed_local_media_path: str | None = option("--allowed-local-media-path", "ALLOWED_LOCAL_MEDIA_PATH",
+                                                  "a folder whose image files messages may name (file:// URLs or "
+                                                  "paths); unset: none", None)
     whisper_beam_size: int = option("--whisper-beam-size", "WHISPER_BEAM_SIZE",
                                     "beams per 30 s window decoded at temperature 0 (whisper serving; 1 is greedy): "
                                     "each beam is a batch row, all of a window's beams share its encoded audio", 1, int)
@@ -240,11 +252,15 @@ class Config:
             "--port": self.port, "--continuous-batching-batch-size": self.continuous_batching_batch_size,
             "--max-concurrent": self.max_concurrent, "--max-audio-mb": self.max_audio_mb,
             "--whisper-beam-size": self.whisper_beam_size,
-            "--torch-profiling-steps": self.torch_profiling_steps,
+            "--torch-profiling-steps": self.torch_profiling_steps, "--max-image-pixels": self.max_image_pixels,
         }
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
+        fractional = {"--max-image-mb": self.max_image_mb, "--image-fetch-timeout": self.image_fetch_timeout}
+        for flag, value in fractional.items():
+            if value <= 0:
+                raise ConfigError(f"{flag} must be positive, got {value:g}")
         if self.continuous_batching_microsleep < 0:
             raise ConfigError("--continuous-batching-microsleep must not be negative")
         for flag, value in {"--request-timeout": self.request_timeout, "--shutdown-grace": self.shutdown_grace,
@@ -303,6 +319,11 @@ class Config:
         if self.encoder_decoder and self.model_type == DECODER_MODEL_TYPE:
             return SEQ2SEQ_MODEL_TYPE
         return self.model_type
+
+    @property
+    def vision(self) -> bool:
+        """A vision-language chat model is served (images in messages)."""
+        return self.serving_type == "chat" and self.model_type in VISION_MODEL_TYPES
 
     def _check_encoder_decoder(self) -> None:
         if self.hf_model == EMBEDDED_CHAT_MODEL:

@@ -34,6 +34,7 @@ EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
 SOLO_PREFILL_TOKENS = 2048  # ...and with nothing decoding
+VISION_FAMILIES = ("llava",)  # vision-language models whose images enter as features over placeholder tokens
 
 
 class ModelLoadError(RuntimeError):
@@ -47,6 +48,7 @@ class LoadedModel:
     name: str
     context_length: int  # the most tokens one sequence holds (an encoder-decoder's: decoder tokens)
     encoder_length: int | None = None  # an encoder-decoder's longest encoder input
+    processor: Any = None  # a vision-language model's (images and text to model inputs)
 
     @property
     def encoder_decoder(self) -> bool:
@@ -102,12 +104,15 @@ def load_model(config: Config) -> LoadedModel:
     logger.info("loading %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
     model_class = getattr(transformers, config.model_class)
-    tokenizer_class = getattr(transformers, config.tokenizer_type)
-    tokenizer = tokenizer_class.from_pretrained(source, use_fast=config.tokenizer_use_fast)
+    processor = transformers.AutoProcessor.from_pretrained(source) if config.vision else None
+    tokenizer = processor.tokenizer if processor else getattr(transformers, config.tokenizer_type).from_pretrained(
+        source, use_fast=config.tokenizer_use_fast)
     placement = {"device_map": config.device_map, "max_memory": config.weight_memory()} if config.device_map else {}
-    # an encoder-decoder's decoder is driven layer by layer (batching.families); its encoder runs as HF's own
-    attention = {} if config.encoder_decoder else {"attn_implementation": ATTENTION_NAME}
-    model = model_class.from_pretrained(source, dtype=config.dtype, **attention, **placement)
+    model = model_class.from_pretrained(source, dtype=config.dtype, **attention_choice(source, config), **placement)
+    if config.vision and model.config.model_type not in VISION_FAMILIES:
+        raise ModelLoadError(f"vision-language models of type {model.config.model_type!r} are not served; these are: "
+                             f"{', '.join(VISION_FAMILIES)} (Qwen2-VL's 3-D rotary positions and Gemma 3's "
+                             "bidirectional attention over images are not yet)")
     if config.encoder_decoder != model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source} is {'an encoder-decoder' if model.config.is_encoder_decoder else 'a decoder'} "
                              f"model: give --architecture-type "
@@ -125,10 +130,24 @@ def load_model(config: Config) -> LoadedModel:
         logger.info("loaded %s in %.1f s (encoder input up to %d tokens, decoder up to %d)", source,
                     time.perf_counter() - started, loaded.encoder_length, loaded.context_length)
         return loaded
-    model_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions")
+    text_config = model.config.get_text_config()
+    model_context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions")
     context_length = min(config.max_model_len or model_context, model_context)
-    logger.info("loaded %s in %.1f s (context %d tokens)", source, time.perf_counter() - started, context_length)
-    return LoadedModel(model, tokenizer, name, context_length)
+    logger.info("loaded %s in %.1f s (context %d tokens%s)", source, time.perf_counter() - started, context_length,
+                ", images" if processor else "")
+    return LoadedModel(model, tokenizer, name, context_length, processor=processor)
+
+
+def attention_choice(source: Path | str, config: Config) -> dict[str, Any]:
+    """The engine's attention for the text decoder; an encoder-decoder's decoder is driven layer by layer instead
+    (batching.families) and its encoder, like a vision tower, runs on transformers' own attention."""
+    if config.encoder_decoder:
+        return {}
+    if config.vision:
+        parts = transformers.AutoConfig.from_pretrained(source).sub_configs
+        return {"attn_implementation": {"": "sdpa", **{part: ATTENTION_NAME if part == "text_config" else "sdpa"
+                                                       for part in parts}}}
+    return {"attn_implementation": ATTENTION_NAME}
 
 
 def encoder_decoder_lengths(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, config: Config

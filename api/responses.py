@@ -22,7 +22,7 @@ def responses_router(ready: Callable[[], Generator], store: ResponseStore) -> AP
         service = ResponsesService(generator, store)
         turn = service.prepare(body)
         return await generate(generator, turn.chat, request, new_id("resp").replace("-", "_"),
-                              lambda: [(chat_prompt(generator, turn.chat), "")], 1,
+                              lambda: chat_prompt(generator, turn.chat), 1,
                               lambda _generator, _body, choices, rid: service.events(turn, choices, rid),
                               lambda _generator, _body, rid, choices: service.whole(turn, choices, rid),
                               typed_events=True)

@@ -3,7 +3,7 @@ chunks or answered with one JSON object once every choice has finished."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
@@ -13,9 +13,7 @@ from api.sse import sse
 from models import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from serving.chat import chat_chunks, chat_prompt, chat_response
 from serving.completions import completion_chunks, completion_prompts, completion_response
-from serving.generator import Choice, Generator
-
-Prompts = list[tuple[list[int], str]]
+from serving.generator import Choice, Generator, Prompt
 
 
 def text_router(ready: Callable[[], Generator]) -> APIRouter:
@@ -24,7 +22,7 @@ def text_router(ready: Callable[[], Generator]) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, generator: Generator = Depends(ready)):
         return await generate(generator, body, request, f"chatcmpl-{request_id(request)}",
-                              lambda: [(chat_prompt(generator, body), "")], body.n, chat_chunks, chat_response)
+                              lambda: chat_prompt(generator, body), body.n, chat_chunks, chat_response)
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request, generator: Generator = Depends(ready)):
@@ -36,12 +34,13 @@ def text_router(ready: Callable[[], Generator]) -> APIRouter:
 
 
 async def generate(generator: Generator, body: SamplingRequest, request: Request, rid: str,
-                   prompts: Callable[[], Prompts], per_prompt: int, chunks: Callable[..., AsyncIterator[BaseModel]],
+                   prompts: Callable[[], Awaitable[list[Prompt]]], per_prompt: int,
+                   chunks: Callable[..., AsyncIterator[BaseModel]],
                    response: Callable[..., BaseModel], typed_events: bool = False):
     """What the text endpoints do: check the model, queue `per_prompt` choices per prompt, then stream or wait."""
     generator.check_model(body.model)
     grammar = await generator.output_grammar(body)
-    choices: list[Choice] = generator.start(body, prompts(), rid, per_prompt, grammar)
+    choices: list[Choice] = generator.start(body, await prompts(), rid, per_prompt, grammar)
     if body.stream:
         return sse(chunks(generator, body, choices, rid), rid, typed_events)
     await generator.collect(choices, request.is_disconnected)

@@ -14,8 +14,9 @@ from batching.attention import SpanStep
 from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
-from batching.sequence import TokenLogprob
+from batching.sequence import Sequence, TokenLogprob
 from batching.static_decode import StaticDecoder
+from batching.vision import ImageInputs, embed_with_images, encode_images
 
 
 # MKL's reproducible mode (MKL_CBWR=AUTO,STRICT) gives a matmul row the same result whatever the number of
@@ -66,9 +67,11 @@ class ModelRunner:
 
     def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
         """One [1, tokens] forward over the spans; next-token logits of those that sample, in order."""
-        ids, positions, slots, attention_spans, kept = [], [], [], [], []
+        ids, positions, slots, attention_spans, kept, pictured = [], [], [], [], [], []
         for span in spans:
             seq, start = span.seq, len(ids)
+            if isinstance(seq.inputs, ImageInputs):
+                pictured.append((seq, start, span.start, span.end))
             ids.extend(seq.all_ids[span.start:span.end])
             positions.extend(range(span.start, span.end))
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
@@ -77,7 +80,7 @@ class ModelRunner:
         self._pad(ids, positions, slots, attention_spans, kept)
         position_tensor = self._tensor(positions)
         step = SpanStep(self.arena, self._tensor(slots), attention_spans)
-        logits = self.model(input_ids=self._tensor(ids)[None], position_ids=position_tensor[None],
+        logits = self.model(**self._token_inputs(self._tensor(ids), pictured), position_ids=position_tensor[None],
                             logits_to_keep=torch.tensor(kept, device=self.head_device), use_cache=False,
                             batchwise_step=step).logits[0]
         next_token_logits, offset = [], 0
@@ -90,6 +93,16 @@ class ModelRunner:
             if span.samples:
                 next_token_logits.append(span_logits[-1])
         return next_token_logits
+
+    def _token_inputs(self, ids: torch.Tensor, pictured: list[tuple[Sequence, int, int, int]]) -> dict:
+        """The forward's token ids, or with images among them, embeddings with the images' features written over
+        their placeholders (the vision tower runs first for the sequences whose images it has not seen)."""
+        if not pictured:
+            return {"input_ids": ids[None]}
+        unseen = list({seq: None for seq, *_ in pictured if seq.inputs.features is None})
+        if unseen:
+            encode_images(self.model, unseen)
+        return {"inputs_embeds": embed_with_images(self.model, ids, pictured)[None]}
 
     def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list, kept: list[int]
              ) -> None:

@@ -135,7 +135,9 @@ class Sequence:
 
     @property
     def kv_tokens(self) -> list[int]:
-        return self.all_ids
+        """What its K/V depend on, for the prefix cache: its tokens, with image placeholders marked by the images."""
+        kv_prompt = getattr(self.inputs, "kv_prompt", None)
+        return [*kv_prompt, *self.output_ids] if kv_prompt is not None else self.all_ids
 
     @property
     def last_token(self) -> int:

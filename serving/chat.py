@@ -3,30 +3,57 @@ engine's text to messages and chunks, with reasoning and tool calls split off.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from PIL.Image import Image
+
+from batching.vision import image_inputs
 from models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                    ChatCompletionRequest, ChatDelta, ChatMessage, FunctionCall, FunctionCallDelta, R1Settings,
-                    ToolCall, ToolCallDelta, Usage)
+                    ChatCompletionRequest, ChatDelta, ChatMessage, FunctionCall, FunctionCallDelta, ImagePart,
+                    R1Settings, ToolCall, ToolCallDelta, Usage)
 from serving.errors import APIError
-from serving.generator import Choice, Generator, usage
+from serving.generator import Choice, Generator, Prompt, usage
+from serving.images import ImageError, load_image
 from serving.reasoning import ReasoningParser, Split, add_math_instruction, apply_few_shot_mode, boxed_answer
 from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallParser, ToolFormat, tools_system_prompt
 
 
-def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[int]:
+async def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[Prompt]:
+    """The chat as the model's prompt: rendered by its chat template, its images (if the model reads them) fetched
+    and prepared by its processor, off the event loop."""
     if not generator.tokenizer.chat_template and not generator.encoder_decoder:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    for index, message in enumerate(request.messages):
-        for part in message.image_parts():
-            raise APIError(400, f"{generator.model_name} reads text only: messages[{index}].content[{part}] is an "
-                                "image (vision-language models are not served yet)",
-                           param=f"messages[{index}].content[{part}]")
+    images = {(index, part): message.content[part] for index, message in enumerate(request.messages)
+              for part in message.image_parts()}
+    if images and generator.processor is None:
+        index, part = next(iter(images))
+        raise APIError(400, f"{generator.model_name} reads text only: messages[{index}].content[{part}] is an image",
+                       param=f"messages[{index}].content[{part}]")
+    text = render_chat(generator, request)
+    if not images:
+        return [Prompt(generator.prompt_ids(text))]
+    loaded = await asyncio.gather(*(fetched_image(generator, part.image_url.url, where)
+                                    for where, part in images.items()))
+    processed = await asyncio.to_thread(generator.processor, text=text, images=loaded, return_tensors="pt")
+    inputs = image_inputs(processed, generator.image_token_id)
+    return [Prompt(processed["input_ids"][0].tolist(), images=inputs)]
+
+
+async def fetched_image(generator: Generator, url: str, where: tuple[int, int]) -> Image:
+    try:
+        return await load_image(url, generator.image_limits)
+    except ImageError as error:
+        param = f"messages[{where[0]}].content[{where[1]}]"
+        raise APIError(400, f"{param}: {error}", param=param) from None
+
+
+def render_chat(generator: Generator, request: ChatCompletionRequest) -> str:
     tools = [tool.function.model_dump(exclude_none=True) for tool in request.callable_tools]
     if generator.template_renders_tools:
-        messages = [template_message(m) for m in request.messages]
+        messages = [template_message(m, generator.processor is not None) for m in request.messages]
     else:
         fmt = generator.tool_format
         messages = described_tools(tools, [plain_message(m, fmt) for m in request.messages], fmt)
@@ -36,15 +63,18 @@ def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[in
         if request.r1_settings.math_mode:
             messages = add_math_instruction(messages)
     try:
-        text = generator.render(messages, [{"type": "function", "function": tool} for tool in tools])
+        return generator.render(messages, [{"type": "function", "function": tool} for tool in tools])
     except Exception as error:  # templates raise their own errors for dialogues they reject
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-    return generator.prompt_ids(text)
 
 
-def template_message(message: ChatMessage) -> dict:
-    """A message as chat templates that render tools expect it (call arguments as objects)."""
+def template_message(message: ChatMessage, with_images: bool = False) -> dict:
+    """A message as chat templates expect it: call arguments as objects; for a vision-language model's template,
+    a message with images as its text and image parts in order."""
     rendered = {"role": message.role, "content": message.text()}
+    if with_images and message.image_parts():
+        rendered["content"] = [{"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+                               for part in message.content]
     if message.tool_calls:
         rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": {
             "name": call.function.name, "arguments": parsed_arguments(call.function.arguments)}}

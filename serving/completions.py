@@ -7,11 +7,10 @@ from typing import AsyncIterator
 
 from models import Completion, CompletionChoice, CompletionRequest, Usage
 from serving.errors import APIError
-from serving.generator import Choice, Generator, usage
+from serving.generator import Choice, Generator, Prompt, usage
 
 
-def completion_prompts(generator: Generator, request: CompletionRequest) -> list[tuple[list[int], str]]:
-    """(token ids, text) per prompt."""
+async def completion_prompts(generator: Generator, request: CompletionRequest) -> list[Prompt]:
     prompt = request.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -21,9 +20,9 @@ def completion_prompts(generator: Generator, request: CompletionRequest) -> list
     prompts = []
     for item in prompt:
         if isinstance(item, str):
-            prompts.append((generator.tokenizer(item).input_ids, item))
+            prompts.append(Prompt(generator.tokenizer(item).input_ids, item))
         elif all(0 <= t < vocab for t in item):
-            prompts.append((list(item), generator.tokenizer.decode(item)))
+            prompts.append(Prompt(list(item), generator.tokenizer.decode(item)))
         else:
             raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt")
     return prompts

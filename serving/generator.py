@@ -9,16 +9,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, NamedTuple
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
 from batching.families.encoder_decoder import TextInput
+from batching.vision import ImageInputs, image_token_id
 from config import Config
 from model_manager import LoadedModel, build_engine, load_model
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
                     PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
 from serving.grammars import CompiledGrammar, GrammarCompiler
+from serving.images import ImageLimits
 from serving.metrics import Metrics
 from serving.reasoning import template_opens_think
 from serving.startup import StartupProgress
@@ -34,6 +37,13 @@ class ServingOptions:
     request_timeout: float | None = None
     reasoning_parser: str = "auto"
     tool_call_parser: str = "auto"
+    image_limits: ImageLimits | None = None
+
+
+class Prompt(NamedTuple):
+    ids: list[int]
+    text: str = ""  # what a completion echoes
+    images: ImageInputs | None = None  # a vision-language model's images among the ids
 
 
 @dataclass
@@ -73,6 +83,9 @@ class Generator:
         self.encoder_decoder = loaded.encoder_decoder
         self.encoder_length = loaded.encoder_length
         self.decoder_prompt = loaded.decoder_prompt if loaded.encoder_decoder else []
+        self.processor = loaded.processor  # a vision-language model's
+        self.image_token_id = image_token_id(loaded.model)
+        self.image_limits = options.image_limits
         self.served_names = options.served_names
         self.model_name = options.served_names[0]
         self.context_length = loaded.context_length
@@ -116,8 +129,8 @@ class Generator:
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if not self.tokenizer.chat_template and self.encoder_decoder:
             return plain_dialogue(messages)
-        return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                  tokenize=False)
+        template = self.processor if self.processor is not None and self.processor.chat_template else self.tokenizer
+        return template.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
 
     def prompt_ids(self, text: str) -> list[int]:
         """A rendered chat's token ids: a chat template writes a decoder's special tokens itself; an encoder's input
@@ -150,18 +163,18 @@ class Generator:
             return partial(grammars.lark, request.guided_grammar, "guided_grammar")
         return None
 
-    def start(self, request: SamplingRequest, prompts: list[tuple[list[int], str]], request_id: str,
-              per_prompt: int, grammar: CompiledGrammar | None = None) -> list[Choice]:
+    def start(self, request: SamplingRequest, prompts: list[Prompt], request_id: str, per_prompt: int,
+              grammar: CompiledGrammar | None = None) -> list[Choice]:
         """Queue `per_prompt` sequences per prompt (sharing its prefill); all or none are queued."""
         if per_prompt > self.engine.scheduler.max_running:
             raise APIError(400, f"at most {self.engine.scheduler.max_running} choices per prompt can run together "
                                 f"on this server", param="best_of" if per_prompt > request.n else "n")
-        params = [self.sampling_params(request, len(ids), grammar) for ids, _ in prompts]
+        params = [self.sampling_params(request, len(prompt.ids), grammar) for prompt in prompts]
         choices: list[Choice] = []
         try:
-            for (ids, text), param in zip(prompts, params):
+            for (ids, text, images), param in zip(prompts, params):
                 # an encoder-decoder's prompt is its encoder's input; its decoder starts from its own prompt
-                engine_prompt, inputs = (self.decoder_prompt, TextInput(ids)) if self.encoder_decoder else (ids, None)
+                engine_prompt, inputs = (self.decoder_prompt, TextInput(ids)) if self.encoder_decoder else (ids, images)
                 for seq in self.engine.add_siblings(engine_prompt, param, per_prompt, request_id, inputs,
                                                     user=request.user or ""):
                     choices.append(Choice(len(choices), ids, text, seq))
@@ -322,8 +335,11 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> Gener
     progress.enter("warming up the decode step")
     await engine.on_step_thread(engine.runner.warm_up, progress.count)
     engine.start()
+    local_root = Path(config.allowed_local_media_path) if config.allowed_local_media_path else None
+    limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,
+                         config.image_fetch_timeout, local_root)
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
-                             config.reasoning_parser, config.tool_call_parser)
+                             config.reasoning_parser, config.tool_call_parser, limits)
     progress.enter("preparing the tokenizer's grammars and templates")
     generator = await asyncio.to_thread(Generator, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)

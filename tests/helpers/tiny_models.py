@@ -82,3 +82,39 @@ def tiny_seq2seq(architecture: str, seed: int = 0, tokenizer: transformers.PreTr
         for parameter in model.parameters():
             parameter.mul_(scale)
     return model, tokenizer
+
+
+VISION_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_llava(seed: int = 0, attention: str = ATTENTION_NAME) -> tuple[transformers.PreTrainedModel,
+                                                                       transformers.ProcessorMixin]:
+    """A random-weight LLaVA (a 2-layer CLIP vision tower on 32 x 32 images, 16 placeholder tokens per image, and
+    a tiny Llama) with the text model on `attention`, and its processor (byte tokenizer plus <image>)."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    s = TINY_SIZES
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                                    num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                                    intermediate_size=s["intermediate"], max_position_embeddings=s["positions"],
+                                    eos_token_id=0)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration._from_config(
+        config, attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": attention}).eval()
+    with torch.no_grad():  # larger weights than the initialiser's, so greedy output varies token to token
+        for parameter in model.parameters():
+            parameter.mul_(4.0)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            chat_template=VISION_TEMPLATE)
+    return model, processor

@@ -1,6 +1,7 @@
 """Tools and tool turns reach the prompt: through a chat template that renders tools (Hermes/Qwen style),
 or described in the system prompt for a template that ignores them (the embedded SmolLM2's)."""
 
+import asyncio
 import json
 
 import pytest
@@ -44,7 +45,8 @@ def generator_for(tokenizer, template=None) -> Generator:
 
 def prompt_text(generator, **body) -> str:
     request = ChatCompletionRequest(model="tiny", messages=DIALOGUE, **body)
-    return generator.tokenizer.decode(chat_prompt(generator, request))
+    [prompt] = asyncio.run(chat_prompt(generator, request))
+    return generator.tokenizer.decode(prompt.ids)
 
 
 @pytest.mark.parametrize("template", [HERMES_TEMPLATE, None])

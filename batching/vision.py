@@ -1,0 +1,76 @@
+"""Images in a decoder's prompt (vision-language models such as LLaVA): the model's processor expands each image
+into placeholder tokens; the engine runs the vision tower once per image, batched over the sequences a step
+starts, keeps the features on the sequence, and writes them over the placeholders' embeddings in whichever
+prompt chunk reaches them. Everything else (positions, attention, KV memory, sampling) is the text model's."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from transformers import PreTrainedModel
+
+from batching.sequence import Sequence
+
+
+@dataclass(eq=False)
+class ImageInputs:
+    """A prompt's images as the model's processor prepared them, and their features once the vision tower ran."""
+    pixels: dict[str, torch.Tensor]  # the processor's image tensors (pixel_values: one row per image; image_sizes)
+    token_id: int  # the placeholder token
+    kv_prompt: list[int]  # the prompt with its placeholders marked by its images' digest: the prefix cache's keys
+    features: torch.Tensor | None = None  # [placeholders, hidden], in prompt order
+
+    def positions(self, ids: list[int], start: int, end: int) -> tuple[list[int], int]:
+        """Where ids[start:end] holds placeholders (relative to start), and how many came before start."""
+        return [index - start for index in range(start, end) if ids[index] == self.token_id], \
+            sum(1 for token in ids[:start] if token == self.token_id)
+
+
+def image_inputs(processed: Mapping[str, Any], token_id: int) -> ImageInputs:
+    """From a processor's output for one prompt (input_ids, attention_mask, and its image tensors)."""
+    ids = processed["input_ids"][0].tolist()
+    pixels = {name: value for name, value in processed.items() if name not in ("input_ids", "attention_mask")}
+    digest = hashlib.blake2b(digest_size=8)
+    for value in pixels.values():
+        digest.update(value.numpy().tobytes())
+    # negative, so that no token id matches it: a prompt shares cached K/V only with prompts of the same images
+    marker = -1 - int.from_bytes(digest.digest(), "little") % 2**62
+    return ImageInputs(pixels, token_id, [marker if token == token_id else token for token in ids])
+
+
+def image_token_id(model: PreTrainedModel) -> int | None:
+    """The placeholder token of a vision-language model; None for a text model."""
+    config = model.config
+    return getattr(config, "image_token_id", None) if getattr(config, "vision_config", None) else None
+
+
+def encode_images(model: PreTrainedModel, seqs: list[Sequence]) -> None:
+    """Run the vision tower over every image of the sequences, as one batch, and keep each sequence's features."""
+    pixels = {name: torch.cat([seq.inputs.pixels[name] for seq in seqs]).to(model.device)
+              for name in seqs[0].inputs.pixels}
+    pixels["pixel_values"] = pixels["pixel_values"].to(model.dtype)
+    config = model.config
+    features = model.get_image_features(**pixels, vision_feature_layer=config.vision_feature_layer,
+                                        vision_feature_select_strategy=config.vision_feature_select_strategy
+                                        ).pooler_output
+    images = 0
+    for seq in seqs:
+        count = len(seq.inputs.pixels["pixel_values"])
+        seq.inputs.features = torch.cat(features[images:images + count])
+        images += count
+
+
+def embed_with_images(model: PreTrainedModel, ids: torch.Tensor, pieces: list[tuple[Sequence, int, int, int]]
+                      ) -> torch.Tensor:
+    """Embeddings of packed ids [tokens] with image features written over the placeholders: pieces are
+    (sequence, its first packed position, span start, span end) for the sequences with images."""
+    embeddings = model.get_input_embeddings()(ids)
+    for seq, offset, start, end in pieces:
+        positions, before = seq.inputs.positions(seq.all_ids, start, end)
+        if positions:
+            rows = torch.tensor(positions, device=ids.device) + offset
+            embeddings[rows] = seq.inputs.features[before:before + len(positions)].to(embeddings.dtype)
+    return embeddings

@@ -1,0 +1,115 @@
+"""Vision-language chat on the engine, on a tiny random LLaVA: every request's greedy tokens equal transformers'
+own `generate` on the processor's inputs, with images and text-only rows batched together and prompts cut into
+chunks through their images; the vision tower runs once per step for all new images; the prefix cache never
+serves one image's K/V to another."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers.engine import finish, greedy, make_engine, run_with_engine
+from tests.helpers.tiny_models import tiny_llava
+
+from batching.vision import image_inputs
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """(model on the engine's attention, the same weights on sdpa for generate, processor)"""
+    model, processor = tiny_llava(seed=1)
+    reference, _ = tiny_llava(seed=1, attention="sdpa")
+    return model, reference, processor
+
+
+def picture(seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(40, 50, 3) * 255).astype("uint8"))
+
+
+def processed(processor, question: str, images: list[Image.Image]):
+    content = [*({"type": "image"} for _ in images), {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(text=text, images=images or None, return_tensors="pt")
+
+
+def add(engine, model, inputs, tokens: int = 16, count: int = 1):
+    images = image_inputs(inputs, model.config.image_token_id) if "pixel_values" in inputs else None
+    return engine.add_siblings(inputs["input_ids"][0].tolist(), greedy(tokens, min_tokens=tokens), count,
+                               inputs=images)
+
+
+def generated(reference, inputs, tokens: int = 16) -> list[int]:
+    output = reference.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def serve(model, processor, requests, **settings):
+    async def body(engine):
+        seqs = [add(engine, model, inputs)[0] for inputs in requests]
+        done = await asyncio.gather(*(finish(engine, seq) for seq in seqs))
+        return [seq.output_ids for seq in done], [seq.cached_tokens for seq in done]
+    return run_with_engine(lambda: make_engine(model, processor.tokenizer, **settings), body)
+
+
+def test_images_and_text_rows_batched_decode_as_generate_does(llava):
+    """Batch-invariant mode cuts prompts at 32 tokens, so the 16 placeholders of an image can straddle a cut."""
+    model, reference, processor = llava
+    requests = [processed(processor, "What is this?", [picture(0)]),
+                processed(processor, "Describe it.", []),
+                processed(processor, "Compare these two pictures, please.", [picture(1), picture(2)]),
+                processed(processor, "Say something.", [])]
+    outputs, _ = serve(model, processor, requests)
+    assert len({tuple(output) for output in outputs}) == len(outputs)
+    for inputs, output in zip(requests, outputs):
+        assert output == generated(reference, inputs)
+
+
+def test_new_images_are_encoded_together_in_one_vision_pass(llava):
+    model, reference, processor = llava
+    requests = [processed(processor, "What is this?", [picture(seed)]) for seed in range(3)]
+    batches = []
+    hook = model.model.vision_tower.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    try:
+        outputs, _ = serve(model, processor, requests, batch_invariant=False, max_num_batched_tokens=4096)
+    finally:
+        hook.remove()
+    assert batches == [3]
+    assert outputs == [generated(reference, inputs) for inputs in requests]
+
+
+def test_the_prefix_cache_tells_images_apart(llava):
+    """The same text with another image must not reuse the first image's K/V; the same image may."""
+    model, reference, processor = llava
+    first, other = (processed(processor, "What is this? Answer in detail, please.", [picture(seed)])
+                    for seed in (5, 6))
+
+    async def body(engine):
+        results = []
+        for inputs in (first, other, first):
+            seq = await finish(engine, add(engine, model, inputs)[0])
+            results.append((seq.output_ids, seq.cached_tokens))
+        return results
+
+    (a, cached_a), (b, cached_b), (again, cached_again) = run_with_engine(
+        lambda: make_engine(model, processor.tokenizer, batch_invariant=False), body)
+    assert a == generated(reference, first) and b == generated(reference, other) and a != b
+    placeholder = first["input_ids"][0].tolist().index(model.config.image_token_id)
+    assert cached_a == 0 and cached_b <= placeholder  # at most the text before the image
+    assert again == a and cached_again > placeholder
+
+
+def test_siblings_share_one_vision_pass(llava):
+    model, reference, processor = llava
+    inputs = processed(processor, "What is this?", [picture(9)])
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+
+    async def body(engine):
+        return [(await finish(engine, seq)).output_ids for seq in add(engine, model, inputs, count=3)]
+
+    try:
+        outputs = run_with_engine(lambda: make_engine(model, processor.tokenizer), body)
+    finally:
+        hook.remove()
+    assert outputs == [generated(reference, inputs)] * 3 and len(calls) == 1
