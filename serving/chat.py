@@ -37,7 +37,10 @@ async def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> l
         return [Prompt(generator.prompt_ids(text))]
     loaded = await asyncio.gather(*(fetched_image(generator, part.image_url.url, where)
                                     for where, part in images.items()))
-    processed = await asyncio.to_thread(generator.processor, text=text, images=loaded, return_tensors="pt")
+    try:
+        processed = await asyncio.to_thread(generator.processor, text=text, images=loaded, return_tensors="pt")
+    except ValueError as error:  # e.g. a chat template that drops image parts
+        raise APIError(400, f"the model's processor rejected these images: {error}", param="messages") from None
     inputs = image_inputs(processed, generator.image_token_id)
     return [Prompt(processed["input_ids"][0].tolist(), images=inputs)]
 
@@ -52,11 +55,12 @@ async def fetched_image(generator: Generator, url: str, where: tuple[int, int]) 
 
 def render_chat(generator: Generator, request: ChatCompletionRequest) -> str:
     tools = [tool.function.model_dump(exclude_none=True) for tool in request.callable_tools]
+    with_images = generator.processor is not None
     if generator.template_renders_tools:
-        messages = [template_message(m, generator.processor is not None) for m in request.messages]
+        messages = [template_message(m, with_images) for m in request.messages]
     else:
         fmt = generator.tool_format
-        messages = described_tools(tools, [plain_message(m, fmt) for m in request.messages], fmt)
+        messages = described_tools(tools, [plain_message(m, fmt, with_images) for m in request.messages], fmt)
         tools = []
     if request.r1_settings:
         messages = apply_few_shot_mode(messages, request.r1_settings.few_shot_mode)
@@ -73,8 +77,7 @@ def template_message(message: ChatMessage, with_images: bool = False) -> dict:
     a message with images as its text and image parts in order."""
     rendered = {"role": message.role, "content": message.text()}
     if with_images and message.image_parts():
-        rendered["content"] = [{"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
-                               for part in message.content]
+        rendered["content"] = content_parts(message)
     if message.tool_calls:
         rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": {
             "name": call.function.name, "arguments": parsed_arguments(call.function.arguments)}}
@@ -86,13 +89,21 @@ def template_message(message: ChatMessage, with_images: bool = False) -> dict:
     return rendered
 
 
-def plain_message(message: ChatMessage, fmt: ToolFormat) -> dict:
+def plain_message(message: ChatMessage, fmt: ToolFormat, with_images: bool = False) -> dict:
     """A message for a template that knows nothing of tools: calls written out, results as user turns."""
     if message.role == "tool":
         return {"role": "user", "content": f"<tool_response>\n{message.text()}\n</tool_response>"}
+    if with_images and message.image_parts():
+        return {"role": message.role, "content": content_parts(message)}
     calls = [fmt.call_text(c.function.name, parsed_arguments(c.function.arguments)) for c in message.tool_calls or []]
     content = "\n".join([message.text(), *calls]) if message.text() else "\n".join(calls)
     return {"role": message.role, "content": content}
+
+
+def content_parts(message: ChatMessage) -> list[dict]:
+    """A message's text and image parts in order, as vision-language chat templates take them."""
+    return [{"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+            for part in message.content]
 
 
 def described_tools(tools: list[dict], messages: list[dict], fmt: ToolFormat) -> list[dict]:

@@ -92,11 +92,13 @@ VISION_TEMPLATE = (
 )
 
 
-def tiny_llava(seed: int = 0, attention: str = ATTENTION_NAME) -> tuple[transformers.PreTrainedModel,
-                                                                       transformers.ProcessorMixin]:
+def tiny_llava(seed: int = 0, attention: str = ATTENTION_NAME,
+               tokenizer: transformers.PreTrainedTokenizerBase | None = None
+               ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
     """A random-weight LLaVA (a 2-layer CLIP vision tower on 32 x 32 images, 16 placeholder tokens per image, and
-    a tiny Llama) with the text model on `attention`, and its processor (byte tokenizer plus <image>)."""
-    tokenizer = byte_tokenizer()
+    a tiny Llama) with the text model on `attention`, and its processor (`tokenizer`, by default a byte tokenizer,
+    plus <image>)."""
+    tokenizer = tokenizer or byte_tokenizer()
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     s = TINY_SIZES
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -104,7 +106,7 @@ def tiny_llava(seed: int = 0, attention: str = ATTENTION_NAME) -> tuple[transfor
     text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                                     num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                                     intermediate_size=s["intermediate"], max_position_embeddings=s["positions"],
-                                    eos_token_id=0)
+                                    eos_token_id=tokenizer.eos_token_id)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
                                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)

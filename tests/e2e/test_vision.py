@@ -1,0 +1,123 @@
+"""Vision-language chat over HTTP with the real openai SDK: a tiny random LLaVA saved to a folder and served by
+main.py. Images as data: URLs, from a real HTTP server on loopback and from the allowed local folder give
+transformers' `generate` answer; every kind of bad image gets a 400 naming its message part."""
+
+import base64
+import io
+import threading
+from functools import partial
+from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+import numpy as np
+import openai
+import pytest
+import transformers
+from PIL import Image
+
+from tests.helpers.server_process import running_server
+from tests.helpers.tiny_models import tiny_llava
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = "What is in this picture?"
+
+
+def picture_png(seed: int, width: int = 40, height: int = 50) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A folder of pictures, also served over HTTP on loopback: (folder, base URL)."""
+    folder = tmp_path_factory.mktemp("media")
+    for seed in range(2):
+        (folder / f"picture{seed}.png").write_bytes(picture_png(seed))
+    server = HTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer, media, tmp_path_factory):
+    """(client, reference model on sdpa, processor)"""
+    folder = tmp_path_factory.mktemp("llava")
+    text = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    model, processor = tiny_llava(seed=4, attention="sdpa", tokenizer=text)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with running_server("--hf-model", str(folder), "--model-type", "AutoModelForImageTextToText",
+                        "--served-model-name", "vision", "--allowed-local-media-path", str(media[0]),
+                        "--max-image-pixels", "100000", "--max-image-mb", "0.2") as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0), model, processor
+
+
+def expected(model, processor, pngs: list[bytes], max_tokens: int) -> str:
+    content = [*({"type": "image"} for _ in pngs), {"type": "text", "text": QUESTION}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in pngs]
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def ask(client, *parts: dict, **settings):
+    return client.chat.completions.create(model="vision", temperature=0, max_tokens=10, messages=[
+        {"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}], **settings)
+
+
+def test_an_image_is_answered_as_generate_answers_it_wherever_it_comes_from(served, media):
+    client, model, processor = served
+    folder, web = media
+    answer = expected(model, processor, [picture_png(0)], 10)
+    for url in (data_url(picture_png(0)), f"{web}/picture0.png", str(folder / "picture0.png")):
+        response = ask(client, image_part(url))
+        assert response.choices[0].message.content == answer, url
+    assert response.usage.prompt_tokens > 16  # the image's 16 placeholders and the text
+
+
+def test_two_images_stream_and_text_only_chats_work_beside_them(served, media):
+    client, model, processor = served
+    folder, web = media
+    pngs = [picture_png(0), picture_png(1)]
+    chunks = list(ask(client, image_part(data_url(pngs[0])), image_part(f"{web}/picture1.png"), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected(model, processor,
+                                                                                              pngs, 10)
+    plain = client.chat.completions.create(model="vision", max_tokens=5, temperature=0,
+                                           messages=[{"role": "user", "content": QUESTION}])
+    assert plain.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("url, reason", [
+    (data_url(b"plain text"), "not an image"),
+    (data_url(picture_png(3)[:300]), "corrupt"),
+    (data_url(picture_png(3, width=400, height=400)), "--max-image-mb"),
+    (data_url(picture_png(3, width=300, height=400)[:8] + b"x"), "not an image"),
+    ("/etc/hostname", "--allowed-local-media-path"),
+    ("http://127.0.0.1:9/none.png", "could not be fetched"),
+])
+def test_bad_images_get_a_400_naming_the_part(served, url, reason):
+    client, _, _ = served
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, {"type": "text", "text": "Look:"}, image_part(url))
+    assert error.value.body["param"] == "messages[0].content[1]"
+    assert reason in error.value.body["message"]
+
+
+def test_too_many_pixels_is_refused_before_decoding(served):
+    client, _, _ = served
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300)).save(buffer, "PNG")  # compresses to a few hundred bytes: only pixels are too many
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, image_part(data_url(buffer.getvalue())))
+    assert "120000 pixels" in error.value.body["message"]
