@@ -330,7 +330,7 @@ class Config:
             raise ConfigError("encoder-decoder serving needs --hf-model (a T5 or BART folder or hub id): the "
                               "embedded model is a decoder model")
         unsupported = {"--static-cache": self.static_cache, "--torch-compile": self.torch_compile,
-                       "--batch-invariant": self.batch_invariant, "--device-map": self.device_map}
+                       "--device-map": self.device_map}
         for flag, value in unsupported.items():
             if value:
                 raise ConfigError(f"{flag} serves decoder models; encoder-decoder models do not take it yet")

@@ -255,8 +255,9 @@ def build_encoder_decoder_engine(loaded: LoadedModel, config: Config) -> Engine:
                 loaded.encoder_length, loaded.context_length)
     # a whole batch of decoder prompts in one step: the runner prefills them whole, never in chunks
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
-                          step_tokens=batch_size * loaded.context_length)
-    runner = EncoderDecoderRunner(family, cache, loaded.model.device)
+                          step_tokens=batch_size * loaded.context_length, batch_invariant=config.batch_invariant)
+    runner = EncoderDecoderRunner(family, cache, loaded.model.device,
+                                  MIN_INVARIANT_ROWS if config.batch_invariant else 1)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
                   **engine_options(config))
 

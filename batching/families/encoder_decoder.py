@@ -116,10 +116,14 @@ class EncoderDecoderRunner:
     """The engine's runner for an encoder-decoder model: sequences' `inputs` are what the family encodes; each
     step samples one token per span."""
 
-    def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device) -> None:
+    def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device, min_rows: int = 1
+                 ) -> None:
+        """min_rows > 1: batch-invariant, every forward has at least that many rows (padding rows write to the
+        cache's scratch row; see batching.runner.MIN_INVARIANT_ROWS) and every encoder input is encoded alone."""
         self.family = family
         self.cache = cache
         self.device = device
+        self.min_rows = min_rows
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
@@ -130,14 +134,20 @@ class EncoderDecoderRunner:
         logits = []
         if prefilling:
             hidden, spans_of = self.prefill(prefilling)
-            logits.append(self.family.logits(hidden[0, self.tensor([end - 1 for _, end in spans_of])]))
+            logits.append(self.head(hidden[0], [end - 1 for _, end in spans_of]))
         if decoding:
-            logits.append(self.family.logits(self.decode([(seq, 0) for seq in decoding])))
+            logits.append(self.head(self.decode([(seq, 0) for seq in decoding]), list(range(len(decoding)))))
         chosen = dict(zip(prefilling + decoding, sample(torch.cat(logits).float(), prefilling + decoding)))
         return [chosen[span.seq] for span in spans]
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """Nothing to compile ahead of serving."""
+
+    def head(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The LM head over the given rows of hidden [N, hidden], run over at least min_rows rows (the last one
+        repeated, and dropped after)."""
+        kept = rows + rows[-1:] * (self.min_rows - len(rows))
+        return self.family.logits(hidden[self.tensor(kept)])[:len(rows)]
 
     def prefill(self, seqs: list[Sequence], tap: Tap | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Encode the sequences' inputs into their rows, then run their decoder tokens packed: the decoder's hidden
@@ -148,24 +158,31 @@ class EncoderDecoderRunner:
         with self.timed("decoder_prefill"):
             self.cache.grow_rows(max(seq.length for seq in seqs))
             ids, positions, token_rows, spans = pack_prompts(seqs)
+            cache_rows = [self.cache.beam_row(row) for row in token_rows]
+            missing = self.min_rows - len(ids)
+            padding = [(len(ids), len(ids) + missing)] if missing > 0 else []
+            for values, pad in ((ids, 0), (cache_rows, self.cache.scratch_row)):
+                values.extend([pad] * max(missing, 0))
+            positions.extend(range(max(missing, 0)))
             position_tensor = self.tensor(positions)
-            step = PrefillStep(self.cache.self_attention, self.tensor([self.cache.beam_row(r) for r in token_rows]),
-                               position_tensor, spans, self.family.position_bias)
-            attend = partial(self._cross_prefill, spans=spans, rows=rows, tap=tap)
+            step = PrefillStep(self.cache.self_attention, self.tensor(cache_rows), position_tensor, spans + padding,
+                               self.family.position_bias)
+            attend = partial(self._cross_prefill, spans=spans, rows=rows, tap=tap, padding=max(missing, 0))
             return self.family.decode(self.tensor(ids)[None], position_tensor[None], step, attend), spans
 
     def decode(self, rows: list[tuple[Sequence, int]], tap: Tap | None = None) -> torch.Tensor:
         """One token for each (sequence, beam) row, sequences in row order with all their beams: the decoder's
-        hidden states [rows, hidden]."""
+        hidden states [rows, hidden], then those of the padding rows of a batch-invariant step."""
         with self.timed("decoder_steps"):
-            lengths = [seq.length for seq, _ in rows]
+            missing = max(self.min_rows - len(rows), 0)
+            lengths = [seq.length for seq, _ in rows] + [1] * missing
             self.cache.grow_rows(max(lengths))
             positions = self.tensor([length - 1 for length in lengths])
-            step = DecodeStep(self.cache.self_attention, [self.cache.beam_row(seq.row, beam) for seq, beam in rows],
-                              positions, lengths, self.family.position_bias)
-            ids = self.tensor([self.last_token(seq, beam) for seq, beam in rows])[:, None]
+            cache_rows = [self.cache.beam_row(seq.row, beam) for seq, beam in rows] + [self.cache.scratch_row] * missing
+            step = DecodeStep(self.cache.self_attention, cache_rows, positions, lengths, self.family.position_bias)
+            ids = self.tensor([self.last_token(seq, beam) for seq, beam in rows] + [0] * missing)[:, None]
             queries = [count for _, count in self._runs(rows)]
-            attend = partial(self._cross_decode, queries=queries, tap=tap)
+            attend = partial(self._cross_decode, queries=queries, tap=tap, padding=missing)
             return self.family.decode(ids, positions[:, None], step, attend)[:, -1]
 
     def last_token(self, seq: Sequence, beam: int) -> int:
@@ -175,9 +192,9 @@ class EncoderDecoderRunner:
     def _store_cross_attention(self, seqs: list[Sequence]) -> None:
         shared = [seq for seq in seqs if seq.prefix_source is not None and seq.prefix_source.row >= 0]
         encoding = [seq for seq in seqs if seq not in shared]
-        if encoding:
-            rows = [seq.row for seq in encoding]
-            encoded, lengths = self.family.encode([seq.inputs for seq in encoding])
+        for batch in ([[seq] for seq in encoding] if self.min_rows > 1 else [encoding] if encoding else []):
+            rows = [seq.row for seq in batch]
+            encoded, lengths = self.family.encode([seq.inputs for seq in batch])
             for layer in range(self.family.layers):
                 keys, values = self.family.cross_keys_values(layer, encoded)
                 self.cache.store_cross(layer, rows, keys, values, lengths)
@@ -185,21 +202,27 @@ class EncoderDecoderRunner:
             self.cache.share_cross(seq.prefix_source.row, seq.row)
 
     def _cross_prefill(self, layer: int, query: torch.Tensor, spans: list[tuple[int, int]], rows: list[int],
-                       tap: Tap | None) -> torch.Tensor:
+                       tap: Tap | None, padding: int = 0) -> torch.Tensor:
         """Packed prompts ([1, heads, tokens, dim]): each span attends to its own row's encoder K/V; the span's
-        last query chooses the first token."""
+        last query chooses the first token. The last `padding` tokens attend to nothing."""
         outputs = []
         for index, ((start, end), row) in enumerate(zip(spans, rows)):
             keys, values = self.cache.cross_rows(layer, row, row + 1)
             outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, scale=1.0))
             if tap is not None and index in tap.wanting:
                 tap.record(layer, index, query[0, :, end - 1], keys[0])
+        if padding:
+            outputs.append(torch.zeros_like(query[:, :, -padding:]))
         return torch.cat(outputs, dim=2)
 
-    def _cross_decode(self, layer: int, query: torch.Tensor, queries: list[int], tap: Tap | None) -> torch.Tensor:
+    def _cross_decode(self, layer: int, query: torch.Tensor, queries: list[int], tap: Tap | None, padding: int = 0
+                      ) -> torch.Tensor:
         """One token per row ([rows, heads, 1, dim]); sequence s (row s of the cross-attention K/V) has queries[s]
-        of them, one per beam. Sequences whose encoder inputs are as long, with as many queries each, attend as
-        one batch; otherwise each attends alone to exactly its own length."""
+        of them, one per beam; the last `padding` rows attend to nothing. Sequences whose encoder inputs are as
+        long, with as many queries each, attend as one batch; otherwise each attends alone to its own length."""
+        if padding:
+            attended = self._cross_decode(layer, query[:len(query) - padding], queries, tap)
+            return torch.cat([attended, torch.zeros_like(query[-padding:])])
         keys, values = self.cache.cross_rows(layer, 0, len(queries))
         lengths = self.cache.cross_lengths[:len(queries)]
         if tap is not None:

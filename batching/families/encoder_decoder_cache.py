@@ -20,8 +20,8 @@ class EncoderDecoderRows:
         self.max_rows = max_rows
         self.beams = beams
         self.static = static
-        # a static cache has one more self-attention row, where the padding rows of a static step write
-        self.self_attention = RowKVCache(max_rows * beams + static, max_length)
+        # one more self-attention row, where padding rows write (a static step's, a batch-invariant step's)
+        self.self_attention = RowKVCache(max_rows * beams + 1, max_length)
         self.cross = RowKVCache(max_rows, max_source)
         self.cross_lengths = [0] * max_rows  # encoder positions each row attends to
         self.pending_moves: list[tuple[int, int, int]] = []  # (source row, target row, self-attention length)

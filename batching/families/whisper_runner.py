@@ -190,7 +190,7 @@ class WhisperRunner(EncoderDecoderRunner):
         hidden, spans = self.prefill(seqs, recorder)
         starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
         ends = [end - 1 for _, end in spans]
-        logits = self.family.logits(hidden[0, self.tensor(starts + ends)]).float()
+        logits = self.head(hidden[0], starts + ends).float()
         self._record_no_speech(seqs, logits[:len(seqs)])
         return logits[len(seqs):], recorder.finish()
 
@@ -201,7 +201,7 @@ class WhisperRunner(EncoderDecoderRunner):
             with self.timed("decoder_steps"):
                 return self._static_decode_logits(rows)
         recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
-        return self.family.logits(self.decode(rows, recorder)).float(), recorder.finish()
+        return self.head(self.decode(rows, recorder), list(range(len(rows)))).float(), recorder.finish()
 
     def _static_decode_logits(self, rows: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         logits, queries = self.static.decode([self.cache.beam_row(seq.row, beam) for seq, beam in rows],

@@ -25,8 +25,9 @@ def loaded(request) -> LoadedModel:
     return LoadedModel(model, tokenizer, request.param, DECODER_LENGTH, ENCODER_LENGTH)
 
 
-def engine_for(loaded: LoadedModel, batch_size: int = 4):
-    config = Config(continuous_batching_batch_size=batch_size, architecture_type="encoder-decoder", hf_model="tiny")
+def engine_for(loaded: LoadedModel, batch_size: int = 4, **settings):
+    config = Config(continuous_batching_batch_size=batch_size, architecture_type="encoder-decoder", hf_model="tiny",
+                    **settings)
     return lambda: build_engine(loaded, config)
 
 
@@ -121,6 +122,28 @@ def test_a_preempted_sequence_recomputes_its_tokens_and_goes_on(loaded):
     assert preemptions == 1
     for prompt, output in zip(inputs, outputs):
         assert output == transformers_greedy(loaded, prompt, 24)
+
+
+def test_batch_invariant_greedy_output_does_not_depend_on_the_neighbours(loaded):
+    """Encoder inputs encoded alone, every forward at least four rows (MKL_CBWR=AUTO,STRICT, set by conftest)."""
+    inputs = prompts(loaded, 8)
+
+    def result(seq):  # the log-probabilities too: equal to the bit only if every logit is
+        return seq.output_ids, seq.cumulative_logprob
+
+    async def together(engine):
+        seqs = [add(engine, loaded, prompt, 20)[0] for prompt in inputs]
+        return [result(await finish(engine, seq)) for seq in seqs]
+
+    def alone(prompt):
+        async def body(engine):
+            return result(await finish(engine, add(engine, loaded, prompt, 20)[0]))
+        return body
+
+    build = engine_for(loaded, batch_size=8, batch_invariant=True)
+    batched = run_with_engine(build, together)
+    assert batched == [run_with_engine(build, alone(prompt)) for prompt in inputs]
+    assert len({tuple(ids) for ids, _ in batched}) > 1
 
 
 def test_unsupported_families_are_refused_with_the_served_ones_named():
