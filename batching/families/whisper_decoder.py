@@ -7,32 +7,21 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import WhisperForConditionalGeneration
 
 from batching.attention import Step
-from batching.families.encoder_decoder import CrossAttend, cross_attention, self_attention, split_heads
+from batching.families.bart import BartFamily
+from batching.families.encoder_decoder import CrossAttend, cross_attention, self_attention
 
 
-class WhisperFamily:
-    position_bias = None
-
-    def __init__(self, model: WhisperForConditionalGeneration) -> None:
-        self.model = model
-        self.encoder = model.get_encoder()
-        self.decoder = model.get_decoder()
-        self.layers = len(self.decoder.layers)
-        self.heads = model.config.decoder_attention_heads
-        self.head_dim = model.config.d_model // self.heads
+class WhisperFamily(BartFamily):
+    """Whisper's decoder is BART's lineage (the same modules and cross-attention projections) with norms before
+    each sub-layer, over an audio encoder, and an output projection of its own."""
 
     def encode(self, inputs: list[Any]) -> tuple[torch.Tensor, list[int]]:
         """inputs: speech windows (their log-mel features, [mel bins, frames] each, all as long)."""
         features = torch.stack([window.features for window in inputs]).to(self.model.device, self.model.dtype)
         encoded = self.encoder(features).last_hidden_state
         return encoded, [encoded.shape[1]] * len(inputs)
-
-    def cross_keys_values(self, layer: int, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attention = self.decoder.layers[layer].encoder_attn
-        return split_heads(attention.k_proj(encoded), self.heads), split_heads(attention.v_proj(encoded), self.heads)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, step: Step, cross_attend: CrossAttend
                ) -> torch.Tensor:
