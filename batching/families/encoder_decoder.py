@@ -159,15 +159,15 @@ class EncoderDecoderRunner:
             self.cache.grow_rows(max(seq.length for seq in seqs))
             ids, positions, token_rows, spans = pack_prompts(seqs)
             cache_rows = [self.cache.beam_row(row) for row in token_rows]
-            missing = self.min_rows - len(ids)
-            padding = [(len(ids), len(ids) + missing)] if missing > 0 else []
-            for values, pad in ((ids, 0), (cache_rows, self.cache.scratch_row)):
-                values.extend([pad] * max(missing, 0))
-            positions.extend(range(max(missing, 0)))
+            missing = max(self.min_rows - len(ids), 0)  # padding tokens: a span of their own in the scratch row
+            padding = [(len(ids), len(ids) + missing)] if missing else []
+            ids.extend([0] * missing)
+            positions.extend(range(missing))
+            cache_rows.extend([self.cache.scratch_row] * missing)
             position_tensor = self.tensor(positions)
             step = PrefillStep(self.cache.self_attention, self.tensor(cache_rows), position_tensor, spans + padding,
                                self.family.position_bias)
-            attend = partial(self._cross_prefill, spans=spans, rows=rows, tap=tap, padding=max(missing, 0))
+            attend = partial(self._cross_prefill, spans=spans, rows=rows, tap=tap, padding=missing)
             return self.family.decode(self.tensor(ids)[None], position_tensor[None], step, attend), spans
 
     def decode(self, rows: list[tuple[Sequence, int]], tap: Tap | None = None) -> torch.Tensor:
@@ -192,7 +192,8 @@ class EncoderDecoderRunner:
     def _store_cross_attention(self, seqs: list[Sequence]) -> None:
         shared = [seq for seq in seqs if seq.prefix_source is not None and seq.prefix_source.row >= 0]
         encoding = [seq for seq in seqs if seq not in shared]
-        for batch in ([[seq] for seq in encoding] if self.min_rows > 1 else [encoding] if encoding else []):
+        batches = [[seq] for seq in encoding] if self.min_rows > 1 else [encoding]
+        for batch in filter(None, batches):
             rows = [seq.row for seq in batch]
             encoded, lengths = self.family.encode([seq.inputs for seq in batch])
             for layer in range(self.family.layers):
