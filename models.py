@@ -539,13 +539,28 @@ class InputText(BaseModel):
     text: str
 
 
+class InputImage(BaseModel):
+    type: Literal["input_image"]
+    image_url: str  # a data: or http(s) URL (this server keeps no uploaded files to name by file_id)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
 class InputMessage(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputText]
+    content: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, InputText))
+
+    def chat_content(self) -> str | list[ContentPart]:
+        """As a chat message's content: its text, or with images its parts in order."""
+        if isinstance(self.content, str) or not any(isinstance(part, InputImage) for part in self.content):
+            return self.text()
+        return [ImagePart(type="image_url", image_url=ImageURL(url=part.image_url, detail=part.detail))
+                if isinstance(part, InputImage) else TextPart(type="text", text=part.text) for part in self.content]
 
 
 class FunctionCallInput(BaseModel):

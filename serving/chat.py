@@ -24,7 +24,7 @@ from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallPar
 async def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[Prompt]:
     """The chat as the model's prompt: rendered by its chat template, its images (if the model reads them) fetched
     and prepared by its processor, off the event loop."""
-    if not generator.tokenizer.chat_template and not generator.encoder_decoder:
+    if not generator.chat_template and not generator.encoder_decoder:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     images = {(index, part): message.content[part] for index, message in enumerate(request.messages)
               for part in message.image_parts()}
@@ -38,7 +38,8 @@ async def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> l
     loaded = await asyncio.gather(*(fetched_image(generator, part.image_url.url, where)
                                     for where, part in images.items()))
     try:
-        processed = await asyncio.to_thread(generator.processor, text=text, images=loaded, return_tensors="pt")
+        processed = await asyncio.to_thread(generator.processor, text=text, images=loaded, return_tensors="pt",
+                                            add_special_tokens=generator.adds_special_tokens(text))
     except ValueError as error:  # e.g. a chat template that drops image parts
         raise APIError(400, f"the model's processor rejected these images: {error}", param="messages") from None
     inputs = image_inputs(processed, generator.image_token_id)
@@ -75,9 +76,7 @@ def render_chat(generator: Generator, request: ChatCompletionRequest) -> str:
 def template_message(message: ChatMessage, with_images: bool = False) -> dict:
     """A message as chat templates expect it: call arguments as objects; for a vision-language model's template,
     a message with images as its text and image parts in order."""
-    rendered = {"role": message.role, "content": message.text()}
-    if with_images and message.image_parts():
-        rendered["content"] = content_parts(message)
+    rendered = {"role": message.role, "content": content_parts(message) if with_images else message.text()}
     if message.tool_calls:
         rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": {
             "name": call.function.name, "arguments": parsed_arguments(call.function.arguments)}}
@@ -90,18 +89,24 @@ def template_message(message: ChatMessage, with_images: bool = False) -> dict:
 
 
 def plain_message(message: ChatMessage, fmt: ToolFormat, with_images: bool = False) -> dict:
-    """A message for a template that knows nothing of tools: calls written out, results as user turns."""
+    """A message for a template that knows nothing of tools: calls written out, results as user turns (for a
+    vision-language template, as parts)."""
     if message.role == "tool":
-        return {"role": "user", "content": f"<tool_response>\n{message.text()}\n</tool_response>"}
-    if with_images and message.image_parts():
-        return {"role": message.role, "content": content_parts(message)}
+        text = f"<tool_response>\n{message.text()}\n</tool_response>"
+        return {"role": "user", "content": [{"type": "text", "text": text}] if with_images else text}
     calls = [fmt.call_text(c.function.name, parsed_arguments(c.function.arguments)) for c in message.tool_calls or []]
+    if with_images:
+        return {"role": message.role, "content": [*content_parts(message),
+                                                  *([{"type": "text", "text": "\n".join(calls)}] if calls else [])]}
     content = "\n".join([message.text(), *calls]) if message.text() else "\n".join(calls)
     return {"role": message.role, "content": content}
 
 
 def content_parts(message: ChatMessage) -> list[dict]:
-    """A message's text and image parts in order, as vision-language chat templates take them."""
+    """A message's text and image parts in order, as vision-language chat templates take them (text alone too:
+    their templates iterate over parts)."""
+    if not isinstance(message.content, list):
+        return [{"type": "text", "text": message.content}] if message.content else []
     return [{"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
             for part in message.content]
 

@@ -84,6 +84,8 @@ class Generator:
         self.encoder_length = loaded.encoder_length
         self.decoder_prompt = loaded.decoder_prompt if loaded.encoder_decoder else []
         self.processor = loaded.processor  # a vision-language model's
+        # a vision-language model's template often lives on its processor rather than its tokenizer
+        self.chat_template = getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
         self.image_token_id = image_token_id(loaded.model)
         self.image_limits = options.image_limits
         self.served_names = options.served_names
@@ -91,21 +93,21 @@ class Generator:
         self.context_length = loaded.context_length
         self.request_timeout = options.request_timeout
         self.think_opened = self._think_opened(options.reasoning_parser)
-        self.tool_format = detect_format(self.tokenizer.chat_template, options.tool_call_parser)
+        self.tool_format = detect_format(self.chat_template, options.tool_call_parser)
         self.template_renders_tools = self._renders_tools()
         self.tool_marker_tokens = self._special_tokens(self.tool_format.markers)
         self.token_text = lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
 
     def _think_opened(self, parser: str) -> bool | None:
         """None: no reasoning parsing; otherwise whether the chat template itself opens the think block."""
-        if parser == "none" or not self.tokenizer.chat_template:
+        if parser == "none" or not self.chat_template:
             return None
         opened = template_opens_think(self.render([{"role": "user", "content": "hi"}]))
         return opened if parser == "deepseek_r1" or opened else None
 
     def _renders_tools(self) -> bool:
         """Whether the chat template shows tools to the model (if not, the prompt describes them)."""
-        if not self.tokenizer.chat_template:
+        if not self.chat_template:
             return False
         try:
             return self.render(PROBE_DIALOGUE, [PROBE_TOOL]) != self.render(PROBE_DIALOGUE)
@@ -127,15 +129,22 @@ class Generator:
         return memory.used_tokens, memory.tokens
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        if not self.tokenizer.chat_template and self.encoder_decoder:
+        if not self.chat_template and self.encoder_decoder:
             return plain_dialogue(messages)
-        template = self.processor if self.processor is not None and self.processor.chat_template else self.tokenizer
-        return template.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.chat_template,
+                                                  add_generation_prompt=True, tokenize=False)
 
     def prompt_ids(self, text: str) -> list[int]:
-        """A rendered chat's token ids: a chat template writes a decoder's special tokens itself; an encoder's input
-        takes the tokenizer's (T5's closing </s>, BART's <s> ... </s>)."""
-        return self.tokenizer(text, add_special_tokens=self.encoder_decoder).input_ids
+        return self.tokenizer(text, add_special_tokens=self.adds_special_tokens(text)).input_ids
+
+    def adds_special_tokens(self, text: str) -> bool:
+        """Whether a rendered chat takes the tokenizer's special tokens: a decoder's chat template writes its own;
+        an encoder's input takes them (T5's closing </s>, BART's <s> ... </s>); a vision-language model's prompt
+        takes them unless its template began with BOS, as transformers' processors decide."""
+        if self.processor is not None:
+            bos = self.tokenizer.bos_token
+            return not (bos and text.startswith(bos))
+        return self.encoder_decoder
 
     async def output_grammar(self, request: SamplingRequest) -> CompiledGrammar | None:
         """The grammar the reply must follow, compiled off the event loop (and cached); None if free."""

@@ -96,7 +96,7 @@ def input_messages(request: ResponsesRequest) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
     for item in request.input:
         if item.type == "message":
-            messages.append(ChatMessage(role=item.role, content=item.text()))
+            messages.append(ChatMessage(role=item.role, content=item.chat_content()))
         elif item.type == "function_call":
             call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
             if messages and messages[-1].role == "assistant" and messages[-1].tool_calls is not None:

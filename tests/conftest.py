@@ -7,6 +7,9 @@ from pathlib import Path
 # the engine tests compare batched output with alone output: MKL's reproducible mode, as main.py sets it with
 # --batch-invariant; before torch makes its first MKL call
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# parity with transformers' generate is checked in float32; servers the tests start would otherwise take --torch-dtype
+# auto's bfloat16 on CPUs with AVX512-BF16 or AMX (auto's choice is tested on its own, in test_speed_path)
+os.environ.setdefault("TORCH_DTYPE", "float32")
 
 import openai  # noqa: E402
 import pytest  # noqa: E402

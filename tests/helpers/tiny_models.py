@@ -84,10 +84,10 @@ def tiny_seq2seq(architecture: str, seed: int = 0, tokenizer: transformers.PreTr
     return model, tokenizer
 
 
+# as LLaVA's own templates do, it reads every message's content as a list of parts
 VISION_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
