@@ -22,6 +22,7 @@ from batching.families import text_family
 from batching.families.encoder_decoder import EncoderDecoderRunner
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.runner import MIN_INVARIANT_ROWS
+from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
 from converters.hqq import quantize_linears
@@ -34,7 +35,6 @@ EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
 SOLO_PREFILL_TOKENS = 2048  # ...and with nothing decoding
-VISION_FAMILIES = ("llava",)  # vision-language models whose images enter as features over placeholder tokens
 
 
 class ModelLoadError(RuntimeError):
@@ -104,15 +104,13 @@ def load_model(config: Config) -> LoadedModel:
     logger.info("loading %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
     model_class = getattr(transformers, config.model_class)
+    if config.vision:
+        check_vision_family(source)
     processor = transformers.AutoProcessor.from_pretrained(source) if config.vision else None
     tokenizer = processor.tokenizer if processor else getattr(transformers, config.tokenizer_type).from_pretrained(
         source, use_fast=config.tokenizer_use_fast)
     placement = {"device_map": config.device_map, "max_memory": config.weight_memory()} if config.device_map else {}
     model = model_class.from_pretrained(source, dtype=config.dtype, **attention_choice(source, config), **placement)
-    if config.vision and model.config.model_type not in VISION_FAMILIES:
-        raise ModelLoadError(f"vision-language models of type {model.config.model_type!r} are not served; these are: "
-                             f"{', '.join(VISION_FAMILIES)} (Qwen2-VL's 3-D rotary positions and Gemma 3's "
-                             "bidirectional attention over images are not yet)")
     if config.encoder_decoder != model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source} is {'an encoder-decoder' if model.config.is_encoder_decoder else 'a decoder'} "
                              f"model: give --architecture-type "
@@ -136,6 +134,15 @@ def load_model(config: Config) -> LoadedModel:
     logger.info("loaded %s in %.1f s (context %d tokens%s)", source, time.perf_counter() - started, context_length,
                 ", images" if processor else "")
     return LoadedModel(model, tokenizer, name, context_length, processor=processor)
+
+
+def check_vision_family(source: Path | str) -> None:
+    """Before anything loads: only families whose images enter as features over placeholder tokens are served."""
+    model_type = transformers.AutoConfig.from_pretrained(source).model_type
+    if model_type not in VISION_FEATURES:
+        raise ModelLoadError(f"vision-language models of type {model_type!r} are not served; these are: "
+                             f"{', '.join(VISION_FEATURES)} (Qwen2-VL's 3-D rotary positions and Gemma 3's "
+                             "bidirectional attention over images are not yet)")
 
 
 def attention_choice(source: Path | str, config: Config) -> dict[str, Any]:

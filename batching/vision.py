@@ -1,7 +1,8 @@
-"""Images in a decoder's prompt (vision-language models such as LLaVA): the model's processor expands each image
-into placeholder tokens; the engine runs the vision tower once per image, batched over the sequences a step
-starts, keeps the features on the sequence, and writes them over the placeholders' embeddings in whichever
-prompt chunk reaches them. Everything else (positions, attention, KV memory, sampling) is the text model's."""
+"""Images in a decoder's prompt (vision-language models: LLaVA, and Idefics3 as SmolVLM has it): the model's
+processor expands each image into placeholder tokens; the engine runs the vision tower once per image, batched
+over the sequences a step starts, keeps the features on the sequence, and writes them over the placeholders'
+embeddings in whichever prompt chunk reaches them. Everything else (positions, attention, KV memory, sampling)
+is the text model's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 
 from batching.sequence import Sequence
@@ -18,7 +20,7 @@ from batching.sequence import Sequence
 @dataclass(eq=False)
 class ImageInputs:
     """A prompt's images as the model's processor prepared them, and their features once the vision tower ran."""
-    pixels: dict[str, torch.Tensor]  # the processor's image tensors (pixel_values: one row per image; image_sizes)
+    pixels: dict[str, torch.Tensor]  # the processor's image tensors (pixel_values, and e.g. image_sizes)
     token_id: int  # the placeholder token
     kv_prompt: list[int]  # the prompt with its placeholders marked by its images' digest: the prefix cache's keys
     features: torch.Tensor | None = None  # [placeholders, hidden], in prompt order
@@ -48,19 +50,33 @@ def image_token_id(model: PreTrainedModel) -> int | None:
 
 
 def encode_images(model: PreTrainedModel, seqs: list[Sequence]) -> None:
-    """Run the vision tower over every image of the sequences, as one batch, and keep each sequence's features."""
+    """Run the vision tower over every image of the sequences, as one batch (both families' processors bring
+    every image to the same size), and keep each sequence's features."""
+    for seq, features in zip(seqs, FEATURES[model.config.model_type](model, seqs)):
+        seq.inputs.features = features
+
+
+def llava_features(model: PreTrainedModel, seqs: list[Sequence]) -> list[torch.Tensor]:
+    """LLaVA: every image is one row of pixel_values; its features, one row per placeholder."""
     pixels = {name: torch.cat([seq.inputs.pixels[name] for seq in seqs]).to(model.device)
               for name in seqs[0].inputs.pixels}
     pixels["pixel_values"] = pixels["pixel_values"].to(model.dtype)
     config = model.config
-    features = model.get_image_features(**pixels, vision_feature_layer=config.vision_feature_layer,
-                                        vision_feature_select_strategy=config.vision_feature_select_strategy
-                                        ).pooler_output
-    images = 0
-    for seq in seqs:
-        count = len(seq.inputs.pixels["pixel_values"])
-        seq.inputs.features = torch.cat(features[images:images + count])
-        images += count
+    features = iter(model.get_image_features(**pixels, vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy
+                                             ).pooler_output)
+    return [torch.cat([next(features) for _ in seq.inputs.pixels["pixel_values"]]) for seq in seqs]
+
+
+def idefics3_features(model: PreTrainedModel, seqs: list[Sequence]) -> list[torch.Tensor]:
+    """Idefics3 and SmolVLM: a prompt's images (each split into tiles plus a global view) are one batch row; rows
+    are padded with all-zero images, which the model skips."""
+    pixels = {name: pad_sequence([seq.inputs.pixels[name][0] for seq in seqs], batch_first=True).to(model.device)
+              for name in ("pixel_values", "pixel_attention_mask")}
+    return list(model.get_image_features(**pixels).pooler_output)
+
+
+FEATURES = {"llava": llava_features, "idefics3": idefics3_features}
 
 
 def embed_with_images(model: PreTrainedModel, ids: torch.Tensor, pieces: list[tuple[Sequence, int, int, int]]

@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 
 from tests.helpers.server_process import running_server
-from tests.helpers.tiny_models import tiny_llava
+from tests.helpers.tiny_models import tiny_vision_model
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def served(tokenizer, media, tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     text = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     text.chat_template = None  # the template is the processor's, as LLaVA models ship it
-    model, processor = tiny_llava(seed=4, attention="sdpa", tokenizer=text)
+    model, processor = tiny_vision_model("llava", seed=4, attention="sdpa", tokenizer=text)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     with running_server("--hf-model", str(folder), "--model-type", "AutoModelForImageTextToText",
@@ -130,3 +130,20 @@ def test_too_many_pixels_is_refused_before_decoding(served):
     with pytest.raises(openai.BadRequestError) as error:
         ask(client, image_part(data_url(buffer.getvalue())))
     assert "120000 pixels" in error.value.body["message"]
+
+
+def test_a_smolvlm_shaped_model_answers_as_generate_does(tokenizer, tmp_path):
+    """Idefics3, SmolVLM's architecture, over SmolLM2's vocabulary as SmolVLM has it: each image becomes tiles
+    plus a global view, each with its own placeholders, in the processor's prompt."""
+    text = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    text.chat_template = None
+    model, processor = tiny_vision_model("idefics3", seed=5, attention="sdpa", tokenizer=text)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with running_server("--hf-model", str(tmp_path), "--model-type", "AutoModelForImageTextToText",
+                        "--served-model-name", "vision") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        pngs = [picture_png(0), picture_png(1, width=30, height=20)]
+        response = ask(client, *(image_part(data_url(png)) for png in pngs))
+    assert response.choices[0].message.content == expected(model, processor, pngs, 10)
+    assert response.usage.prompt_tokens > 2 * 4 * 5  # two images of up to four tiles and a global view

@@ -92,31 +92,43 @@ VISION_TEMPLATE = (
 )
 
 
-def tiny_llava(seed: int = 0, attention: str = ATTENTION_NAME,
-               tokenizer: transformers.PreTrainedTokenizerBase | None = None
-               ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
-    """A random-weight LLaVA (a 2-layer CLIP vision tower on 32 x 32 images, 16 placeholder tokens per image, and
-    a tiny Llama) with the text model on `attention`, and its processor (`tokenizer`, by default a byte tokenizer,
-    plus <image>)."""
+def tiny_vision_model(family: str, seed: int = 0, attention: str = ATTENTION_NAME,
+                      tokenizer: transformers.PreTrainedTokenizerBase | None = None
+                      ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """A random-weight vision-language model with a tiny Llama as its text model (on `attention`), and its
+    processor over `tokenizer` (by default a byte tokenizer) plus the family's image tokens:
+    llava: a 2-layer CLIP tower on 32 x 32 images, 16 placeholders per image;
+    idefics3 (SmolVLM's architecture): a 2-layer SigLIP tower on 32 x 32 tiles, an image cut into tiles plus a
+    global view, 4 placeholders each."""
     tokenizer = tokenizer or byte_tokenizer()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if family == "llava":
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                                vision_feature_select_strategy="default",
+                                                num_additional_image_tokens=1, chat_template=VISION_TEMPLATE)
+    else:
+        images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+        processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                                   chat_template=VISION_TEMPLATE)
     s = TINY_SIZES
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=32, patch_size=8)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=8)
     text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                                     num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                                     intermediate_size=s["intermediate"], max_position_embeddings=s["positions"],
                                     eos_token_id=tokenizer.eos_token_id)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
-                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    placeholder = tokenizer.convert_tokens_to_ids("<image>")
+    if family == "llava":
+        config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**tower), text_config=text,
+                                          vision_feature_layer=-1, image_token_id=placeholder)
+    else:
+        config = transformers.Idefics3Config(vision_config=tower, text_config=text, image_token_id=placeholder,
+                                             scale_factor=2)
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration._from_config(
+    model = transformers.AutoModelForImageTextToText.from_config(
         config, attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": attention}).eval()
     with torch.no_grad():  # larger weights than the initialiser's, so greedy output varies token to token
         for parameter in model.parameters():
             parameter.mul_(4.0)
-    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                            chat_template=VISION_TEMPLATE)
     return model, processor

@@ -1,26 +1,38 @@
-"""Vision-language chat on the engine, on a tiny random LLaVA: every request's greedy tokens equal transformers'
-own `generate` on the processor's inputs, with images and text-only rows batched together and prompts cut into
-chunks through their images; the vision tower runs once per step for all new images; the prefix cache never
-serves one image's K/V to another."""
+"""Vision-language chat on the engine, on a tiny random LLaVA and a tiny Idefics3 (SmolVLM): every request's
+greedy tokens equal transformers' own `generate` on the processor's inputs, with images and text-only rows batched
+together and prompts cut into chunks through their images; the vision tower runs once per step for all new images;
+the prefix cache never serves one image's K/V to another."""
 
 import asyncio
 
 import numpy as np
 import pytest
+import transformers
 from PIL import Image
 
 from tests.helpers.engine import finish, greedy, make_engine, run_with_engine
-from tests.helpers.tiny_models import tiny_llava
+from tests.helpers.tiny_models import tiny_vision_model
 
 from batching.vision import image_inputs
+from config import Config
+from model_manager import ModelLoadError, load_model
 
 
-@pytest.fixture(scope="module")
-def llava():
+@pytest.fixture(scope="module", params=["llava", "idefics3"])
+def vision(request):
     """(model on the engine's attention, the same weights on sdpa for generate, processor)"""
-    model, processor = tiny_llava(seed=1)
-    reference, _ = tiny_llava(seed=1, attention="sdpa")
+    model, processor = tiny_vision_model(request.param, seed=1)
+    reference, _ = tiny_vision_model(request.param, seed=1, attention="sdpa")
     return model, reference, processor
+
+
+def vision_tower(model):
+    return getattr(model.model, "vision_tower", None) or model.model.vision_model
+
+
+def image_count(inputs) -> int:
+    """How many images (an Idefics3 image's tiles and global view each count) the vision tower sees."""
+    return inputs["pixel_values"].flatten(0, -4).shape[0]
 
 
 def picture(seed: int) -> Image.Image:
@@ -52,9 +64,9 @@ def serve(model, processor, requests, **settings):
     return run_with_engine(lambda: make_engine(model, processor.tokenizer, **settings), body)
 
 
-def test_images_and_text_rows_batched_decode_as_generate_does(llava):
+def test_images_and_text_rows_batched_decode_as_generate_does(vision):
     """Batch-invariant mode cuts prompts at 32 tokens, so the 16 placeholders of an image can straddle a cut."""
-    model, reference, processor = llava
+    model, reference, processor = vision
     requests = [processed(processor, "What is this?", [picture(0)]),
                 processed(processor, "Describe it.", []),
                 processed(processor, "Compare these two pictures, please.", [picture(1), picture(2)]),
@@ -65,22 +77,24 @@ def test_images_and_text_rows_batched_decode_as_generate_does(llava):
         assert output == generated(reference, inputs)
 
 
-def test_new_images_are_encoded_together_in_one_vision_pass(llava):
-    model, reference, processor = llava
+def test_new_images_are_encoded_together_in_one_vision_pass(vision):
+    model, reference, processor = vision
     requests = [processed(processor, "What is this?", [picture(seed)]) for seed in range(3)]
     batches = []
-    hook = model.model.vision_tower.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    hook = vision_tower(model).register_forward_hook(
+        lambda module, args, kwargs, output: batches.append(len(kwargs.get("pixel_values", args and args[0]))),
+        with_kwargs=True)
     try:
         outputs, _ = serve(model, processor, requests, batch_invariant=False, max_num_batched_tokens=4096)
     finally:
         hook.remove()
-    assert batches == [3]
+    assert batches == [sum(image_count(inputs) for inputs in requests)]
     assert outputs == [generated(reference, inputs) for inputs in requests]
 
 
-def test_the_prefix_cache_tells_images_apart(llava):
+def test_the_prefix_cache_tells_images_apart(vision):
     """The same text with another image must not reuse the first image's K/V; the same image may."""
-    model, reference, processor = llava
+    model, reference, processor = vision
     first, other = (processed(processor, "What is this? Answer in detail, please.", [picture(seed)])
                     for seed in (5, 6))
 
@@ -99,11 +113,11 @@ def test_the_prefix_cache_tells_images_apart(llava):
     assert again == a and cached_again > placeholder
 
 
-def test_siblings_share_one_vision_pass(llava):
-    model, reference, processor = llava
+def test_siblings_share_one_vision_pass(vision):
+    model, reference, processor = vision
     inputs = processed(processor, "What is this?", [picture(9)])
     calls = []
-    hook = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    hook = vision_tower(model).register_forward_hook(lambda *_: calls.append(1))
 
     async def body(engine):
         return [(await finish(engine, seq)).output_ids for seq in add(engine, model, inputs, count=3)]
@@ -113,3 +127,10 @@ def test_siblings_share_one_vision_pass(llava):
     finally:
         hook.remove()
     assert outputs == [generated(reference, inputs)] * 3 and len(calls) == 1
+
+
+def test_an_unserved_vision_family_is_refused_before_its_processor_loads(tmp_path):
+    """Qwen2-VL's processor needs torchvision and its rotary positions are 3-D: the server says so at start."""
+    transformers.Qwen2VLConfig().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'qwen2_vl' are not served; these are: llava, idefics3"):
+        load_model(Config(hf_model=str(tmp_path), model_type="AutoModelForImageTextToText"))
