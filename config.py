@@ -329,11 +329,8 @@ class Config:
         if self.hf_model == EMBEDDED_CHAT_MODEL:
             raise ConfigError("encoder-decoder serving needs --hf-model (a T5 or BART folder or hub id): the "
                               "embedded model is a decoder model")
-        unsupported = {"--static-cache": self.static_cache, "--torch-compile": self.torch_compile,
-                       "--device-map": self.device_map}
-        for flag, value in unsupported.items():
-            if value:
-                raise ConfigError(f"{flag} serves decoder models; encoder-decoder models do not take it yet")
+        if self.device_map:
+            raise ConfigError("--device-map serves decoder models; encoder-decoder models do not take it yet")
 
     @property
     def device(self) -> str:

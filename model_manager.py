@@ -19,8 +19,9 @@ from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Sc
                       StepProfiler, kv_layout)
 from batching.failpoints import Failpoints, parse_failpoints
 from batching.families import text_family
-from batching.families.encoder_decoder import EncoderDecoderRunner
+from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
+from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.runner import MIN_INVARIANT_ROWS
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
@@ -255,18 +256,37 @@ def build_encoder_decoder_engine(loaded: LoadedModel, config: Config) -> Engine:
         family = text_family(loaded.model, loaded.context_length)
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
-    cache = EncoderDecoderRows(batch_size, loaded.context_length, loaded.encoder_length)
-    row_bytes = 2 * family.layers * family.heads * family.head_dim * loaded.model.dtype.itemsize
-    logger.info("K/V memory: at most %.1f MiB (%d rows of %d encoder and %d decoder positions)",
-                batch_size * row_bytes * (loaded.encoder_length + loaded.context_length) / 2**20, batch_size,
-                loaded.encoder_length, loaded.context_length)
+    static = config.static_cache or config.torch_compile
+    cache = EncoderDecoderRows(batch_size, loaded.context_length, loaded.encoder_length, static=static)
+    min_rows = MIN_INVARIANT_ROWS if config.batch_invariant else 1
+    if not static:
+        row_bytes = 2 * family.layers * family.heads * family.head_dim * loaded.model.dtype.itemsize
+        logger.info("K/V memory: at most %.1f MiB (%d rows of %d encoder and %d decoder positions)",
+                    batch_size * row_bytes * (loaded.encoder_length + loaded.context_length) / 2**20, batch_size,
+                    loaded.encoder_length, loaded.context_length)
     # a whole batch of decoder prompts in one step: the runner prefills them whole, never in chunks
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
                           step_tokens=batch_size * loaded.context_length, batch_invariant=config.batch_invariant)
-    runner = EncoderDecoderRunner(family, cache, loaded.model.device,
-                                  MIN_INVARIANT_ROWS if config.batch_invariant else 1)
+    runner = EncoderDecoderRunner(family, cache, loaded.model.device, min_rows,
+                                  static_row_decoder(family, cache, loaded.model, config, smallest=min_rows)
+                                  if static else None)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
                   **engine_options(config))
+
+
+def static_row_decoder(family: Seq2SeqFamily, cache: EncoderDecoderRows, model: PreTrainedModel, config: Config,
+                       alignment_layers: list[int] | None = None, smallest: int = 1,
+                       names: tuple[str, str] = ("encoder-decoder decode step", "sequence")) -> StaticRowDecoder:
+    """An encoder-decoder's whole cache allocated now, and its static-shape decode step (compiled with
+    --torch-compile); see StaticRowDecoder for the rest."""
+    if not config.static_cache:
+        logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+    size = cache.allocate(family.layers, family.heads, family.head_dim, model.dtype, model.device)
+    logger.info("static cache: %.1f MiB for %d %ss of %d decoder positions%s and their %d encoder positions",
+                size / 2**20, cache.max_rows, names[1], cache.self_attention.max_length,
+                f" ({cache.beams} beams each)" if cache.beams > 1 else "", cache.cross.max_length)
+    compile_mode = config.torch_compile_mode if config.torch_compile else None
+    return StaticRowDecoder(family, cache, model.device, alignment_layers, compile_mode, smallest, names)
 
 
 def engine_options(config: Config) -> dict[str, Any]:

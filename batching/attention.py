@@ -91,6 +91,7 @@ class StaticRowStep:
     write_rows: torch.Tensor  # [rows]
     positions: torch.Tensor  # [rows]
     lengths: torch.Tensor  # [rows]
+    bias: torch.Tensor | None = None  # [rows, heads, 1, max_length]: an additive bias by position (T5's)
 
 
 Step = SpanStep | StaticDecodeStep | ProbeStep | PrefillStep | DecodeStep | StaticRowStep
@@ -220,9 +221,11 @@ def _static_row_attention(module, query, key, value, scaling, step: StaticRowSte
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
     cached_keys[step.write_rows, :, step.positions] = key[:, :, 0]
     cached_values[step.write_rows, :, step.positions] = value[:, :, 0]
-    mask = torch.arange(cached_keys.shape[2], device=query.device) < step.lengths[:, None]
-    output = F.scaled_dot_product_attention(query, cached_keys[:rows], cached_values[:rows],
-                                            attn_mask=mask[:, None, None, :], scale=scaling, enable_gqa=True)
+    mask = (torch.arange(cached_keys.shape[2], device=query.device) < step.lengths[:, None])[:, None, None, :]
+    if step.bias is not None:
+        mask = step.bias.masked_fill(~mask, float("-inf"))
+    output = F.scaled_dot_product_attention(query, cached_keys[:rows], cached_values[:rows], attn_mask=mask,
+                                            scale=scaling, enable_gqa=True)
     return output.transpose(1, 2)
 
 

@@ -12,13 +12,13 @@ from transformers import GenerationConfig, WhisperForConditionalGeneration, Whis
 
 from batching import Engine, Scheduler
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
+from batching.families.whisper_decoder import WhisperFamily
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
 from batching.families.whisper_runner import WhisperRunner, alignment_heads
-from batching.families.whisper_static import StaticWindowDecoder
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
 from converters.hqq import quantize_linears
-from model_manager import engine_options, served_name
+from model_manager import engine_options, served_name, static_row_decoder
 
 logger = logging.getLogger("batchwise.model")
 
@@ -91,19 +91,6 @@ def load_whisper(config: Config) -> LoadedWhisper:
     return loaded
 
 
-def static_decoder(model: WhisperForConditionalGeneration, cache: EncoderDecoderRows, config: Config
-                   ) -> StaticWindowDecoder:
-    """Allocate the whole cache now and build the static-shape decode step (compiled with --torch-compile)."""
-    if not config.static_cache:
-        logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
-    shape, heads = model.config, model.config.decoder_attention_heads
-    size = cache.allocate(shape.decoder_layers, heads, shape.d_model // heads, model.dtype, model.device)
-    logger.info("static cache: %.0f MiB for %d windows of %d tokens (%d beam%s each) and their audio", size / 2**20,
-                cache.max_rows, shape.max_target_positions, cache.beams, "" if cache.beams == 1 else "s")
-    compile_mode = config.torch_compile_mode if config.torch_compile else None
-    return StaticWindowDecoder(model, cache, sorted(alignment_heads(model)), compile_mode)
-
-
 def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     batch_size = config.continuous_batching_batch_size
     model, static = loaded.model, config.static_cache or config.torch_compile
@@ -115,7 +102,8 @@ def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     # the prompts of a whole batch of windows in one step: the runner prefills a prompt whole, never in chunks
     step_tokens = batch_size * model.config.max_target_positions
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens)
-    runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules),
-                           static_decoder(model, cache, config) if static else None)
+    decoder = static_row_decoder(WhisperFamily(model), cache, model, config, sorted(alignment_heads(model)),
+                                 names=("Whisper decode step", "window")) if static else None
+    runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules), decoder)
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
                   config.continuous_batching_microsleep, **engine_options(config))

@@ -16,6 +16,8 @@ from batching.families.encoder_decoder import (CrossAttend, TextInput, cross_att
 
 class BartFamily:
     position_bias = None
+    row_position_bias = None
+    encoded_lengths_vary = True
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model

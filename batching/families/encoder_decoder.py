@@ -15,7 +15,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from torch.nn import Linear
 
 from batching.attention import DecodeStep, PositionBias, PrefillStep, Step, batchwise_attention, pack_prompts
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
+if TYPE_CHECKING:
+    from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.sampler import sample
 from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
@@ -36,6 +38,9 @@ class Seq2SeqFamily(Protocol):
     heads: int
     head_dim: int
     position_bias: PositionBias | None  # the decoder self-attention's, if the family has one
+    # the same over whole static cache rows: (each row's position [rows], row length) -> [rows, heads, 1, length]
+    row_position_bias: Callable[[torch.Tensor, int], torch.Tensor] | None
+    encoded_lengths_vary: bool  # whether encoder inputs differ in length (text) or are all as long (audio)
 
     def encode(self, inputs: list[Any]) -> tuple[torch.Tensor, list[int]]:
         """The encoder's output for a batch of sequences' inputs, [N, positions, hidden], and how many positions
@@ -102,13 +107,16 @@ def cross_attention(query: Linear, output: Linear, hidden: torch.Tensor, attend:
     return output(attended.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
 
 
-def attend_encoded(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: int) -> torch.Tensor:
+def attend_encoded(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: int,
+                   attended: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-attention of one token per row ([sequences x queries, heads, 1, dim], queries already scaled) over
-    each sequence's encoder K/V ([sequences, heads, positions, dim], all of them attended): a sequence's rows
-    (its beams) are laid along the query axis of one attention."""
+    each sequence's encoder K/V ([sequences, heads, positions, dim]; all of them attended, or those `attended`
+    marks, [sequences, positions]): a sequence's rows (its beams) are laid along the query axis of one
+    attention."""
     sequences, heads = keys.shape[0], keys.shape[1]
     grouped = query.reshape(sequences, queries, heads, -1).transpose(1, 2)  # [sequences, heads, queries, dim]
-    output = F.scaled_dot_product_attention(grouped, keys, values, scale=1.0)
+    mask = attended[:, None, None, :] if attended is not None else None
+    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=1.0)
     return output.transpose(1, 2).reshape(sequences * queries, 1, heads, -1).transpose(1, 2)
 
 
@@ -116,14 +124,16 @@ class EncoderDecoderRunner:
     """The engine's runner for an encoder-decoder model: sequences' `inputs` are what the family encodes; each
     step samples one token per span."""
 
-    def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device, min_rows: int = 1
-                 ) -> None:
+    def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device, min_rows: int = 1,
+                 static: StaticRowDecoder | None = None) -> None:
         """min_rows > 1: batch-invariant, every forward has at least that many rows (padding rows write to the
-        cache's scratch row; see batching.runner.MIN_INVARIANT_ROWS) and every encoder input is encoded alone."""
+        cache's scratch row; see batching.runner.MIN_INVARIANT_ROWS) and every encoder input is encoded alone.
+        static: running rows decode through this static-shape step (a static cache)."""
         self.family = family
         self.cache = cache
         self.device = device
         self.min_rows = min_rows
+        self.static = static
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
@@ -136,12 +146,17 @@ class EncoderDecoderRunner:
             hidden, spans_of = self.prefill(prefilling)
             logits.append(self.head(hidden[0], [end - 1 for _, end in spans_of]))
         if decoding:
-            logits.append(self.head(self.decode([(seq, 0) for seq in decoding]), list(range(len(decoding)))))
+            rows = [(seq, 0) for seq in decoding]
+            logits.append(self.static_decode(rows)[0] if self.static else
+                          self.head(self.decode(rows), list(range(len(decoding)))))
         chosen = dict(zip(prefilling + decoding, sample(torch.cat(logits).float(), prefilling + decoding)))
         return [chosen[span.seq] for span in spans]
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """Nothing to compile ahead of serving."""
+        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
+        on_ready(batch sizes ready, all of them) after each."""
+        if self.static is not None:
+            self.static.warm_up(on_ready)
 
     def head(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The LM head over the given rows of hidden [N, hidden], run over at least min_rows rows (the last one
@@ -184,6 +199,14 @@ class EncoderDecoderRunner:
             queries = [count for _, count in self._runs(rows)]
             attend = partial(self._cross_decode, queries=queries, tap=tap, padding=missing)
             return self.family.decode(ids, positions[:, None], step, attend)[:, -1]
+
+    def static_decode(self, rows: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """decode's rows through the static step: their logits [rows, vocab] (float32), and the cross-attention
+        queries [rows, heads, dim] of the static step's alignment layers."""
+        with self.timed("decoder_steps"):
+            return self.static.decode([self.cache.beam_row(seq.row, beam) for seq, beam in rows],
+                                      [self.last_token(seq, beam) for seq, beam in rows],
+                                      [seq.length for seq, _ in rows])
 
     def last_token(self, seq: Sequence, beam: int) -> int:
         """The newest token of a row (a beam search's runner overrides it)."""

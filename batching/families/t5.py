@@ -14,6 +14,8 @@ from batching.families.encoder_decoder import (CrossAttend, TextInput, cross_att
 
 
 class T5Family:
+    encoded_lengths_vary = True
+
     def __init__(self, model: PreTrainedModel, max_length: int) -> None:
         self.model = model
         self.encoder = model.get_encoder()
@@ -35,6 +37,13 @@ class T5Family:
         bias = self.relative.compute_bias(queries, keys, past_seen_tokens=keys - queries)
         future = torch.ones(queries, keys, dtype=torch.bool, device=bias.device).triu(keys - queries + 1)
         return bias.masked_fill(future, float("-inf"))
+
+    def row_position_bias(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Each row's bias over a whole cache row of `length` (= max_length) positions, its token at
+        positions[row]: keys past the token get the bias of the nearest key, and are masked by the caller."""
+        keys = torch.arange(length, device=positions.device)
+        seen_from_last = (self.max_length - 1 - positions[:, None] + keys).clamp(max=self.max_length - 1)
+        return self.behind[0, :, 0, seen_from_last].transpose(0, 1)[:, :, None]
 
     def encode(self, inputs: list[TextInput]) -> tuple[torch.Tensor, list[int]]:
         return encode_text(self.encoder, inputs, self.model.config.pad_token_id)

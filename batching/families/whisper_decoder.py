@@ -16,6 +16,8 @@ from batching.families.encoder_decoder import CrossAttend, cross_attention, self
 class WhisperFamily(BartFamily):
     """Whisper's decoder is BART's lineage (the same modules and cross-attention projections) with norms before
     each sub-layer, over an audio encoder, and an output projection of its own."""
+    encoded_lengths_vary = False  # every window is 30 s of audio
+
 
     def encode(self, inputs: list[Any]) -> tuple[torch.Tensor, list[int]]:
         """inputs: speech windows (their log-mel features, [mel bins, frames] each, all as long)."""

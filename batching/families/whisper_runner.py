@@ -3,14 +3,13 @@ once, its decoder rows decode over it; on top, Whisper's decoding rules (batchin
 beam search (batching.families.whisper_beams, one row per beam, every beam attending to the window's one copy
 of its audio K/V), the no-speech probability read at <|startoftranscript|>, and, for a window that wants word
 timestamps, the alignment heads' cross-attention scores of the query that chose each token (speech.word_timing
-turns them into times when the window ends). A static cache decodes through batching.families.whisper_static.
+turns them into times when the window ends). A static cache decodes through batching.families.encoder_decoder_static.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import WhisperForConditionalGeneration
@@ -19,7 +18,7 @@ from batching.families.encoder_decoder import EncoderDecoderRunner
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_beams import BeamSearch, BeamStep, Hypothesis
 from batching.families.whisper_decoder import WhisperFamily
-from batching.families.whisper_static import StaticWindowDecoder
+from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
 from batching.scheduler import Span
@@ -97,9 +96,8 @@ class AlignmentRecorder:
 
 class WhisperRunner(EncoderDecoderRunner):
     def __init__(self, model: WhisperForConditionalGeneration, cache: EncoderDecoderRows,
-                 rules: WhisperLogitRules, static: StaticWindowDecoder | None = None) -> None:
-        super().__init__(WhisperFamily(model), cache, model.device)
-        self.static = static
+                 rules: WhisperLogitRules, static: StaticRowDecoder | None = None) -> None:
+        super().__init__(WhisperFamily(model), cache, model.device, static=static)
         self.rules = rules
         self.alignment_heads = alignment_heads(model)
 
@@ -137,12 +135,6 @@ class WhisperRunner(EncoderDecoderRunner):
         """The model's next-token logits ([rows, vocab] float32), before Whisper's rules: one row per prefilling
         window, then one per decoding row."""
         return self._forward(prefilling, decoding)[0]
-
-    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
-        on_ready(batch sizes ready, all of them) after each."""
-        if self.static is not None:
-            self.static.warm_up(on_ready)
 
     def last_token(self, seq: Sequence, beam: int) -> int:
         return history(seq, beam)[-1]
@@ -198,15 +190,12 @@ class WhisperRunner(EncoderDecoderRunner):
         """One row per running beam of each window (one for a window that samples), windows in row order."""
         rows = beam_rows(seqs)
         if self.static is not None:
-            with self.timed("decoder_steps"):
-                return self._static_decode_logits(rows)
+            return self._static_decode_logits(rows)
         recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
         return self.head(self.decode(rows, recorder), list(range(len(rows)))).float(), recorder.finish()
 
     def _static_decode_logits(self, rows: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        logits, queries = self.static.decode([self.cache.beam_row(seq.row, beam) for seq, beam in rows],
-                                             [history(seq, beam)[-1] for seq, beam in rows],
-                                             [seq.length for seq, _ in rows])
+        logits, queries = self.static_decode(rows)
         recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq, _ in rows])
         for layer, layer_queries in zip(self.static.alignment_layers, queries):
             for index in recorder.wanting:

@@ -1,6 +1,7 @@
 """Encoder-decoder chat over HTTP with the real openai SDK: a tiny random Flan-T5 without a chat template (the
-plain dialogue fallback) and a tiny random BART with one, each saved to a folder and served by main.py. Greedy
-text equals transformers' `generate` on the same encoder input; bounds and unsupported fields get 400s."""
+plain dialogue fallback) and a tiny random BART with one (on the static cache), each saved to a folder and served
+by main.py. Greedy text equals transformers' `generate` on the same encoder input; bounds and unsupported fields
+get 400s."""
 
 import openai
 import pytest
@@ -15,7 +16,10 @@ pytestmark = pytest.mark.e2e
 ENCODER_LENGTH, DECODER_LENGTH = 48, 24
 
 
-@pytest.fixture(scope="module", params=["flan-t5", "bart"])
+SERVERS = {"flan-t5": [], "bart": ["--static-cache", "true"]}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
 def served(request, tokenizer, tmp_path_factory):
     """(client, model, tokenizer) of a server for the architecture; the T5 tokenizer has no chat template."""
     folder = tmp_path_factory.mktemp(request.param)
@@ -28,7 +32,7 @@ def served(request, tokenizer, tmp_path_factory):
     with running_server("--hf-model", str(folder), "--architecture-type", "encoder-decoder",
                         "--served-model-name", "seq2seq", "--continuous-batching-batch-size", "4",
                         "--static-cache-encoder-max-length", str(ENCODER_LENGTH),
-                        "--static-cache-decoder-max-length", str(DECODER_LENGTH)) as url:
+                        "--static-cache-decoder-max-length", str(DECODER_LENGTH), *SERVERS[request.param]) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0), model, tokenizer
 
 

@@ -1,7 +1,8 @@
 """Encoder-decoder text models (T5 v1.0, Flan-T5, mT5, BART) on the engine: every request's greedy tokens equal
 transformers' own `generate` for it alone, whether it runs alone, in a batch of different lengths, joins a
 running batch, shares its prompt with siblings, loses its neighbours to cancellation, or is preempted and
-recomputed."""
+recomputed; with the cache that grows and with the static cache (and its compiled step, which never
+recompiles while serving)."""
 
 import asyncio
 
@@ -12,7 +13,7 @@ from batching import SamplingParams
 from batching.families.encoder_decoder import TextInput
 from config import Config
 from model_manager import LoadedModel, build_engine
-from tests.helpers.engine import finish, greedy, run_with_engine
+from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
 from tests.helpers.tiny_models import tiny_seq2seq
 
 ARCHITECTURES = ["t5", "flan-t5", "mt5", "bart"]
@@ -50,16 +51,21 @@ def add(engine, loaded: LoadedModel, prompt: list[int], tokens: int, count: int 
                                inputs=TextInput(prompt))
 
 
-def test_batched_and_joining_requests_decode_as_transformers_does_alone(loaded):
+def joining(loaded: LoadedModel, budgets: list[int]):
+    """Requests of different encoder lengths and budgets all added at once: their greedy outputs."""
+    async def body(engine):
+        inputs = prompts(loaded, len(budgets))
+        seqs = [add(engine, loaded, prompt, tokens)[0] for prompt, tokens in zip(inputs, budgets)]
+        return [seq.output_ids for seq in await asyncio.gather(*(finish(engine, seq) for seq in seqs))]
+    return body
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_batched_and_joining_requests_decode_as_transformers_does_alone(loaded, static_cache):
     """Six requests on four rows: different encoder lengths and budgets, so rows leave and waiting ones join."""
     budgets = [40, 12, 30, 20, 33, 9]
     inputs = prompts(loaded, len(budgets))
-
-    async def body(engine):
-        seqs = [add(engine, loaded, prompt, tokens)[0] for prompt, tokens in zip(inputs, budgets)]
-        return [seq.output_ids for seq in await asyncio.gather(*(finish(engine, seq) for seq in seqs))]
-
-    outputs = run_with_engine(engine_for(loaded), body)
+    outputs = run_with_engine(engine_for(loaded, static_cache=static_cache), joining(loaded, budgets))
     assert len(set(map(tuple, outputs))) > 1
     assert len({token for output in outputs for token in output}) > 10, "the model should not repeat a few tokens"
     for prompt, tokens, output in zip(inputs, budgets, outputs):
@@ -88,7 +94,8 @@ def test_siblings_share_the_encoder_pass(loaded):
     assert len(encoder_calls) == 2  # one per prompt: the greedy three, the sampled two
 
 
-def test_cancelled_rows_leave_and_the_others_decode_on(loaded):
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_cancelled_rows_leave_and_the_others_decode_on(loaded, static_cache):
     inputs = prompts(loaded, 4)
 
     async def body(engine):
@@ -101,13 +108,14 @@ def test_cancelled_rows_leave_and_the_others_decode_on(loaded):
         await asyncio.gather(*(finish(engine, seq) for seq in kept))
         return [seq.output_ids for seq in kept], engine.scheduler.memory.used_tokens
 
-    (first, last), held = run_with_engine(engine_for(loaded), body)
+    (first, last), held = run_with_engine(engine_for(loaded, static_cache=static_cache), body)
     assert first == transformers_greedy(loaded, inputs[0], 30)
     assert last == transformers_greedy(loaded, inputs[3], 30)
     assert held == 0
 
 
-def test_a_preempted_sequence_recomputes_its_tokens_and_goes_on(loaded):
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_a_preempted_sequence_recomputes_its_tokens_and_goes_on(loaded, static_cache):
     inputs = prompts(loaded, 3)
 
     async def body(engine):
@@ -118,13 +126,14 @@ def test_a_preempted_sequence_recomputes_its_tokens_and_goes_on(loaded):
         await asyncio.gather(*(finish(engine, seq) for seq in seqs))
         return [seq.output_ids for seq in seqs], engine.scheduler.preemptions
 
-    outputs, preemptions = run_with_engine(engine_for(loaded), body)
+    outputs, preemptions = run_with_engine(engine_for(loaded, static_cache=static_cache), body)
     assert preemptions == 1
     for prompt, output in zip(inputs, outputs):
         assert output == transformers_greedy(loaded, prompt, 24)
 
 
-def test_batch_invariant_greedy_output_does_not_depend_on_the_neighbours(loaded):
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_batch_invariant_greedy_output_does_not_depend_on_the_neighbours(loaded, static_cache):
     """Encoder inputs encoded alone, every forward at least four rows (MKL_CBWR=AUTO,STRICT, set by conftest)."""
     inputs = prompts(loaded, 8)
 
@@ -140,10 +149,26 @@ def test_batch_invariant_greedy_output_does_not_depend_on_the_neighbours(loaded)
             return result(await finish(engine, add(engine, loaded, prompt, 20)[0]))
         return body
 
-    build = engine_for(loaded, batch_size=8, batch_invariant=True)
+    build = engine_for(loaded, batch_size=8, batch_invariant=True, static_cache=static_cache)
     batched = run_with_engine(build, together)
     assert batched == [run_with_engine(build, alone(prompt)) for prompt in inputs]
     assert len({tuple(ids) for ids, _ in batched}) > 1
+
+
+@pytest.mark.parametrize("architecture", ["flan-t5", "bart"])
+def test_the_compiled_decode_step_decodes_as_generate_and_never_recompiles_while_serving(architecture):
+    """--torch-compile: every bucket of rows is compiled during warm-up (its progress reported); then requests
+    that join and leave at every batch size decode transformers' tokens without one more compilation."""
+    model, tokenizer = tiny_seq2seq(architecture, seed=11)
+    loaded = LoadedModel(model, tokenizer, architecture, DECODER_LENGTH, ENCODER_LENGTH)
+    budgets = [14, 5, 9, 3, 11]
+    warm_up = WarmUpRecord()
+    outputs = run_with_engine(warm_up.warmed(engine_for(loaded, batch_size=3, torch_compile=True)),
+                              joining(loaded, budgets))
+    assert warm_up.buckets == [1, 2, 3]
+    warm_up.assert_complete_and_never_recompiled()
+    for prompt, tokens, output in zip(prompts(loaded, len(budgets)), budgets, outputs):
+        assert output == transformers_greedy(loaded, prompt, tokens)
 
 
 def test_unsupported_families_are_refused_with_the_served_ones_named():

@@ -89,8 +89,9 @@ def test_compression_ratio_flags_repetition():
 
 @pytest.fixture(scope="session")
 def tiny_en() -> LoadedWhisper:
-    """The embedded tiny.en, converted once into the cache folder the server uses."""
-    return load_whisper(Config(serving_type="whisper"))
+    """The embedded tiny.en, converted once into the cache folder the server uses; in float32, as the transformers
+    reference runs (--torch-dtype auto would pick bfloat16 on a CPU with AVX512-BF16 or AMX)."""
+    return load_whisper(Config(serving_type="whisper", torch_dtype="float32"))
 
 
 @pytest.fixture(scope="module")
