@@ -157,8 +157,11 @@ def _span_attention(module, query, key, value, scaling, step: SpanStep) -> torch
 
 def _static_decode_attention(module, query, key, value, scaling, step: StaticDecodeStep) -> torch.Tensor:
     """One token per row ([rows, heads, 1, dim]); row r's slot is arena positions r x L .. (r + 1) x L, every
-    row attends over all L of them with the positions past its length masked out."""
-    rows, kv_heads, head_dim, length = query.shape[0], key.shape[1], key.shape[3], step.slot_length
+    row attends over all L of them with the positions past its length masked out. The query heads that share
+    a KV head are laid along the query axis (as _span_attention does): with bfloat16 on CPU, SDPA over
+    [rows, heads, 1, dim] queries with enable_gqa measured 6x slower than over [rows, kv_heads, group, dim]."""
+    rows, heads, kv_heads, head_dim, length = query.shape[0], query.shape[1], key.shape[1], key.shape[3], \
+        step.slot_length
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
     positions, lengths = step.positions.to(query.device), step.lengths.to(query.device)  # same device: no copy
     cached_keys[:, positions] = key[:, :, 0].transpose(0, 1)
@@ -166,9 +169,10 @@ def _static_decode_attention(module, query, key, value, scaling, step: StaticDec
     keys = cached_keys[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     values = cached_values[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     mask = torch.arange(length, device=query.device) < lengths[:, None]
-    output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None, None, :], scale=scaling,
-                                            enable_gqa=True)
-    return output.transpose(1, 2)
+    grouped_query = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask[:, None, None, :],
+                                            scale=scaling)
+    return output.reshape(rows, heads, 1, head_dim).transpose(1, 2)
 
 
 def kv_layout(model: torch.nn.Module) -> KVLayout:
