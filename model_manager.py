@@ -142,8 +142,9 @@ def check_vision_family(source: Path | str) -> None:
     model_type = transformers.AutoConfig.from_pretrained(source).model_type
     if model_type not in VISION_FEATURES:
         raise ModelLoadError(f"vision-language models of type {model_type!r} are not served; these are: "
-                             f"{', '.join(VISION_FEATURES)} (Qwen2-VL's 3-D rotary positions and Gemma 3's "
-                             "bidirectional attention over images are not yet)")
+                             f"{', '.join(VISION_FEATURES)} (not yet: Qwen2-VL's 3-D rotary positions, with a "
+                             "processor that needs torchvision as SmolVLM2's does, and Gemma 3's bidirectional "
+                             "attention over images)")
 
 
 def attention_choice(source: Path | str, config: Config) -> dict[str, Any]:

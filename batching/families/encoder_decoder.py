@@ -23,11 +23,12 @@ from torch.nn import Linear
 
 from batching.attention import DecodeStep, PositionBias, PrefillStep, Step, batchwise_attention, pack_prompts
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
-if TYPE_CHECKING:
-    from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.sampler import sample
 from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
+
+if TYPE_CHECKING:  # it builds on this module
+    from batching.families.encoder_decoder_static import StaticRowDecoder
 
 CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
 

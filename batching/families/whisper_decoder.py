@@ -18,7 +18,6 @@ class WhisperFamily(BartFamily):
     each sub-layer, over an audio encoder, and an output projection of its own."""
     encoded_lengths_vary = False  # every window is 30 s of audio
 
-
     def encode(self, inputs: list[Any]) -> tuple[torch.Tensor, list[int]]:
         """inputs: speech windows (their log-mel features, [mel bins, frames] each, all as long)."""
         features = torch.stack([window.features for window in inputs]).to(self.model.device, self.model.dtype)

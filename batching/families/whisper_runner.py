@@ -16,9 +16,9 @@ from transformers import WhisperForConditionalGeneration
 
 from batching.families.encoder_decoder import EncoderDecoderRunner
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
+from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.families.whisper_beams import BeamSearch, BeamStep, Hypothesis
 from batching.families.whisper_decoder import WhisperFamily
-from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.families.whisper_rules import WhisperLogitRules
 from batching.sampler import sample
 from batching.scheduler import Span
