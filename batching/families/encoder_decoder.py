@@ -15,7 +15,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,6 @@ from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.sampler import sample
 from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
-
-if TYPE_CHECKING:  # it builds on this module
-    from batching.families.encoder_decoder_static import StaticRowDecoder
 
 CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
 
@@ -64,6 +61,16 @@ class Seq2SeqFamily(Protocol):
 class TextInput:
     """A text sequence's encoder input."""
     ids: list[int]
+
+
+class StaticStep(Protocol):
+    """A static-shape decode step over the cache's rows (batching.families.encoder_decoder_static)."""
+
+    def decode(self, rows: list[int], ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits [len(rows), vocab] for one token per self-attention row, and alignment layers' queries."""
+
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """Compile every bucket before serving."""
 
 
 class Tap(Protocol):
@@ -126,7 +133,7 @@ class EncoderDecoderRunner:
     step samples one token per span."""
 
     def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device, min_rows: int = 1,
-                 static: StaticRowDecoder | None = None) -> None:
+                 static: StaticStep | None = None) -> None:
         """min_rows > 1: batch-invariant, every forward has at least that many rows (padding rows write to the
         cache's scratch row; see batching.runner.MIN_INVARIANT_ROWS) and every encoder input is encoded alone.
         static: running rows decode through this static-shape step (a static cache)."""
