@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Linear
 
-from batching.attention import DecodeStep, PositionBias, PrefillStep, Step, batchwise_attention, pack_prompts
+from batching.attention import (DecodeStep, PositionBias, PrefillStep, Step, attend_decoding, batchwise_attention,
+                                pack_prompts)
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.sampler import sample
 from batching.scheduler import Span
@@ -123,8 +124,7 @@ def attend_encoded(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     attention."""
     sequences, heads = keys.shape[0], keys.shape[1]
     grouped = query.reshape(sequences, queries, heads, -1).transpose(1, 2)  # [sequences, heads, queries, dim]
-    mask = attended[:, None, None, :] if attended is not None else None
-    output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=1.0)
+    output = attend_decoding(grouped, keys, values, attended[:, None, None, :] if attended is not None else None, 1.0)
     return output.transpose(1, 2).reshape(sequences * queries, 1, heads, -1).transpose(1, 2)
 
 

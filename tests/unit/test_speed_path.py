@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from batching import ATTENTION_NAME, KVArena, Slots, kv_layout
+from batching.attention import attend_decoding
 from batching.static_decode import DecodeForward, bucket_sizes
 from config import auto_dtype
 from converters.hqq import quantize_linears, weight_bytes
@@ -153,3 +154,22 @@ def test_profiling_writes_a_trace_per_profiled_step_and_a_summary(tokenizer, tmp
 def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(device, flags, expected):
     dtype, reason = auto_dtype(device, flags)
     assert dtype == expected and reason
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "lengths", "bias"])
+def test_decoding_attention_in_bfloat16_agrees_with_sdpa_in_float32(mask_kind):
+    """On CPU, bfloat16 decoding attention takes plain products (transformers' eager arithmetic) instead of SDPA:
+    it agrees with SDPA run in float32 on the same values to bfloat16's precision; float32 stays on SDPA."""
+    torch.manual_seed(0)
+    query, keys, values = (torch.randn(shape).to(torch.bfloat16) for shape in
+                           ((6, 3, 2, 64), (6, 3, 100, 64), (6, 3, 100, 64)))
+    attended = torch.arange(100) < torch.tensor([1, 17, 50, 64, 99, 100])[:, None]
+    mask = {"none": None, "lengths": attended[:, None, None, :],
+            "bias": torch.randn(6, 3, 2, 100).masked_fill(~attended[:, None, None, :], float("-inf"))}[mask_kind]
+    ours = attend_decoding(query, keys, values, mask, 0.125)
+    exact = torch.nn.functional.scaled_dot_product_attention(query.float(), keys.float(), values.float(),
+                                                               attn_mask=mask, scale=0.125)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), exact, atol=2e-2, rtol=2e-2)
+    float32 = attend_decoding(query.float(), keys.float(), values.float(), mask, 0.125)
+    assert torch.equal(float32, exact)
