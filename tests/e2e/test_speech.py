@@ -332,17 +332,10 @@ def test_a_client_that_disconnects_stops_its_decoding(server, clips, stream):
         time.sleep(0.05)
     health = httpx.get(f"{server}/health").json()
     assert (health["running"], health["waiting"]) == (0, 0)
-    # the step in flight when the request left may still finish; after it, no step runs
-    steps, deadline = health["steps"], time.monotonic() + 3
-    while (settled := steps_after(server, 0.3)) != steps and time.monotonic() < deadline:
-        steps = settled
-    time.sleep(0.5)
-    assert httpx.get(f"{server}/health").json()["steps"] == settled
-
-
-def steps_after(server: str, seconds: float) -> int:
-    time.sleep(seconds)
-    return httpx.get(f"{server}/health").json()["steps"]
+    time.sleep(1.0)  # decoding the rest of the clip would take dozens of steps in this time
+    # at most one step after the request left (seen on CI: 981 against 980, even 0.3 s after the count had
+    # held still): the one in flight, or the next window's, begun before the disconnect was noticed
+    assert httpx.get(f"{server}/health").json()["steps"] - health["steps"] <= 1
 
 
 def test_metrics_count_the_audio_transcribed(server, client, clips):
