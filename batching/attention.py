@@ -173,11 +173,8 @@ def attend_decoding(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def _static_decode_attention(module, query, key, value, scaling, step: StaticDecodeStep) -> torch.Tensor:
     """One token per row ([rows, heads, 1, dim]); row r's slot is arena positions r x L .. (r + 1) x L, every
-    row attends over all L of them with the positions past its length masked out. The query heads that share
-    a KV head are laid along the query axis (as _span_attention does): with bfloat16 on CPU, SDPA over
-    [rows, heads, 1, dim] queries with enable_gqa measured 6x slower than over [rows, kv_heads, group, dim]."""
-    rows, heads, kv_heads, head_dim, length = query.shape[0], query.shape[1], key.shape[1], key.shape[3], \
-        step.slot_length
+    row attends over all L of them with the positions past its length masked out."""
+    rows, kv_heads, head_dim, length = query.shape[0], key.shape[1], key.shape[3], step.slot_length
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
     positions, lengths = step.positions.to(query.device), step.lengths.to(query.device)  # same device: no copy
     cached_keys[:, positions] = key[:, :, 0].transpose(0, 1)
@@ -185,8 +182,18 @@ def _static_decode_attention(module, query, key, value, scaling, step: StaticDec
     keys = cached_keys[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     values = cached_values[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     mask = torch.arange(length, device=query.device) < lengths[:, None]
-    grouped_query = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    output = attend_decoding(grouped_query, keys, values, mask[:, None, None, :], scaling)
+    return _attend_grouped(query, keys, values, mask[:, None, None, :], scaling)
+
+
+def _attend_grouped(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """One query per row and head ([rows, heads, 1, dim]) over [rows, kv_heads, keys, dim], with the query heads
+    that share a KV head laid along the query axis (as _span_attention does): with bfloat16 on CPU, SDPA over
+    [rows, heads, 1, dim] queries with enable_gqa measured 6x slower than over [rows, kv_heads, group, dim].
+    Returns [rows, 1, heads, dim]."""
+    rows, heads, _, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    output = attend_decoding(query.reshape(rows, kv_heads, heads // kv_heads, head_dim), keys, values, mask, scale)
     return output.reshape(rows, heads, 1, head_dim).transpose(1, 2)
 
 
@@ -236,17 +243,15 @@ def _decode_attention(module, query, key, value, scaling, step: DecodeStep) -> t
 
 def _static_row_attention(module, query, key, value, scaling, step: StaticRowStep) -> torch.Tensor:
     """One token per row ([rows, heads, 1, dim]) over whole cache rows, each masked to its own length."""
-    rows, heads, head_dim = query.shape[0], query.shape[1], query.shape[3]
+    rows, heads = query.shape[0], query.shape[1]
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
     cached_keys[step.write_rows, :, step.positions] = key[:, :, 0]
     cached_values[step.write_rows, :, step.positions] = value[:, :, 0]
     kv_heads, length = cached_keys.shape[1], cached_keys.shape[2]
     mask = (torch.arange(length, device=query.device) < step.lengths[:, None])[:, None, None, :]
-    if step.bias is not None:
+    if step.bias is not None:  # per query head: laid out as _attend_grouped lays the queries
         mask = step.bias.masked_fill(~mask, float("-inf")).reshape(rows, kv_heads, heads // kv_heads, length)
-    grouped_query = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)  # as _static_decode_attention
-    output = attend_decoding(grouped_query, cached_keys[:rows], cached_values[:rows], mask, scaling)
-    return output.reshape(rows, heads, 1, head_dim).transpose(1, 2)
+    return _attend_grouped(query, cached_keys[:rows], cached_values[:rows], mask, scaling)
 
 
 def _no_mask(*args, **kwargs) -> None:
