@@ -119,6 +119,9 @@ class Engine:
             raise EngineError("the engine is not running")
         if count > self.scheduler.max_running:
             raise ValueError(f"{count} sequences cannot run together in a batch of {self.scheduler.max_running}")
+        if len(prompt_ids) + params.max_tokens > self.max_sequence_tokens:  # it would wait forever
+            raise ValueError(f"{len(prompt_ids)} prompt tokens and {params.max_tokens} to generate exceed the "
+                             f"{self.max_sequence_tokens} tokens one sequence can hold")
         seqs = [self._sequence(prompt_ids, params, request_id, inputs, index, user) for index in range(count)]
         for sibling in seqs[1:]:
             sibling.prefix_source = seqs[0]
