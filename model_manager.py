@@ -107,7 +107,7 @@ def load_model(config: Config) -> LoadedModel:
     model_class = getattr(transformers, config.model_class)
     if config.vision:
         check_vision_family(source)
-    processor = transformers.AutoProcessor.from_pretrained(source) if config.vision else None
+    processor = vision_processor(source) if config.vision else None
     tokenizer = processor.tokenizer if processor else getattr(transformers, config.tokenizer_type).from_pretrained(
         source, use_fast=config.tokenizer_use_fast)
     placement = {"device_map": config.device_map, "max_memory": config.weight_memory()} if config.device_map else {}
@@ -142,9 +142,38 @@ def check_vision_family(source: Path | str) -> None:
     model_type = transformers.AutoConfig.from_pretrained(source).model_type
     if model_type not in VISION_FEATURES:
         raise ModelLoadError(f"vision-language models of type {model_type!r} are not served; these are: "
-                             f"{', '.join(VISION_FEATURES)} (not yet: Qwen2-VL's 3-D rotary positions, with a "
-                             "processor that needs torchvision as SmolVLM2's does, and Gemma 3's bidirectional "
-                             "attention over images)")
+                             f"{', '.join(VISION_FEATURES)} (not yet: Gemma 3's bidirectional attention over images, "
+                             "Qwen3-VL's image features fed to several decoder layers)")
+
+
+def vision_processor(source: Path | str) -> transformers.ProcessorMixin:
+    """The model's own processor. Qwen2-VL's and SmolVLM2's also build a video processor, which needs
+    torchvision; without it, the same processor class is built without one: chat requests carry no videos."""
+    try:
+        return transformers.AutoProcessor.from_pretrained(source)
+    except ImportError:
+        if importlib.util.find_spec("torchvision"):
+            raise
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES[transformers.AutoConfig.from_pretrained(
+        source).model_type])
+    logger.info("torchvision is not installed: %s without its video processor", processor_class.__name__)
+    settings, _ = processor_class.get_processor_dict(source)  # e.g. its chat template, SmolVLM's image_seq_len
+    settings.pop("processor_class", None)
+    return without_videos(processor_class)(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(source),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(source), video_processor=None, **settings)
+
+
+def without_videos(processor_class: type[transformers.ProcessorMixin]) -> type[transformers.ProcessorMixin]:
+    """The processor class, accepting no video processor (its own check asks torchvision for the class)."""
+    class ImagesOnly(processor_class):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+    ImagesOnly.__name__ = processor_class.__name__
+    return ImagesOnly
 
 
 def attention_choice(source: Path | str, config: Config) -> dict[str, Any]:

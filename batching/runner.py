@@ -78,9 +78,9 @@ class ModelRunner:
             attention_spans.append((start, len(ids), seq.kv.start, span.end))
             kept.extend(start + p - span.start for p in self._logit_positions(span))
         self._pad(ids, positions, slots, attention_spans, kept)
-        position_tensor = self._tensor(positions)
+        token_inputs = self._token_inputs(self._tensor(ids), pictured)
         step = SpanStep(self.arena, self._tensor(slots), attention_spans)
-        logits = self.model(**self._token_inputs(self._tensor(ids), pictured), position_ids=position_tensor[None],
+        logits = self.model(**token_inputs, position_ids=self._position_ids(positions, pictured),
                             logits_to_keep=torch.tensor(kept, device=self.head_device), use_cache=False,
                             batchwise_step=step).logits[0]
         next_token_logits, offset = [], 0
@@ -103,6 +103,18 @@ class ModelRunner:
         if unseen:
             encode_images(self.model, unseen)
         return {"inputs_embeds": embed_with_images(self.model, ids, pictured)[None]}
+
+    def _position_ids(self, positions: list[int], pictured: list[tuple[Sequence, int, int, int]]) -> torch.Tensor:
+        """[1, tokens]; or where a sequence's images have 3-D rotary positions (after _token_inputs has found
+        them), [3, 1, tokens], with text-only sequences' positions alike on all three axes."""
+        flat = self._tensor(positions)[None]
+        spatial = [piece for piece in pictured if piece[0].inputs.rope_positions is not None]
+        if not spatial:
+            return flat
+        rows = flat.expand(3, -1).clone()
+        for seq, offset, start, end in spatial:
+            rows[:, offset:offset + end - start] = seq.inputs.position_rows(start, end)
+        return rows[:, None]
 
     def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list, kept: list[int]
              ) -> None:

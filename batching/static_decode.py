@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena
 from batching.scheduler import Span
+from batching.vision import text_position
 
 logger = logging.getLogger("batchwise.compile")
 
@@ -90,13 +91,13 @@ class StaticDecoder:
         """Next-token logits ([len(spans), vocab]) for decoding rows; rows without a span in the bucket write to
         the padding slot and their logits are dropped."""
         rows = self.bucket(max(span.seq.row for span in spans) + 1)
-        ids, positions, arena_positions = [0] * rows, [0] * rows, [self.padding] * rows
+        ids, positions, lengths, arena_positions = [0] * rows, [0] * rows, [1] * rows, [self.padding] * rows
         for span in spans:
             row, position = span.seq.row, span.start
-            ids[row], positions[row] = span.seq.all_ids[position], position
+            ids[row], positions[row] = span.seq.all_ids[position], text_position(span.seq, position)
+            lengths[row] = position + 1
             arena_positions[row] = row * self.slots.length + position
-        position_tensor = self._tensor(positions)
-        logits = self.step(self._tensor(ids)[:, None], position_tensor[:, None], position_tensor + 1,
+        logits = self.step(self._tensor(ids)[:, None], self._tensor(positions)[:, None], self._tensor(lengths),
                            self._tensor(arena_positions))
         return logits[self._tensor([span.seq.row for span in spans])]
 

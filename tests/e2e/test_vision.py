@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 
 from tests.helpers.server_process import running_server
-from tests.helpers.tiny_models import tiny_vision_model
+from tests.helpers.tiny_models import save_vision_processor, tiny_vision_model
 
 pytestmark = pytest.mark.e2e
 
@@ -63,11 +63,16 @@ def served(tokenizer, media, tmp_path_factory):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0), model, processor
 
 
-def expected(model, processor, pngs: list[bytes], max_tokens: int) -> str:
+def processed(processor, pngs: list[bytes]):
     content = [*({"type": "image"} for _ in pngs), {"type": "text", "text": QUESTION}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                   chat_template=processor.chat_template, tokenize=False)
     images = [Image.open(io.BytesIO(data)).convert("RGB") for data in pngs]
-    inputs = processor(text=text, images=images or None, return_tensors="pt")
+    return processor(text=text, images=images or None, return_tensors="pt")
+
+
+def expected(model, processor, pngs: list[bytes], max_tokens: int) -> str:
+    inputs = processed(processor, pngs)
     output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -132,18 +137,21 @@ def test_too_many_pixels_is_refused_before_decoding(served):
     assert "120000 pixels" in error.value.body["message"]
 
 
-def test_a_smolvlm_shaped_model_answers_as_generate_does(tokenizer, tmp_path):
-    """Idefics3, SmolVLM's architecture, over SmolLM2's vocabulary as SmolVLM has it: each image becomes tiles
-    plus a global view, each with its own placeholders, in the processor's prompt."""
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "qwen2_vl"])
+def test_smolvlm_and_qwen2_vl_shaped_models_answer_as_generate_does(tokenizer, tmp_path, family):
+    """Over SmolLM2's vocabulary: Idefics3 (SmolVLM's architecture) and SmolVLM2's turn each image into tiles plus
+    a global view, each with its own placeholders; Qwen2-VL gives each image placeholders by its size and 3-D
+    rotary positions. SmolVLM2's and Qwen2-VL's processors are built without torchvision (which their video
+    processors need)."""
     text = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     text.chat_template = None
-    model, processor = tiny_vision_model("idefics3", seed=5, attention="sdpa", tokenizer=text)
+    model, processor = tiny_vision_model(family, seed=5, attention="sdpa", tokenizer=text)
     model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    save_vision_processor(processor, tmp_path)
     with running_server("--hf-model", str(tmp_path), "--model-type", "AutoModelForImageTextToText",
                         "--served-model-name", "vision") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
         pngs = [picture_png(0), picture_png(1, width=30, height=20)]
         response = ask(client, *(image_part(data_url(png)) for png in pngs))
     assert response.choices[0].message.content == expected(model, processor, pngs, 10)
-    assert response.usage.prompt_tokens > 2 * 4 * 5  # two images of up to four tiles and a global view
+    assert response.usage.prompt_tokens == processed(processor, pngs)["input_ids"].shape[1]

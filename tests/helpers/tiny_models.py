@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -84,47 +87,75 @@ def tiny_seq2seq(architecture: str, seed: int = 0, tokenizer: transformers.PreTr
     return model, tokenizer
 
 
-# as LLaVA's own templates do, it reads every message's content as a list of parts
-VISION_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+def vision_template(image: str = "<image>") -> str:
+    """As LLaVA's own templates do, it reads every message's content as a list of parts; `image` stands for one."""
+    return ("{% for message in messages %}<|{{ message['role'] }}|>{% for part in message['content'] %}"
+            "{% if part['type'] == 'image' %}" + image + "{% else %}{{ part['text'] }}{% endif %}{% endfor %}\n"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+QWEN2_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
 def tiny_vision_model(family: str, seed: int = 0, attention: str = ATTENTION_NAME,
                       tokenizer: transformers.PreTrainedTokenizerBase | None = None
                       ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
-    """A random-weight vision-language model with a tiny Llama as its text model (on `attention`), and its
-    processor over `tokenizer` (by default a byte tokenizer) plus the family's image tokens:
+    """A random-weight vision-language model with a tiny text model (on `attention`), and its processor over
+    `tokenizer` (by default a byte tokenizer) plus the family's image tokens:
     llava: a 2-layer CLIP tower on 32 x 32 images, 16 placeholders per image;
     idefics3 (SmolVLM's architecture): a 2-layer SigLIP tower on 32 x 32 tiles, an image cut into tiles plus a
-    global view, 4 placeholders each."""
+    global view, 4 placeholders each; smolvlm (SmolVLM2's) the same, its processor built without torchvision;
+    qwen2_vl: a 2-layer tower on 4 x 4 patches of an image resized to 256-1024 pixels at its own aspect, one
+    placeholder per 2 x 2 patches, a Qwen2-VL text model with 3-D rotary positions."""
+    from model_manager import without_videos
     tokenizer = tokenizer or byte_tokenizer()
-    if family == "llava":
+    if family == "qwen2_vl":
+        tokenizer.add_tokens(QWEN2_VL_TOKENS, special_tokens=True)
+        images = transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                       min_pixels=16 * 16, max_pixels=32 * 32)
+        processor = without_videos(transformers.Qwen2VLProcessor)(
+            image_processor=images, tokenizer=tokenizer, video_processor=None,
+            chat_template=vision_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    else:
         tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if family == "llava":
         images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
                                                 vision_feature_select_strategy="default",
-                                                num_additional_image_tokens=1, chat_template=VISION_TEMPLATE)
-    else:
+                                                num_additional_image_tokens=1, chat_template=vision_template())
+    elif family == "idefics3":
         images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
         processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
-                                                   chat_template=VISION_TEMPLATE)
+                                                   chat_template=vision_template())
+    elif family == "smolvlm":
+        images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+        processor = without_videos(transformers.SmolVLMProcessor)(
+            image_processor=images, tokenizer=tokenizer, video_processor=None, image_seq_len=4,
+            chat_template=vision_template())
     s = TINY_SIZES
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                  patch_size=8)
-    text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                                    num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                                    intermediate_size=s["intermediate"], max_position_embeddings=s["positions"],
-                                    eos_token_id=tokenizer.eos_token_id)
-    placeholder = tokenizer.convert_tokens_to_ids("<image>")
+    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], intermediate_size=s["intermediate"],
+                max_position_embeddings=s["positions"], eos_token_id=tokenizer.eos_token_id)
+    placeholder = tokenizer.convert_tokens_to_ids("<|image_pad|>" if family == "qwen2_vl" else "<image>")
     if family == "llava":
-        config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**tower), text_config=text,
-                                          vision_feature_layer=-1, image_token_id=placeholder)
-    else:
-        config = transformers.Idefics3Config(vision_config=tower, text_config=text, image_token_id=placeholder,
-                                             scale_factor=2)
+        config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**tower),
+                                          text_config=transformers.LlamaConfig(**text), vision_feature_layer=-1,
+                                          image_token_id=placeholder)
+    elif family in ("idefics3", "smolvlm"):
+        config_class = transformers.Idefics3Config if family == "idefics3" else transformers.SmolVLMConfig
+        config = config_class(vision_config=tower, text_config=transformers.LlamaConfig(**text),
+                              image_token_id=placeholder, scale_factor=2)
+    else:  # 16 rotary frequencies per head: 4 for time, 6 for height, 6 for width
+        start, end, _, video = tokenizer.convert_tokens_to_ids(QWEN2_VL_TOKENS)
+        text["bos_token_id"] = None
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        config = transformers.Qwen2VLConfig(
+            text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=s["hidden"], num_heads=4,
+                                                 mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                                                 temporal_patch_size=2),
+            image_token_id=placeholder, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(
         config, attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": attention}).eval()
@@ -132,3 +163,15 @@ def tiny_vision_model(family: str, seed: int = 0, attention: str = ATTENTION_NAM
         for parameter in model.parameters():
             parameter.mul_(4.0)
     return model, processor
+
+
+def save_vision_processor(processor: transformers.ProcessorMixin, folder: Path) -> None:
+    """As a checkpoint holds it; one built without its video processor (no torchvision) saves its other parts."""
+    if getattr(processor, "video_processor", True) is not None:
+        return processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    settings = {name: value for name, value in processor.to_dict().items()
+                if name not in ("image_processor", "video_processor", "tokenizer", "chat_template")}
+    (folder / "processor_config.json").write_text(json.dumps(settings))

@@ -18,7 +18,7 @@ from config import Config
 from model_manager import ModelLoadError, load_model
 
 
-@pytest.fixture(scope="module", params=["llava", "idefics3"])
+@pytest.fixture(scope="module", params=["llava", "idefics3", "smolvlm", "qwen2_vl"])
 def vision(request):
     """(model on the engine's attention, the same weights on sdpa for generate, processor)"""
     model, processor = tiny_vision_model(request.param, seed=1)
@@ -27,12 +27,15 @@ def vision(request):
 
 
 def vision_tower(model):
-    return getattr(model.model, "vision_tower", None) or model.model.vision_model
+    return next(getattr(model.model, name) for name in ("vision_tower", "vision_model", "visual")
+                if hasattr(model.model, name))
 
 
 def image_count(inputs) -> int:
-    """How many images (an Idefics3 image's tiles and global view each count) the vision tower sees."""
-    return inputs["pixel_values"].flatten(0, -4).shape[0]
+    """How many rows the vision tower sees: images (an Idefics3 image's tiles and global view each count), or
+    Qwen2-VL's patches (a [patches, values] tensor)."""
+    pixels = inputs["pixel_values"]
+    return len(pixels) if pixels.dim() == 2 else len(pixels.flatten(0, -4))
 
 
 def picture(seed: int) -> Image.Image:
@@ -41,7 +44,8 @@ def picture(seed: int) -> Image.Image:
 
 def processed(processor, question: str, images: list[Image.Image]):
     content = [*({"type": "image"} for _ in images), {"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                   chat_template=processor.chat_template, tokenize=False)
     return processor(text=text, images=images or None, return_tensors="pt")
 
 
@@ -64,14 +68,16 @@ def serve(model, processor, requests, **settings):
     return run_with_engine(lambda: make_engine(model, processor.tokenizer, **settings), body)
 
 
-def test_images_and_text_rows_batched_decode_as_generate_does(vision):
-    """Batch-invariant mode cuts prompts at 32 tokens, so the 16 placeholders of an image can straddle a cut."""
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_images_and_text_rows_batched_decode_as_generate_does(vision, static_cache):
+    """Batch-invariant mode cuts prompts at 32 tokens, so the placeholders of an image can straddle a cut; with
+    the static cache, decoding rows take the static step (Qwen2-VL's positions there are shifted by its images)."""
     model, reference, processor = vision
     requests = [processed(processor, "What is this?", [picture(0)]),
                 processed(processor, "Describe it.", []),
                 processed(processor, "Compare these two pictures, please.", [picture(1), picture(2)]),
                 processed(processor, "Say something.", [])]
-    outputs, _ = serve(model, processor, requests)
+    outputs, _ = serve(model, processor, requests, static_cache=static_cache, static_cache_decoder_max_length=1024)
     assert len({tuple(output) for output in outputs}) == len(outputs)
     for inputs, output in zip(requests, outputs):
         assert output == generated(reference, inputs)
@@ -130,7 +136,8 @@ def test_siblings_share_one_vision_pass(vision):
 
 
 def test_an_unserved_vision_family_is_refused_before_its_processor_loads(tmp_path):
-    """Qwen2-VL's processor needs torchvision and its rotary positions are 3-D: the server says so at start."""
-    transformers.Qwen2VLConfig().save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="'qwen2_vl' are not served; these are: llava, idefics3"):
+    """Gemma 3 attends both ways over an image's tokens, which the engine's causal attention does not: the server
+    says so at start."""
+    transformers.Gemma3Config().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'gemma3' are not served; these are: llava, idefics3, smolvlm, qwen2_vl"):
         load_model(Config(hf_model=str(tmp_path), model_type="AutoModelForImageTextToText"))
