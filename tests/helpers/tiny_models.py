@@ -106,14 +106,17 @@ def tiny_vision_model(family: str, seed: int = 0, attention: str = ATTENTION_NAM
     idefics3 (SmolVLM's architecture): a 2-layer SigLIP tower on 32 x 32 tiles, an image cut into tiles plus a
     global view, 4 placeholders each; smolvlm (SmolVLM2's) the same, its processor built without torchvision;
     qwen2_vl: a 2-layer tower on 4 x 4 patches of an image resized to 256-1024 pixels at its own aspect, one
-    placeholder per 2 x 2 patches, a Qwen2-VL text model with 3-D rotary positions."""
+    placeholder per 2 x 2 patches, a Qwen2-VL text model with 3-D rotary positions; qwen2_5_vl the same with
+    Qwen2.5-VL's tower (window attention in its first layer)."""
     from model_manager import without_videos
     tokenizer = tokenizer or byte_tokenizer()
-    if family == "qwen2_vl":
+    qwen = family in ("qwen2_vl", "qwen2_5_vl")
+    if qwen:
         tokenizer.add_tokens(QWEN2_VL_TOKENS, special_tokens=True)
         images = transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
                                                        min_pixels=16 * 16, max_pixels=32 * 32)
-        processor = without_videos(transformers.Qwen2VLProcessor)(
+        processor_class = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        processor = without_videos(processor_class)(
             image_processor=images, tokenizer=tokenizer, video_processor=None,
             chat_template=vision_template("<|vision_start|><|image_pad|><|vision_end|>"))
     else:
@@ -138,7 +141,7 @@ def tiny_vision_model(family: str, seed: int = 0, attention: str = ATTENTION_NAM
     text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                 num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], intermediate_size=s["intermediate"],
                 max_position_embeddings=s["positions"], eos_token_id=tokenizer.eos_token_id)
-    placeholder = tokenizer.convert_tokens_to_ids("<|image_pad|>" if family == "qwen2_vl" else "<image>")
+    placeholder = tokenizer.convert_tokens_to_ids("<|image_pad|>" if qwen else "<image>")
     if family == "llava":
         config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**tower),
                                           text_config=transformers.LlamaConfig(**text), vision_feature_layer=-1,
@@ -151,11 +154,15 @@ def tiny_vision_model(family: str, seed: int = 0, attention: str = ATTENTION_NAM
         start, end, _, video = tokenizer.convert_tokens_to_ids(QWEN2_VL_TOKENS)
         text["bos_token_id"] = None
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        config = transformers.Qwen2VLConfig(
-            text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=s["hidden"], num_heads=4,
-                                                 mlp_ratio=2, patch_size=4, spatial_merge_size=2,
-                                                 temporal_patch_size=2),
-            image_token_id=placeholder, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+        patches = dict(depth=2, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+        if family == "qwen2_vl":
+            config_class, tower = transformers.Qwen2VLConfig, dict(embed_dim=32, hidden_size=s["hidden"], mlp_ratio=2)
+        else:  # windows of 8 x 8 pixels (2 x 2 merged patches) in the first layer, the whole image in the second
+            config_class, tower = transformers.Qwen2_5_VLConfig, dict(
+                hidden_size=32, intermediate_size=64, out_hidden_size=s["hidden"], window_size=8,
+                fullatt_block_indexes=[1])
+        config = config_class(text_config=text, vision_config={**patches, **tower}, image_token_id=placeholder,
+                              video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(
         config, attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": attention}).eval()

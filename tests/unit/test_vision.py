@@ -18,7 +18,7 @@ from config import Config
 from model_manager import ModelLoadError, load_model
 
 
-@pytest.fixture(scope="module", params=["llava", "idefics3", "smolvlm", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"])
 def vision(request):
     """(model on the engine's attention, the same weights on sdpa for generate, processor)"""
     model, processor = tiny_vision_model(request.param, seed=1)
