@@ -4,14 +4,18 @@
 
     python -m bench.whisper_bench
     python -m bench.whisper_bench --requests 24 --server-args "" --server-args "--torch-compile true"
+    python -m bench.whisper_bench --also-without-vad
 
-Each --server-args is one server configuration, measured one after another in the same run.
+Each --server-args is one server configuration, measured one after another in the same run; with
+--also-without-vad each is measured again with requests that turn the speech detector off (vad_filter false),
+which the pipeline does not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import shlex
@@ -73,22 +77,24 @@ def workload(clips: list[Clip], requests: int) -> list[Clip]:
     return [clips[index % len(clips)] for index in range(requests)]
 
 
-def transcribe_streaming(client: OpenAI, clip: Clip) -> tuple[float, float]:
+def transcribe_streaming(client: OpenAI, clip: Clip, vad_filter: bool) -> tuple[float, float]:
     """(seconds to the first text, seconds to the whole transcript)"""
     started = time.perf_counter()
     first_text = None
     with open(clip.path, "rb") as audio:
-        for event in client.audio.transcriptions.create(file=audio, model="whisper-1", temperature=0, stream=True):
+        for event in client.audio.transcriptions.create(file=audio, model="whisper-1", temperature=0, stream=True,
+                                                        extra_body={"vad_filter": vad_filter}):
             if event.type == "transcript.text.delta" and first_text is None:
                 first_text = time.perf_counter() - started
     return first_text or float("nan"), time.perf_counter() - started
 
 
-def run_level(base_url: str, clips: list[Clip], concurrency: int, label: str = "server") -> AudioMeasurement:
+def run_level(base_url: str, clips: list[Clip], concurrency: int, label: str = "server",
+              vad_filter: bool = True) -> AudioMeasurement:
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda clip: transcribe_streaming(client, clip), clips))
+        results = list(pool.map(lambda clip: transcribe_streaming(client, clip, vad_filter), clips))
     wall = time.perf_counter() - started
     return AudioMeasurement(f"{label}, {concurrency} concurrent client{'s' * (concurrency > 1)}",
                             sum(c.seconds for c in clips), wall, [r[0] for r in results], [r[1] for r in results])
@@ -99,15 +105,17 @@ def server_snapshot(base_url: str) -> dict[str, float]:
     return {**timings, "steps": httpx.get(f"{base_url}/health").json()["steps"]}
 
 
-def run_server(clips: list[Clip], requests: int, server_args: list[str],
-               env: dict[str, str]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
-    results, label = [], f"server {shlex.join(server_args)}" if server_args else "server"
+def run_server(clips: list[Clip], requests: int, server_args: list[str], env: dict[str, str],
+               vad_settings: tuple[bool, ...]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
+    results = []
     with running_server("--serving-type", "whisper", *server_args, env=env,
                         log_path=RESULTS / "whisper-server.log") as base_url:
         run_level(base_url, clips[:1], 1)  # warm-up
-        for level in LEVELS:
+        for vad_filter, level in itertools.product(vad_settings, LEVELS):
+            label = " ".join(part for part in ("server", shlex.join(server_args), "" if vad_filter else
+                                               "(vad_filter false)") if part)
             before = server_snapshot(base_url)
-            measurement = run_level(base_url, workload(clips, requests), level, label)
+            measurement = run_level(base_url, workload(clips, requests), level, label, vad_filter)
             after = server_snapshot(base_url)
             results.append((measurement, {key: after[key] - before.get(key, 0.0) for key in after}))
             print(f"{measurement.configuration}: {measurement.audio_per_wall:.1f} audio s / wall s", flush=True)
@@ -202,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default 16)")
     parser.add_argument("--server-args", action="append",
                         help="extra flags for main.py, one server configuration each time it is given (default: none)")
+    parser.add_argument("--also-without-vad", action="store_true",
+                        help="measure each server again with vad_filter false in every request")
     parser.add_argument("--baseline-only", metavar="OUTPUT", help=argparse.SUPPRESS)
     parser.add_argument("--clips", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -218,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     configurations = [shlex.split(flags) for flags in args.server_args or [""]]
     with tempfile.TemporaryDirectory() as folder:
         clips = make_clips(Path(folder))
-        server = [result for flags in configurations for result in run_server(clips, args.requests, flags, env)]
+        vad_settings = (True, False) if args.also_without_vad else (True,)
+        server = [result for flags in configurations
+                  for result in run_server(clips, args.requests, flags, env, vad_settings)]
         base = run_baseline(clips, args.requests, env)
     text = report(clips, args.requests, server, base)
     (RESULTS / "whisper-latest.md").write_text(text + "\n")
