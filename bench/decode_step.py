@@ -1,10 +1,12 @@
 """How close a decode step comes to the machine's matmul speed: for each batch size, the time of the eager
 engine's packed forward and of the static-shape step (eager, and compiled with --compile) against the time
 of the model's linear layers alone as `F.linear` calls on the same shapes (the matmul floor, with the GFLOPS
-it reaches).
+it reaches). With --hqq in the server flags the steps run on the quantised model and the floor stays the
+float weights' (at one row, int4 kernels read a quarter of the bytes and can beat it).
 
     python -m bench.decode_step                          # rows 1, 8, 32; slots of 512 tokens, half full
     python -m bench.decode_step --compile --rows 32
+    python -m bench.decode_step --compile --rows 1 --server-args "--hqq true"
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")  # as main.py leaves it without --batch-invariant; before torch
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -28,6 +31,7 @@ from batching.static_decode import DecodeForward  # noqa: E402
 from bench.load import parse_levels  # noqa: E402
 from bench.run_all import cpu_model  # noqa: E402
 from config import parse_config  # noqa: E402
+from converters.hqq import quantize_linears  # noqa: E402
 from model_manager import load_model  # noqa: E402
 
 
@@ -75,16 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     config = parse_config(shlex.split(args.server_args))
+    model = load_model(dataclasses.replace(config, hqq=False)).model
+    weights = [weight.clone() for weight in linear_shapes(model)]
     if config.hqq:
-        parser.error("the matmul floor is measured on float weights: run without --hqq")
-    model = load_model(config).model
+        print(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
     slots = Slots(max(args.rows), args.length)
     arena = KVArena(kv_layout(model), slots.tokens, prefix_caching=False, slots=slots)
     forward = DecodeForward(model, arena)
     compiled = torch.compile(forward, mode=config.torch_compile_mode, dynamic=False) if args.compile else None
-    weights = linear_shapes(model)
+    quantised = " with HQQ" if config.hqq else ""
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, MKL_CBWR="
-          f"{os.environ['MKL_CBWR']}; {config.hf_model} as {config.dtype}; slots of {args.length} tokens\n")
+          f"{os.environ['MKL_CBWR']}; {config.hf_model} as {config.dtype}{quantised}; slots of {args.length} tokens\n")
     print("| rows | matmul floor ms (GFLOPS) | packed eager step ms (fraction of floor) | static eager step ms "
           "(fraction) | static compiled step ms (fraction) |")
     print("|---|---|---|---|---|")

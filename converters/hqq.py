@@ -1,6 +1,8 @@
 """HQQ weight-only quantisation of a model's linear layers (not the embeddings or the LM head), through the
-hqq package. On CUDA, 4-bit layers in bfloat16 are repacked for torch's int4 matmul kernel (hqq's
-torchao_int4 backend); elsewhere HQQ de-quantises each weight on the fly (less memory, more compute)."""
+hqq package. 4-bit layers in bfloat16 multiply by torch's int4 kernels, which unpack the weights inside the
+product: on CPU `_weight_int4pack_mm_for_cpu` (Int4Linear below), on CUDA hqq's torchao_int4 backend.
+Elsewhere (other bit widths or dtypes: the CPU kernel has no vectorised path for float32 or float16, and runs
+10-40x slower than a float32 matmul there) HQQ de-quantises each weight on the fly: less memory, more compute."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from hqq.utils.patching import prepare_for_inference
 
 logger = logging.getLogger("batchwise.model")
+
+# torch's CPU int4 packing takes output features in multiples of 16
+CPU_INT4_OUTPUT_MULTIPLE = 16
 
 
 @dataclass
@@ -26,6 +31,39 @@ class QuantizationReport:
     def describe(self) -> str:
         return (f"HQQ quantised {self.layers} linear layers in {self.seconds:.1f} s ({self.backend}): weights "
                 f"{self.bytes_before / 2**20:.0f} MiB -> {self.bytes_after / 2**20:.0f} MiB")
+
+
+class Int4Linear(torch.nn.Module):
+    """A linear layer whose weight HQQ quantised to 4 bits in groups along the input features, multiplied by
+    torch's CPU int4 kernel. HQQ's weight is (q - zero) x scale; the kernel's is (q - 8) x scale + offset, so
+    offset = (8 - zero) x scale."""
+
+    def __init__(self, linear: torch.nn.Linear, quant_params: dict) -> None:
+        super().__init__()
+        weight = linear.weight.data
+        self.out_features, in_features = weight.shape
+        self.group_size = quant_params["group_size"]
+        quantised, meta = Quantizer.quantize(weight, **quant_params, bitpack=False, compute_dtype=weight.dtype,
+                                             device=str(weight.device))
+        levels = quantised.reshape(self.out_features, in_features).to(torch.int32)
+        scale = meta["scale"].float().reshape(self.out_features, -1)
+        offset = (8 - meta["zero"].float().reshape(self.out_features, -1)) * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 2))
+        self.register_buffer("scales_and_offsets",
+                             torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous().to(weight.dtype))
+        self.bias = linear.bias
+
+    @staticmethod
+    def fits(linear: torch.nn.Linear, nbits: int, group_size: int) -> bool:
+        out_features, in_features = linear.weight.shape
+        return (nbits == 4 and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16
+                and in_features % group_size == 0 and out_features % CPU_INT4_OUTPUT_MULTIPLE == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,
+                                                              self.group_size, self.scales_and_offsets)
+        output = product.reshape(*x.shape[:-1], self.out_features)
+        return output if self.bias is None else output + self.bias
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -48,14 +86,20 @@ def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> Qua
     before = weight_bytes(model)
     config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=1)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = 0
+    layers = on_cpu_kernel = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and child is not head:
+            if not isinstance(child, torch.nn.Linear) or child is head:
+                continue
+            if Int4Linear.fits(child, nbits, group_size):
+                setattr(parent, name, Int4Linear(child, config["weight_quant_params"]))
+                on_cpu_kernel += 1
+            else:
                 setattr(parent, name, HQQLinear(child, config, compute_dtype=model.dtype, device=str(model.device)))
-                layers += 1
-    backend = "de-quantised on the fly"
+            layers += 1
+    backend = f"torch's CPU int4 kernel for {on_cpu_kernel}, " if on_cpu_kernel else ""
+    backend += f"de-quantised on the fly for {layers - on_cpu_kernel}" if layers > on_cpu_kernel else ""
     if model.device.type == "cuda" and model.dtype == torch.bfloat16 and nbits == 4:
         prepare_for_inference(model, backend="torchao_int4")
         backend = "torch int4 kernels"
-    return QuantizationReport(layers, before, weight_bytes(model), backend, time.perf_counter() - started)
+    return QuantizationReport(layers, before, weight_bytes(model), backend.rstrip(", "), time.perf_counter() - started)

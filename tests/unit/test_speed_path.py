@@ -1,6 +1,7 @@
 """The speed path on tiny random-weight models: the static cache and its compiled decode step give the eager
-engine's greedy tokens and never recompile while serving; HQQ quantises and generates (compiled too);
-profiling writes traces; --torch-dtype auto picks by the hardware."""
+engine's greedy tokens and never recompile while serving; HQQ quantises and generates (compiled too), in
+bfloat16 on CPU through torch's int4 kernel with HQQ's own de-quantised weights; profiling writes traces;
+--torch-dtype auto picks by the hardware."""
 
 import asyncio
 import json
@@ -14,7 +15,9 @@ from batching import ATTENTION_NAME, KVArena, Slots, kv_layout
 from batching.attention import attend_decoding
 from batching.static_decode import DecodeForward, bucket_sizes
 from config import auto_dtype
-from converters.hqq import quantize_linears, weight_bytes
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+from converters.hqq import Int4Linear, quantize_linears, weight_bytes
 from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
@@ -91,29 +94,58 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(t
     assert served == eager
 
 
-def hqq_sized_model(vocab: int) -> transformers.PreTrainedModel:
+def hqq_sized_model(vocab: int, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
     """Linear layers large enough for quantisation to matter against the embeddings."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                       tie_word_embeddings=True)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME).eval()
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME).to(dtype).eval()
 
 
-def test_hqq_quantises_every_linear_but_the_head_and_generates(tokenizer):
-    model = hqq_sized_model(1000)
+# float32 layers de-quantise on the fly; bfloat16 layers on CPU run torch's int4 kernel
+HQQ_LAYERS = {torch.float32: HQQLinear, torch.bfloat16: Int4Linear}
+
+
+@pytest.mark.parametrize("dtype", list(HQQ_LAYERS))
+def test_hqq_quantises_every_linear_but_the_head_and_generates(tokenizer, dtype):
+    model = hqq_sized_model(1000, dtype)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     before = weight_bytes(model)
     report = quantize_linears(model, nbits=4, group_size=64)
     assert report.layers == linears - 1 and isinstance(model.lm_head, torch.nn.Linear)
+    assert sum(isinstance(m, HQQ_LAYERS[dtype]) for m in model.modules()) == report.layers
     assert report.bytes_before == before and report.bytes_after < 0.55 * before
     seqs = run_with_engine(lambda: make_engine(model, tokenizer, context_length=512),
                            lambda e: generate_all(e, random_prompts(3, 1000, seed=1), greedy(8)))
     assert all(len(s.output_ids) == 8 and all(0 <= t < 1000 for t in s.output_ids) for s in seqs)
 
 
-def test_hqq_layers_compile_to_the_same_logits():
-    model = hqq_sized_model(1000)
+def test_the_int4_kernel_multiplies_by_hqqs_own_dequantised_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+    params = BaseQuantizeConfig(nbits=4, group_size=64, axis=1)
+    dequantised = HQQLinear(linear, params, compute_dtype=torch.bfloat16, device="cpu", del_orig=False)
+    kernel = Int4Linear(linear, params["weight_quant_params"])
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected, got, unquantised = dequantised(x).float(), kernel(x).float(), linear(x).float()
+    assert got.shape == (2, 3, 96)
+    # one bfloat16 rounding of the offsets apart, where quantisation itself moves outputs ten times further
+    assert (got - expected).abs().max() < 0.1 * (unquantised - expected).abs().max()
+
+
+def test_layers_the_int4_kernel_cannot_take_fall_back_to_dequantising():
+    model = hqq_sized_model(1000, torch.bfloat16)
+    model.model.layers[0].mlp.down_proj = torch.nn.Linear(768, 200, bias=False).to(torch.bfloat16)  # 200 % 16 != 0
+    report = quantize_linears(model, nbits=4, group_size=64)
+    assert isinstance(model.model.layers[0].mlp.down_proj, HQQLinear)
+    assert "CPU int4 kernel for 13, de-quantised on the fly for 1" in report.describe()
+
+
+@pytest.mark.parametrize("dtype", list(HQQ_LAYERS))
+def test_hqq_layers_compile_to_the_same_logits(dtype):
+    model = hqq_sized_model(1000, dtype)
     quantize_linears(model, nbits=4, group_size=64)
     arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
     for tensor in (*arena.keys, *arena.values):
@@ -122,9 +154,10 @@ def test_hqq_layers_compile_to_the_same_logits():
     ids, positions = torch.tensor([[5], [6]]), torch.tensor([[3], [7]])
     arguments = (ids, positions, positions[:, 0] + 1, torch.tensor([3, 32 + 7]))
     with torch.inference_mode():
-        eager = forward(*arguments)
-        compiled = torch.compile(forward, dynamic=False)(*arguments)
-    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+        eager = forward(*arguments).float()
+        compiled = torch.compile(forward, dynamic=False)(*arguments).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(compiled, eager, atol=tolerance, rtol=tolerance)
 
 
 def test_profiling_writes_a_trace_per_profiled_step_and_a_summary(tokenizer, tmp_path):
