@@ -26,7 +26,7 @@ from batching.runner import MIN_INVARIANT_ROWS
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
-from converters.hqq import quantize_linears
+from converters.hqq import quantize_linears, weight_count
 
 logger = logging.getLogger("batchwise.model")
 
@@ -239,9 +239,10 @@ def kv_budget_tokens(config: Config, layout: KVLayout, useful_tokens: int) -> in
 
 def attention_cost(model: PreTrainedModel, layout: KVLayout) -> float:
     """What attending to one earlier token costs a token, relative to its pass through the linear layers:
-    4 x layers x hidden size multiply-adds against 2 per weight outside the embedding table."""
+    4 x layers x hidden size multiply-adds against 2 per weight outside the embedding table (quantised weights
+    counted as the float weights they stand for)."""
     hidden = model.get_input_embeddings().weight.shape[1]
-    weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    weights = weight_count(model) - model.get_input_embeddings().weight.numel()
     return 2 * layout.layers * hidden / max(weights, 1)
 
 

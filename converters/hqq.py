@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from hqq.backends.torchao import HQQLinearTorchWeightOnlynt4
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from hqq.utils.patching import prepare_for_inference
 
@@ -41,11 +42,11 @@ class Int4Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, quant_params: dict) -> None:
         super().__init__()
         weight = linear.weight.data
-        self.out_features, in_features = weight.shape
+        self.out_features, self.in_features = weight.shape
         self.group_size = quant_params["group_size"]
         quantised, meta = Quantizer.quantize(weight, **quant_params, bitpack=False, compute_dtype=weight.dtype,
                                              device=str(weight.device))
-        levels = quantised.reshape(self.out_features, in_features).to(torch.int32)
+        levels = quantised.reshape(self.out_features, self.in_features).to(torch.int32)
         scale = meta["scale"].float().reshape(self.out_features, -1)
         offset = (8 - meta["zero"].float().reshape(self.out_features, -1)) * scale
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 2))
@@ -78,6 +79,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def weight_count(model: torch.nn.Module) -> int:
+    """The model's parameters, each quantised layer counted as the float weight it stands for."""
+    quantised = (Int4Linear, HQQLinear, HQQLinearTorchWeightOnlynt4)
+    return sum(module.in_features * module.out_features if isinstance(module, quantised)
+               else sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
 
 
 def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> QuantizationReport:

@@ -18,7 +18,7 @@ from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
 from converters.hqq import Int4Linear, quantize_linears, weight_bytes
-from model_manager import LoadedModel
+from model_manager import LoadedModel, attention_cost
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.generator import Generator, ServingOptions
@@ -119,6 +119,17 @@ def test_hqq_quantises_every_linear_but_the_head_and_generates(tokenizer, dtype)
     seqs = run_with_engine(lambda: make_engine(model, tokenizer, context_length=512),
                            lambda e: generate_all(e, random_prompts(3, 1000, seed=1), greedy(8)))
     assert all(len(s.output_ids) == 8 and all(0 <= t < 1000 for t in s.output_ids) for s in seqs)
+
+
+@pytest.mark.parametrize("dtype", list(HQQ_LAYERS))
+def test_quantising_leaves_the_prompt_chunking_cost_model_alone(dtype):
+    """The scheduler's attention cost per earlier token is relative to the linear layers' weights, which
+    quantised layers no longer hold as parameters: counted wrongly, a prompt got one token per step."""
+    model = hqq_sized_model(1000, dtype)
+    layout = kv_layout(model)
+    before = attention_cost(model, layout)
+    quantize_linears(model, nbits=4, group_size=64)
+    assert attention_cost(model, layout) == pytest.approx(before)
 
 
 def test_the_int4_kernel_multiplies_by_hqqs_own_dequantised_weights():
