@@ -42,7 +42,7 @@ WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/
 
 
 def exit_process(reason: str) -> NoReturn:
-    """Exit at once: a wedged step thread would keep a normal interpreter exit waiting forever."""
+    """Exit at once: a wedged torch thread would keep a normal interpreter exit waiting forever."""
     logger.critical("%s: exiting", reason)
     logging.shutdown()
     os._exit(1)

@@ -11,10 +11,8 @@ import asyncio
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
@@ -24,10 +22,9 @@ from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler, Span
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
+from batching.torch_thread import submit_to_torch_thread
 
 logger = logging.getLogger("batchwise.engine")
-
-T = TypeVar("T")
 
 
 class EngineError(RuntimeError):
@@ -71,7 +68,6 @@ class Engine:
         self.microsleep = microsleep
         self.steps = 0
         self.on_step: Callable[[float], None] | None = None  # told each step's seconds (metrics)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchwise-step")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -84,7 +80,6 @@ class Engine:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.failpoints:
             self.failpoints.release()
-        self._executor.shutdown(wait=self.fault is None)  # a wedged step thread may never return
         if self.profiler:
             self.profiler.report()
 
@@ -137,10 +132,6 @@ class Engine:
         seed = (params.seed + index) % 2**64 if params.seed is not None else secrets.randbits(63)
         seq.generator = torch.Generator(self.runner.device).manual_seed(seed)
         return seq
-
-    async def on_step_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run other torch work (e.g. feature extraction) on the step thread, between steps (see _run_step)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(function, *args, **kwargs))
 
     def cancel(self, seq: Sequence) -> None:
         if not seq.finished:
@@ -223,7 +214,7 @@ class Engine:
         return await self._attempt(kept)
 
     async def _run_within_timeout(self, spans: list[Span]) -> list[TokenLogprob]:
-        step = asyncio.get_running_loop().run_in_executor(self._executor, self._run_step, spans)
+        step = submit_to_torch_thread(self._run_step, spans)
         try:
             return await asyncio.wait_for(asyncio.shield(step), self.step_timeout)
         except TimeoutError:
@@ -231,8 +222,7 @@ class Engine:
                                f"{self.step_timeout:g} s") from None
 
     def _run_step(self, spans: list[Span]) -> list[TokenLogprob]:
-        """On the step thread: every torch call stays on this one thread, since each thread that calls
-        torch gets its own OpenMP pool, whose spinning workers would slow the forward down."""
+        """On the torch thread (batching.torch_thread), as all of the process's torch work."""
         self.scheduler.memory.apply_pending()
         if self.failpoints:
             self.failpoints.trigger(spans)

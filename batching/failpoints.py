@@ -48,7 +48,7 @@ class Failpoints:
         self._released.set()
 
     def trigger(self, spans: list[Span]) -> None:
-        """On the step thread, before the step runs: fail it as the first matching failpoint says."""
+        """On the torch thread, before the step runs: fail it as the first matching failpoint says."""
         for span in spans:
             point = self.points.get(("decode" if span.seq.decoding else "prefill", span.seq.user))
             if point is None:

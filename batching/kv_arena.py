@@ -9,7 +9,7 @@ the running rows' K/V form one [rows, kv_heads, length, head_dim] view that a de
 attends over; the rest of the budget holds prefix-cache entries.
 
 Bookkeeping runs on the event loop while a step is planned; the tensor copies it implies (prefix reuse,
-growth, defragmentation) are queued and carried out, in order, on the step thread before the forward."""
+growth, defragmentation) are queued and carried out, in order, on the torch thread before the forward."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ class KVArena:
         pass  # the prefix cache keeps what it holds
 
     def apply_pending(self) -> None:
-        """On the step thread: carry out the queued copies in order."""
+        """On the torch thread: carry out the queued copies in order."""
         try:
             for source, target, tokens in self.pending:
                 for tensor in (*self.keys, *self.values):

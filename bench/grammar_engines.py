@@ -1,6 +1,6 @@
 """llguidance against xgrammar on our vocabulary (the embedded SmolLM2's 49,152 tokens): set-up per
 tokenizer, compile time per schema (cold, cache off) and mask time per decoding step, walking the tokens of
-a valid reply. Single-threaded, as the engine's step thread uses them.
+a valid reply. Single-threaded, as the engine's torch thread uses them.
 
     pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2   (make install-bench does this)
     python -m bench.grammar_engines

@@ -83,9 +83,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def weight_count(model: torch.nn.Module) -> int:
     """The model's parameters, each quantised layer counted as the float weight it stands for."""
-    quantised = (Int4Linear, HQQLinear, HQQLinearTorchWeightOnlynt4)
-    return sum(module.in_features * module.out_features if isinstance(module, quantised)
-               else sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    quantised = [m for m in model.modules() if isinstance(m, (Int4Linear, HQQLinear, HQQLinearTorchWeightOnlynt4))]
+    packed = {id(p) for module in quantised for p in module.parameters()}
+    return (sum(module.in_features * module.out_features for module in quantised)
+            + sum(p.numel() for p in model.parameters() if id(p) not in packed))
 
 
 def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> QuantizationReport:

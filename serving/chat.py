@@ -10,6 +10,7 @@ from typing import AsyncIterator
 
 from PIL.Image import Image
 
+from batching.torch_thread import on_torch_thread
 from batching.vision import image_inputs
 from models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                     ChatCompletionRequest, ChatDelta, ChatMessage, FunctionCall, FunctionCallDelta, ImagePart,
@@ -38,8 +39,8 @@ async def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> l
     loaded = await asyncio.gather(*(fetched_image(generator, part.image_url.url, where)
                                     for where, part in images.items()))
     try:
-        processed = await asyncio.to_thread(generator.processor, text=text, images=loaded, return_tensors="pt",
-                                            add_special_tokens=generator.adds_special_tokens(text))
+        processed = await on_torch_thread(generator.processor, text=text, images=loaded, return_tensors="pt",
+                                          add_special_tokens=generator.adds_special_tokens(text))
     except ValueError as error:  # e.g. a chat template that drops image parts
         raise APIError(400, f"the model's processor rejected these images: {error}", param="messages") from None
     inputs = image_inputs(processed, generator.image_token_id)

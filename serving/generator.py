@@ -14,6 +14,7 @@ from typing import AsyncIterator, Awaitable, Callable, NamedTuple
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
 from batching.families.encoder_decoder import TextInput
+from batching.torch_thread import on_torch_thread
 from batching.vision import ImageInputs, image_token_id
 from config import Config
 from model_manager import LoadedModel, build_engine, load_model
@@ -338,11 +339,11 @@ class Generator:
 
 async def start_chat_service(config: Config, progress: StartupProgress) -> Generator:
     progress.enter("loading the model")
-    loaded = await asyncio.to_thread(load_model, config)
+    loaded = await on_torch_thread(load_model, config)
     progress.enter("building the engine")
-    engine = await asyncio.to_thread(build_engine, loaded, config)
+    engine = await on_torch_thread(build_engine, loaded, config)
     progress.enter("warming up the decode step")
-    await engine.on_step_thread(engine.runner.warm_up, progress.count)
+    await on_torch_thread(engine.runner.warm_up, progress.count)
     engine.start()
     local_root = Path(config.allowed_local_media_path) if config.allowed_local_media_path else None
     limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,
@@ -350,7 +351,7 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> Gener
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
                              config.reasoning_parser, config.tool_call_parser, limits)
     progress.enter("preparing the tokenizer's grammars and templates")
-    generator = await asyncio.to_thread(Generator, engine, loaded, options)
+    generator = await on_torch_thread(Generator, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
     return generator
 

@@ -17,6 +17,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from batching import Engine, QueueFullError, SamplingParams, Sequence
 from batching.families.whisper_runner import SpeechWindow, decoded
+from batching.torch_thread import on_torch_thread
 from config import Config
 from models import TranscriptionSegment, TranscriptionWord
 from serving.errors import APIError, check_error, check_model_name, server_busy
@@ -120,17 +121,16 @@ class TranscriptionService:
             raise APIError(400, str(error), param="file") from None
         speech = voice = SpeechMap(((0, len(audio)),))
         if options.vad_filter:
-            speech = await asyncio.to_thread(self._timed, "vad", self.speech_detector.speech_map, audio)
+            speech = await on_torch_thread(self._timed, "vad", self.speech_detector.speech_map, audio)
         if options.word_timestamps:
-            voice = await asyncio.to_thread(self._timed, "vad", self.speech_detector.speech_map, audio,
-                                            VOICE_MIN_SILENCE_MS, VOICE_PAD_MS)
+            voice = await on_torch_thread(self._timed, "vad", self.speech_detector.speech_map, audio,
+                                          VOICE_MIN_SILENCE_MS, VOICE_PAD_MS)
         return TranscriptionJob(self, audio, speech, voice, options, request_id, started)
 
     async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False
                      ) -> SpeechWindow:
-        """The 30 s window starting `seek` frames into the audio, its features computed on the step thread."""
-        features = await self.engine.on_step_thread(self._timed, "features", window_features, self.feature_extractor,
-                                                    audio, seek)
+        """The 30 s window starting `seek` frames into the audio, its features computed on the torch thread."""
+        features = await on_torch_thread(self._timed, "features", window_features, self.feature_extractor, audio, seek)
         return SpeechWindow(features, start_index, detect_language)
 
     def decoder_prompt(self, previous: list[int], language: str, task: str) -> tuple[list[int], int]:
@@ -268,8 +268,8 @@ class TranscriptionJob:
         """The window's words timed by its cross-attention, off the event loop."""
         decode = self.service.tokenizer.decode
         text_language = "en" if self.options.task == "translate" else language
-        return await asyncio.to_thread(self.service._timed, "word_timing", align_words, window.alignment_scores,
-                                       tokens, self.service.tokens.end_of_text, decode, text_language)
+        return await on_torch_thread(self.service._timed, "word_timing", align_words, window.alignment_scores,
+                                     tokens, self.service.tokens.end_of_text, decode, text_language)
 
 
     def _add_segments(self, window: SpeechWindow, decoded_tokens: list[int], ratio: float, seek: int, final: bool,
@@ -334,11 +334,11 @@ class TranscriptionJob:
 
 async def start_transcription_service(config: Config, progress: StartupProgress) -> TranscriptionService:
     progress.enter("loading the model")
-    loaded = await asyncio.to_thread(load_whisper, config)
+    loaded = await on_torch_thread(load_whisper, config)
     progress.enter("building the engine")
-    engine = build_whisper_engine(loaded, config)
+    engine = await on_torch_thread(build_whisper_engine, loaded, config)
     progress.enter("warming up the decode step")
-    await engine.on_step_thread(engine.runner.warm_up, progress.count)
+    await on_torch_thread(engine.runner.warm_up, progress.count)
     engine.start()
     service = TranscriptionService(engine, loaded, config.served_names(loaded.name), config.whisper_beam_size)
     logger.info("serving %s (speech to text) on http://%s:%d", ", ".join(service.served_names), config.host,

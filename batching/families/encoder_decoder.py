@@ -164,7 +164,7 @@ class EncoderDecoderRunner:
         return [chosen[span.seq] for span in spans]
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """On the step thread, before serving: compile (and record CUDA graphs for) the static decode step;
+        """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;
         on_ready(batch sizes ready, all of them) after each."""
         if self.static is not None:
             self.static.warm_up(on_ready)

@@ -43,7 +43,7 @@ class EncoderDecoderRows:
         return row * self.beams + beam
 
     def reorder_beams(self, row: int, parents: list[int], length: int) -> None:
-        """On the step thread: beam b of the sequence in `row` continues beam parents[b], so it takes that beam's
+        """On the torch thread: beam b of the sequence in `row` continues beam parents[b], so it takes that beam's
         first `length` self-attention K/V."""
         moved = [(parent, beam) for beam, parent in enumerate(parents) if parent != beam]
         if moved:
@@ -51,7 +51,7 @@ class EncoderDecoderRows:
                                           [self.beam_row(row, beam) for _, beam in moved], length)
 
     def grow_rows(self, length: int) -> None:
-        """On the step thread: room for `length` self-attention positions in every row."""
+        """On the torch thread: room for `length` self-attention positions in every row."""
         self.self_attention.reserve(length)
 
     def store_cross(self, layer: int, rows: list[int], keys: torch.Tensor, values: torch.Tensor,
@@ -82,7 +82,7 @@ class EncoderDecoderRows:
         return True
 
     def reserve(self, seq: Sequence, tokens: int) -> bool:
-        return tokens <= self.self_attention.max_length  # the runner grows the rows, on the step thread
+        return tokens <= self.self_attention.max_length  # the runner grows the rows, on the torch thread
 
     @property
     def tokens(self) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from batching import SamplingParams
+from batching.torch_thread import THREAD_NAME
 from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
 from tests.helpers.tiny_models import tiny_model
 
@@ -52,7 +53,7 @@ def test_sixteen_prompts_alone_equal_batched(architecture, tokenizer):
 def test_memory_is_reused_while_others_keep_decoding(tokenizer):
     """Short requests finish and leave mid-way, half the prompts share a prefix that the prefix cache serves;
     the others must still give exactly their solo output, through several waves of admissions, and the K/V
-    copies happen on the step thread."""
+    copies happen on the torch thread."""
     vocab = len(tokenizer)
     model = tiny_model("llama", vocab, seed=5)
     shared = random_prompts(1, vocab, seed=12, lengths=(40, 40))[0]
@@ -83,7 +84,7 @@ def test_memory_is_reused_while_others_keep_decoding(tokenizer):
         return done
 
     batched = run_with_engine(engine, mixed)
-    assert copy_threads and all(name.startswith("batchwise-step") for name in copy_threads), copy_threads
+    assert copy_threads and all(name.startswith(THREAD_NAME) for name in copy_threads), copy_threads
     assert sum(s.cached_tokens > 0 for s in batched) >= 4, [s.cached_tokens for s in batched]
     for seq, prompt, limit in zip(batched, prompts, limits):
         alone = run_with_engine(engine, lambda e: generate_all(e, [prompt], greedy(limit)))[0]
