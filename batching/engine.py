@@ -22,7 +22,7 @@ from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler, Span
 from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
-from batching.torch_thread import submit_to_torch_thread
+from batching.torch_thread import on_torch_thread
 
 logger = logging.getLogger("batchwise.engine")
 
@@ -214,7 +214,7 @@ class Engine:
         return await self._attempt(kept)
 
     async def _run_within_timeout(self, spans: list[Span]) -> list[TokenLogprob]:
-        step = submit_to_torch_thread(self._run_step, spans)
+        step = asyncio.ensure_future(on_torch_thread(self._run_step, spans))
         try:
             return await asyncio.wait_for(asyncio.shield(step), self.step_timeout)
         except TimeoutError:

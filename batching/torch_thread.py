@@ -19,9 +19,5 @@ THREAD_NAME = "batchwise-torch"
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
 
 
-def submit_to_torch_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-    return asyncio.get_running_loop().run_in_executor(_executor, partial(function, *args, **kwargs))
-
-
 async def on_torch_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return await submit_to_torch_thread(function, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_executor, partial(function, *args, **kwargs))
