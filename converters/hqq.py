@@ -109,9 +109,9 @@ def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> Qua
             else:
                 setattr(parent, name, HQQLinear(child, config, compute_dtype=model.dtype, device=str(model.device)))
             layers += 1
-    backend = f"torch's CPU int4 kernel for {on_cpu_kernel}, " if on_cpu_kernel else ""
-    backend += f"de-quantised on the fly for {layers - on_cpu_kernel}" if layers > on_cpu_kernel else ""
+    counts = {"torch's CPU int4 kernel": on_cpu_kernel, "de-quantised on the fly": layers - on_cpu_kernel}
+    backend = ", ".join(f"{kind} for {count}" for kind, count in counts.items() if count)
     if model.device.type == "cuda" and model.dtype == torch.bfloat16 and nbits == 4:
         prepare_for_inference(model, backend="torchao_int4")
         backend = "torch int4 kernels"
-    return QuantizationReport(layers, before, weight_bytes(model), backend.rstrip(", "), time.perf_counter() - started)
+    return QuantizationReport(layers, before, weight_bytes(model), backend, time.perf_counter() - started)
