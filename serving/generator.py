@@ -342,8 +342,7 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> Gener
     loaded = await on_torch_thread(load_model, config)
     progress.enter("building the engine")
     engine = await on_torch_thread(build_engine, loaded, config)
-    progress.enter("warming up the decode step")
-    await on_torch_thread(engine.runner.warm_up, progress.count)
+    await on_torch_thread(engine.runner.warm_up, progress.counter("warming up the decode step"))
     engine.start()
     local_root = Path(config.allowed_local_media_path) if config.allowed_local_media_path else None
     limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,

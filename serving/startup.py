@@ -6,24 +6,28 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 logger = logging.getLogger("batchwise")
 
 
 @dataclass
 class StartupProgress:
-    stage: str = "starting"
-    done: int | None = None
-    total: int | None = None
+    # (stage, done, total), replaced whole: /health reads it on the event loop while the torch thread counts
+    state: tuple[str, int | None, int | None] = ("starting", None, None)
     started: float = field(default_factory=time.monotonic)
 
-    def enter(self, stage: str) -> None:
-        self.stage, self.done, self.total = stage, None, None
-        logger.info("start-up: %s", stage)
+    def enter(self, stage: str, done: int | None = None, total: int | None = None) -> None:
+        if stage != self.state[0]:
+            logger.info("start-up: %s", stage)
+        self.state = (stage, done, total)
 
-    def count(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
+    def counter(self, stage: str) -> Callable[[int, int], None]:
+        """A progress callback (done, total) that enters `stage` with its counts at its first call, so the
+        stage never shows without them."""
+        return lambda done, total: self.enter(stage, done, total)
 
     def report(self) -> dict[str, str | int | float]:
-        counts = {} if self.total is None else {"done": self.done, "total": self.total}
-        return {"stage": self.stage, **counts, "elapsed_s": round(time.monotonic() - self.started, 1)}
+        stage, done, total = self.state
+        counts = {} if total is None else {"done": done, "total": total}
+        return {"stage": stage, **counts, "elapsed_s": round(time.monotonic() - self.started, 1)}
