@@ -25,7 +25,7 @@ from serving.grammars import CompiledGrammar, GrammarCompiler
 from serving.images import ImageLimits
 from serving.metrics import Metrics
 from serving.reasoning import template_opens_think
-from serving.startup import StartupProgress
+from serving.startup import StartupProgress, warm_up
 from serving.tool_parsers import detect_format
 from serving.timeouts import deadline_after, finish_unless_abandoned
 
@@ -342,7 +342,7 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> Gener
     loaded = await on_torch_thread(load_model, config)
     progress.enter("building the engine")
     engine = await on_torch_thread(build_engine, loaded, config)
-    await on_torch_thread(engine.runner.warm_up, progress.counter("warming up the decode step"))
+    await warm_up(engine, progress, config.torch_compile)
     engine.start()
     local_root = Path(config.allowed_local_media_path) if config.allowed_local_media_path else None
     limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,

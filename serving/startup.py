@@ -8,6 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from batching import Engine
+from batching.static_decode import trust_warm_graphs
+from batching.torch_thread import on_torch_thread
+
 logger = logging.getLogger("batchwise")
 
 
@@ -31,3 +35,10 @@ class StartupProgress:
         stage, done, total = self.state
         counts = {} if total is None else {"done": done, "total": total}
         return {"stage": stage, **counts, "elapsed_s": round(time.monotonic() - self.started, 1)}
+
+
+async def warm_up(engine: Engine, progress: StartupProgress, compiled: bool) -> None:
+    """Before serving: compile and run the decode step for every batch size; compiled graphs are then trusted."""
+    await on_torch_thread(engine.runner.warm_up, progress.counter("warming up the decode step"))
+    if compiled:
+        trust_warm_graphs()
