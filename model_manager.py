@@ -26,7 +26,9 @@ from batching.runner import MIN_INVARIANT_ROWS
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
-from converters.hqq import quantize_linears, weight_count
+from converters.hqq import quantize_linears
+from converters.linear_layers import weight_count
+from converters.packed_linear import pack_linears
 
 logger = logging.getLogger("batchwise.model")
 
@@ -100,6 +102,17 @@ def model_source(config: Config) -> Path | str:
     return config.hf_model
 
 
+def convert_linears(model: PreTrainedModel, config: Config) -> None:
+    """--hqq quantises the linear layers (not the LM head); otherwise, on a CPU with oneDNN's bfloat16 support,
+    bfloat16 weights are packed for it once (layers spread by a device map keep accelerate's hooks untouched)."""
+    if config.hqq:
+        logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
+    elif not config.device_map:
+        packed = pack_linears(model)
+        if packed:
+            logger.info("packed the bfloat16 weights of %d linear layers for oneDNN's CPU products", packed)
+
+
 def load_model(config: Config) -> LoadedModel:
     source = model_source(config)
     logger.info("loading %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
@@ -121,8 +134,7 @@ def load_model(config: Config) -> LoadedModel:
     else:
         model.to(config.device)
     model.eval()
-    if config.hqq:
-        logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
+    convert_linears(model, config)
     name = served_name(config.hf_model, EMBEDDED_CHAT_NAME)
     if config.encoder_decoder:
         loaded = encoder_decoder_lengths(model, tokenizer, name, config)

@@ -2,7 +2,8 @@
 engine's packed forward and of the static-shape step (eager, and compiled with --compile) against the time
 of the model's linear layers alone as `F.linear` calls on the same shapes (the matmul floor, with the GFLOPS
 it reaches). With --hqq in the server flags the steps run on the quantised model and the floor stays the
-float weights' (at one row, int4 kernels read a quarter of the bytes and can beat it).
+float weights' (at one row, int4 kernels read a quarter of the bytes and can beat it); so does the floor of
+bfloat16 layers that the server packs for oneDNN, which the steps can beat too.
 
     python -m bench.decode_step                          # rows 1, 8, 32; slots of 512 tokens, half full
     python -m bench.decode_step --compile --rows 32
@@ -16,7 +17,6 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")  # as main.py leaves it without --batch-invariant; before torch
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -31,7 +31,7 @@ from batching.static_decode import DecodeForward  # noqa: E402
 from bench.load import parse_levels  # noqa: E402
 from bench.run_all import cpu_model  # noqa: E402
 from config import parse_config  # noqa: E402
-from converters.hqq import quantize_linears  # noqa: E402
+from converters.linear_layers import stands_for_linear  # noqa: E402
 from model_manager import load_model  # noqa: E402
 
 
@@ -58,13 +58,17 @@ def packed_step(model: torch.nn.Module, arena: KVArena, rows: int, length: int, 
                          batchwise_step=SpanStep(arena, slots, spans))
 
 
-def linear_shapes(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
+def linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """A float weight of each linear layer's shape (random where the layer keeps its own packed or quantised)."""
+    return [module.weight if isinstance(module, torch.nn.Linear) else
+            torch.randn(module.out_features, module.in_features, dtype=model.dtype, device=model.device)
+            for module in model.modules() if isinstance(module, torch.nn.Linear) or stands_for_linear(module)]
 
 
 @torch.inference_mode()
 def matmul_floor(weights: list[torch.Tensor], rows: int, repeats: int) -> tuple[float, float]:
-    """(seconds, multiply-adds) of every linear layer's product for `rows` tokens, back to back."""
+    """(seconds, multiply-adds) of every linear layer's product for `rows` tokens as plain `F.linear` calls, back
+    to back."""
     inputs = [torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
     seconds = median_seconds(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)], repeats)
     return seconds, sum(rows * w.numel() for w in weights)
@@ -79,10 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     config = parse_config(shlex.split(args.server_args))
-    model = load_model(dataclasses.replace(config, hqq=False)).model
-    weights = [weight.clone() for weight in linear_shapes(model)]
-    if config.hqq:
-        print(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
+    model = load_model(config).model
+    weights = linear_weights(model)
     slots = Slots(max(args.rows), args.length)
     arena = KVArena(kv_layout(model), slots.tokens, prefix_caching=False, slots=slots)
     forward = DecodeForward(model, arena)

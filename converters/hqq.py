@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from hqq.backends.torchao import HQQLinearTorchWeightOnlynt4
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from hqq.utils.patching import prepare_for_inference
+
+from converters.linear_layers import replace_linears
 
 logger = logging.getLogger("batchwise.model")
 
@@ -84,31 +85,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def weight_count(model: torch.nn.Module) -> int:
-    """The model's parameters, each quantised layer counted as the float weight it stands for."""
-    quantised = [m for m in model.modules() if isinstance(m, (Int4Linear, HQQLinear, HQQLinearTorchWeightOnlynt4))]
-    packed = {id(p) for module in quantised for p in module.parameters()}
-    return (sum(module.in_features * module.out_features for module in quantised)
-            + sum(p.numel() for p in model.parameters() if id(p) not in packed))
-
-
 def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> QuantizationReport:
     """Replace every nn.Linear except the LM head by its HQQ-quantised version, in place."""
     started = time.perf_counter()
     before = weight_bytes(model)
     config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=1)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = on_cpu_kernel = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear) or child is head:
-                continue
-            if Int4Linear.fits(child, nbits, group_size):
-                setattr(parent, name, Int4Linear(child, config["weight_quant_params"]))
-                on_cpu_kernel += 1
-            else:
-                setattr(parent, name, HQQLinear(child, config, compute_dtype=model.dtype, device=str(model.device)))
-            layers += 1
+
+    def quantised(linear: torch.nn.Linear) -> torch.nn.Module:
+        if Int4Linear.fits(linear, nbits, group_size):
+            return Int4Linear(linear, config["weight_quant_params"])
+        return HQQLinear(linear, config, compute_dtype=model.dtype, device=str(model.device))
+
+    layers = replace_linears(model, quantised)
+    on_cpu_kernel = sum(isinstance(module, Int4Linear) for module in model.modules())
     counts = {"torch's CPU int4 kernel": on_cpu_kernel, "de-quantised on the fly": layers - on_cpu_kernel}
     backend = ", ".join(f"{kind} for {count}" for kind, count in counts.items() if count)
     if model.device.type == "cuda" and model.dtype == torch.bfloat16 and nbits == 4:

@@ -17,8 +17,7 @@ from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, Whi
 from batching.families.whisper_runner import WhisperRunner, alignment_heads
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
-from converters.hqq import quantize_linears
-from model_manager import engine_options, served_name, static_row_decoder
+from model_manager import convert_linears, engine_options, served_name, static_row_decoder
 
 logger = logging.getLogger("batchwise.model")
 
@@ -81,8 +80,7 @@ def load_whisper(config: Config) -> LoadedWhisper:
     processor = WhisperProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype)
     model.to(config.device).eval()
-    if config.hqq:  # every linear layer of the encoder and decoder; the output projection stays
-        logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
+    convert_linears(model, config)  # every linear layer of the encoder and decoder; the output projection stays
     generation = model.generation_config
     loaded = LoadedWhisper(model, processor, served_name(config.hf_model, EMBEDDED_WHISPER_NAME),
                            whisper_tokens(processor, generation, model.config.vocab_size), rule_settings(generation))

@@ -18,6 +18,7 @@ from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
 from converters.hqq import Int4Linear, quantize_linears, weight_bytes
+from converters.packed_linear import PackedLinear, pack_linears
 from model_manager import LoadedModel, attention_cost
 from models import CompletionRequest
 from serving.errors import APIError
@@ -121,14 +122,23 @@ def test_hqq_quantises_every_linear_but_the_head_and_generates(tokenizer, dtype)
     assert all(len(s.output_ids) == 8 and all(0 <= t < 1000 for t in s.output_ids) for s in seqs)
 
 
-@pytest.mark.parametrize("dtype", list(HQQ_LAYERS))
-def test_quantising_leaves_the_prompt_chunking_cost_model_alone(dtype):
+needs_onednn_bfloat16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                           reason="this CPU lacks oneDNN's bfloat16 support")
+CONVERSIONS = {"hqq float32": (torch.float32, lambda m: quantize_linears(m, nbits=4, group_size=64)),
+               "hqq bfloat16": (torch.bfloat16, lambda m: quantize_linears(m, nbits=4, group_size=64)),
+               "packed bfloat16": (torch.bfloat16, pack_linears)}
+
+
+@pytest.mark.parametrize("conversion", [pytest.param(name, marks=needs_onednn_bfloat16) if "packed" in name else name
+                                        for name in CONVERSIONS])
+def test_converting_linear_layers_leaves_the_prompt_chunking_cost_model_alone(conversion):
     """The scheduler's attention cost per earlier token is relative to the linear layers' weights, which
-    quantised layers no longer hold as parameters: counted wrongly, a prompt got one token per step."""
+    quantised or packed layers no longer hold as parameters: counted wrongly, a prompt got one token per step."""
+    dtype, convert = CONVERSIONS[conversion]
     model = hqq_sized_model(1000, dtype)
     layout = kv_layout(model)
     before = attention_cost(model, layout)
-    quantize_linears(model, nbits=4, group_size=64)
+    convert(model)
     assert attention_cost(model, layout) == pytest.approx(before)
 
 
@@ -169,6 +179,34 @@ def test_hqq_layers_compile_to_the_same_logits(dtype):
         compiled = torch.compile(forward, dynamic=False)(*arguments).float()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(compiled, eager, atol=tolerance, rtol=tolerance)
+
+
+@needs_onednn_bfloat16
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_layer_multiplies_as_the_plain_one(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=bias).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for x in (torch.randn(1, 256), torch.randn(37, 256), torch.randn(2, 3, 256)):
+            x = x.to(torch.bfloat16)
+            torch.testing.assert_close(packed(x), linear(x))
+            torch.testing.assert_close(torch.compile(packed, dynamic=False)(x), linear(x))
+
+
+@needs_onednn_bfloat16
+def test_bfloat16_models_on_cpu_pack_every_linear_but_the_head_and_keep_their_tokens(tokenizer):
+    model = hqq_sized_model(1000, torch.bfloat16)
+    prompts = random_prompts(3, 1000, seed=2)
+    plain = run_with_engine(lambda: make_engine(model, tokenizer, context_length=512, static_cache=True),
+                            lambda e: generate_all(e, prompts, greedy(8)))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert pack_linears(model) == linears - 1 and isinstance(model.lm_head, torch.nn.Linear)
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == linears - 1
+    packed = run_with_engine(lambda: make_engine(model, tokenizer, context_length=512, static_cache=True),
+                             lambda e: generate_all(e, prompts, greedy(8)))
+    assert [s.output_ids for s in packed] == [s.output_ids for s in plain]
+    assert pack_linears(hqq_sized_model(1000, torch.float32)) == 0  # float32 keeps MKL's products
 
 
 def test_profiling_writes_a_trace_per_profiled_step_and_a_summary(tokenizer, tmp_path):

@@ -1,0 +1,38 @@
+"""What the weight converters (HQQ quantisation, oneDNN packing) share: which linear layers they replace, and
+how the model's weights are counted once some are replaced."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def replace_linears(model: torch.nn.Module, replacement: Callable[[torch.nn.Linear], torch.nn.Module | None]) -> int:
+    """Every nn.Linear except the LM head replaced, in place, by what `replacement` makes of it (kept where it
+    makes None); returns how many were replaced."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                new = replacement(child)
+                if new is not None:
+                    setattr(parent, name, new)
+                    replaced += 1
+    return replaced
+
+
+def stands_for_linear(module: torch.nn.Module) -> bool:
+    """A replacement layer: it keeps the weight in another form than a parameter and says the float weight's
+    shape (in_features, out_features), as HQQ's layers and ours do."""
+    return not isinstance(module, torch.nn.Linear) and all(
+        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features"))
+
+
+def weight_count(model: torch.nn.Module) -> int:
+    """The model's parameters, each replaced linear layer counted as the float weight it stands for."""
+    replaced = [module for module in model.modules() if stands_for_linear(module)]
+    held = {id(p) for module in replaced for p in module.parameters()}
+    return (sum(module.in_features * module.out_features for module in replaced)
+            + sum(p.numel() for p in model.parameters() if id(p) not in held))
