@@ -155,8 +155,8 @@ class Engine:
                 if self.scheduler.idle:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                # the pause runs beside the step, not after it: requests join as early, and no step waits for it
-                await asyncio.gather(self._step(), asyncio.sleep(self.microsleep))
+                await self._step()
+                await asyncio.sleep(self.microsleep)
         except Exception as error:
             self.fault = str(error) or type(error).__name__
             logger.critical("the engine stopped: %s", self.fault, exc_info=not isinstance(error, EngineWedged))
