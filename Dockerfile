@@ -14,13 +14,19 @@ ARG VARIANT=cpu
 # everything else), so that it does not pull gigabytes of CUDA libraries.
 FROM python:3.11-slim AS cpu
 ENV TORCH_EXTRA_INDEX=https://download.pytorch.org/whl/cpu
+# Both bases get a C/C++ compiler: the CPU decode-attention kernel (batching/kernels) is built at start-up for the
+# CPU it runs on, and torch.compile's CPU backend (inductor) writes C++.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 # The CUDA image's base: NVIDIA's runtime with Ubuntu's Python 3.11; torch's Linux build from PyPI.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04 AS cuda
 ENV TORCH_EXTRA_INDEX=
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv g++ \
     && rm -rf /var/lib/apt/lists/*
 
 # hadolint ignore=DL3006

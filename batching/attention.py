@@ -16,6 +16,7 @@ writes them into the engine's KV memory and attends over them:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -24,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from batching.kernels.decode_attention import attend_rows, runs_here
 from batching.kv_arena import KVArena, KVLayout
 from batching.kv_cache import RowKVCache
 from batching.sequence import Sequence
@@ -36,6 +38,13 @@ class SpanStep:
     arena: KVArena
     slots: torch.Tensor  # [tokens]: where each packed token's K/V go in the arena
     spans: list[tuple[int, int, int, int]]  # per sequence: packed query start and end, K/V base, K/V length
+
+    @cached_property
+    def decoding(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one-token spans (decoding rows), for attend_rows: packed query index, K/V base, K/V length."""
+        rows = [(start, base, length) for start, end, base, length in self.spans if end - start == 1]
+        columns = list(zip(*rows)) or [(), (), ()]
+        return tuple(torch.tensor(column, dtype=torch.long, device=self.slots.device) for column in columns)
 
 
 @dataclass
@@ -131,14 +140,31 @@ def batchwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
 
 def _span_attention(module, query, key, value, scaling, step: SpanStep) -> torch.Tensor:
     """Packed spans ([1, heads, tokens, dim]); each attends to its sequence's extent up to its own position.
-    A one-token span (a decoding row) lays the query heads that share a KV head along the query axis, so
-    K/V are read as they lie, never repeated."""
+    On CPU the one-token spans (decoding rows) go to attend_rows together; elsewhere a one-token span lays the
+    query heads that share a KV head along the query axis, so K/V are read as they lie, never repeated."""
     step.arena.write(module.layer_idx, step.slots, key[0], value[0])
     cached_keys, cached_values = step.arena.layer(module.layer_idx)
+    if not runs_here(query) or len(step.decoding[0]) == 0:
+        return _spans_one_by_one(query, cached_keys, cached_values, scaling, step.spans)
+    indices, bases, lengths = step.decoding
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    decoded = attend_rows(query[0, :, indices].transpose(0, 1), cached_keys, cached_values, bases, lengths, scale)
+    if len(indices) == query.shape[2]:
+        return decoded[None]
+    output = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
+    output[indices] = decoded
+    for span in step.spans:
+        if span[1] - span[0] > 1:
+            output[span[0]:span[1]] = _spans_one_by_one(query, cached_keys, cached_values, scaling, [span])[0]
+    return output[None]
+
+
+def _spans_one_by_one(query, cached_keys, cached_values, scaling, spans) -> torch.Tensor:
+    """The spans' attention as [1, tokens of the spans, heads, dim], one SDPA call per span."""
     heads, head_dim = query.shape[1], query.shape[3]
     kv_heads = cached_keys.shape[0]
     outputs = []
-    for start, end, base, length in step.spans:
+    for start, end, base, length in spans:
         keys, values = cached_keys[None, :, base:base + length], cached_values[None, :, base:base + length]
         tokens = end - start
         if tokens == 1:
@@ -192,6 +218,10 @@ def _static_decode_attention(module, query, key, value, scaling, step: StaticDec
     positions, lengths = step.positions.to(query.device), step.lengths.to(query.device)  # same device: no copy
     cached_keys[:, positions] = key[:, :, 0].transpose(0, 1)
     cached_values[:, positions] = value[:, :, 0].transpose(0, 1)
+    if runs_here(query):
+        starts = torch.arange(rows, device=query.device) * length
+        scale = head_dim ** -0.5 if scaling is None else scaling
+        return attend_rows(query[:, :, 0], cached_keys, cached_values, starts, lengths, scale)[:, None]
     keys = cached_keys[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     values = cached_values[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     mask = torch.arange(length, device=query.device) < lengths[:, None]

@@ -142,3 +142,4 @@ def test_the_built_image_serves_chat_as_a_non_root_user(container, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
     assert "converting" in log.read_text() or "using the converted copy" in log.read_text()
+    assert "built decode_attention.c" in log.read_text(), "the image has no C compiler for its attention kernel"

@@ -1,0 +1,91 @@
+"""Decode attention on CPU through decode_attention.c: every decoding row's query heads over exactly that row's
+cached keys, all rows in one call. In the static step it replaces products over the whole fixed-length slot
+with a mask (which read every row's full slot, and paid oneDNN's per-matrix overhead once per row and KV
+head); in the packed eager step it replaces one SDPA call per decoding row.
+
+The C file is compiled once per process, at first use, with the machine's C compiler and -march=native (a
+cached build could meet another CPU: machines differ from day to day); it takes a fraction of a second.
+Without a compiler the callers keep their torch paths, and the log says so once."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("batchwise.kernels")
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+LIBRARIES = ["-lmvec", "-lm"]  # glibc's vectorised expf, which -ffast-math calls
+FUNCTIONS = {torch.bfloat16: "attend_rows_bf16", torch.float32: "attend_rows_f32"}
+LANES = 16  # as decode_attention.c's
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler (cc, gcc or $CC): decode attention runs as torch products instead of %s",
+                       SOURCE.name)
+        return None
+    with tempfile.TemporaryDirectory(prefix="batchwise-kernels-") as folder:
+        built = Path(folder) / "decode_attention.so"
+        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), *LIBRARIES],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            logger.warning("%s did not build (%s): decode attention runs as torch products instead\n%s",
+                           SOURCE.name, compiler, result.stderr.strip())
+            return None
+        loaded = ctypes.CDLL(str(built))  # mapped: the file can go
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    for name in FUNCTIONS.values():
+        function = getattr(loaded, name)
+        function.argtypes = [pointer] * 5 + [integer] * 5 + [ctypes.c_float, pointer, ctypes.c_int]
+        function.restype = None
+    logger.info("built %s with %s", SOURCE.name, compiler)
+    return loaded
+
+
+@torch.compiler.assume_constant_result  # a compiled graph asks once, while it is traced
+def built() -> bool:
+    return library() is not None
+
+
+def runs_here(query: torch.Tensor) -> bool:
+    """Whether attend_rows serves this query on this machine: a CPU tensor of a dtype the kernel has, with a head
+    size that its 16-float vectors divide."""
+    return query.device.type == "cpu" and query.dtype in FUNCTIONS and query.shape[-1] % LANES == 0 and built()
+
+
+@torch.library.custom_op("batchwise::attend_rows", mutates_args=())
+def attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """query: [rows, heads, dim]; keys, values: [kv_heads, tokens, dim], tokens contiguous within a head (the KV
+    arena's layer); starts, lengths: [rows] (int64), row i attends to tokens starts[i] .. starts[i] + lengths[i]
+    of every KV head, its query heads grouped as transformers' repeat_kv groups them. Returns [rows, heads, dim]."""
+    query, starts, lengths = query.contiguous(), starts.contiguous(), lengths.contiguous()
+    if keys.stride()[1:] != (keys.shape[2], 1) or keys.stride() != values.stride():
+        raise ValueError(f"attend_rows needs tokens contiguous within a head, got strides {keys.stride()} and "
+                         f"{values.stride()}")
+    rows, heads, dim = query.shape
+    if rows and int((starts + lengths).max()) > keys.shape[1]:  # C reads where it is told: never past the end
+        raise ValueError(f"attend_rows: a row's keys end past the {keys.shape[1]} tokens there are")
+    output = torch.empty_like(query)
+    getattr(library(), FUNCTIONS[query.dtype])(
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), starts.data_ptr(), lengths.data_ptr(), rows, heads,
+        keys.shape[0], dim, keys.stride(0), scale, output.data_ptr(), torch.get_num_threads())
+    return output
+
+
+@attend_rows.register_fake
+def _attend_rows_shape(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                       lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(query)
