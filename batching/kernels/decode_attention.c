@@ -69,9 +69,10 @@ static inline void prefetch(const void *start, size_t bytes) {
     for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char *)start + offset);
 }
 
-/* floats of work one item needs: its scaled queries, one block of keys as floats, its scores */
+/* floats of work one item needs: its scaled queries, one block of keys as floats, its scores; a multiple of
+   LANES, as aligned_alloc wants a multiple of the alignment */
 static inline size_t work_floats(int64_t group, int64_t dim, int64_t length) {
-    return (size_t)(group * dim + LANES * dim + group * (length + LANES));
+    return (size_t)(group * dim + LANES * dim + group * (length + LANES - length % LANES));
 }
 
 /* One work item: `group` queries [group, dim] over `length` keys and values [length, dim]. Keys go by blocks

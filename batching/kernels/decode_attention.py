@@ -82,8 +82,9 @@ def _attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError(f"attend_rows needs tokens contiguous within a head, got strides {keys.stride()} and "
                          f"{values.stride()}")
     rows, heads, dim = query.shape
-    if rows and int((starts + lengths).max()) > keys.shape[1]:  # C reads where it is told: never past the end
-        raise ValueError(f"attend_rows: a row's keys end past the {keys.shape[1]} tokens there are")
+    # C reads where it is told: never before the start or past the end, and at least one key (its softmax's)
+    if rows and (int((starts + lengths).max()) > keys.shape[1] or int(torch.minimum(starts, lengths - 1).min()) < 0):
+        raise ValueError(f"attend_rows: every row needs 1 or more keys within the {keys.shape[1]} tokens there are")
     output = torch.empty_like(query)
     getattr(library(), FUNCTIONS[query.dtype])(
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), starts.data_ptr(), lengths.data_ptr(), rows, heads,

@@ -48,10 +48,11 @@ def test_a_rows_result_does_not_depend_on_the_rest_of_the_batch(dtype):
         assert torch.equal(alone[0], together[row])
 
 
-def test_keys_past_the_end_of_the_memory_are_refused():
+def test_keys_outside_the_memory_or_none_at_all_are_refused():
     keys, values = arena(2, 100, 64, torch.float32)
-    with pytest.raises(ValueError, match="past the 100 tokens"):
-        attend_rows(torch.randn(1, 2, 64), keys, values, torch.tensor([90]), torch.tensor([11]), 0.125)
+    for start, length in ((90, 11), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError, match="1 or more keys within the 100 tokens"):
+            attend_rows(torch.randn(1, 2, 64), keys, values, torch.tensor([start]), torch.tensor([length]), 0.125)
     with pytest.raises(ValueError, match="tokens contiguous"):
         attend_rows(torch.randn(1, 2, 64), keys.transpose(1, 2), values.transpose(1, 2), torch.tensor([0]),
                     torch.tensor([1]), 0.125)
