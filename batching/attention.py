@@ -25,7 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from batching.kernels.decode_attention import attend_rows, runs_here
+from batching.kernels.decode_attention import attend_rows, row_cache_as_tokens, runs_here
 from batching.kv_arena import KVArena, KVLayout
 from batching.kv_cache import RowKVCache
 from batching.sequence import Sequence
@@ -266,13 +266,17 @@ def _prefill_attention(module, query, key, value, scaling, step: PrefillStep) ->
 
 
 def _decode_attention(module, query, key, value, scaling, step: DecodeStep) -> torch.Tensor:
-    """One new token per row ([B, heads, 1, dim]), each attending to exactly its own cached length.
-    Rows are attended one by one: a row's result is then bit-identical whatever its neighbours'
-    lengths (a padded, masked batch changes the summation order inside the kernel). Query heads
-    sharing a KV head are laid along the query axis, so K/V are never repeated or copied."""
+    """One new token per row ([B, heads, 1, dim]), each attending to exactly its own cached length: on CPU
+    all rows in one attend_rows call (without a position bias), elsewhere one by one, so that a row's result
+    is bit-identical whatever its neighbours' lengths (a padded, masked batch changes the summation order
+    inside the kernel). Query heads sharing a KV head are laid along the query axis, so K/V are never
+    repeated or copied."""
     batch, heads, _, head_dim = query.shape
     cached_keys, cached_values = step.cache.write(module.layer_idx, step.row_tensor, step.positions,
                                                   key[:, :, 0], value[:, :, 0])
+    if step.bias is None and runs_here(query):
+        lengths = torch.tensor(step.lengths, device=query.device)
+        return attend_cache_rows(query, cached_keys, cached_values, step.row_tensor, lengths, scaling)
     kv_heads = cached_keys.shape[1]
     grouped_query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     output = torch.cat([
@@ -290,11 +294,24 @@ def _static_row_attention(module, query, key, value, scaling, step: StaticRowSte
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
     cached_keys[step.write_rows, :, step.positions] = key[:, :, 0]
     cached_values[step.write_rows, :, step.positions] = value[:, :, 0]
+    if step.bias is None and runs_here(query):
+        every_row = torch.arange(rows, device=query.device)
+        return attend_cache_rows(query, cached_keys, cached_values, every_row, step.lengths, scaling)
     kv_heads, length = cached_keys.shape[1], cached_keys.shape[2]
     mask = (torch.arange(length, device=query.device) < step.lengths[:, None])[:, None, None, :]
     if step.bias is not None:  # per query head: laid out as _attend_grouped lays the queries
         mask = step.bias.masked_fill(~mask, float("-inf")).reshape(rows, kv_heads, heads // kv_heads, length)
     return _attend_grouped(query, cached_keys[:rows], cached_values[:rows], mask, scaling)
+
+
+def attend_cache_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                      lengths: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """attend_rows over a row cache: query [n, heads, 1, dim], query i over the first lengths[i] positions of
+    cache row rows[i] (keys, values: [cache rows, kv_heads, positions, dim]). Returns [n, 1, heads, dim]."""
+    keys, per_row = row_cache_as_tokens(keys)
+    values, _ = row_cache_as_tokens(values)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return attend_rows(query[:, :, 0], keys, values, rows * per_row, lengths, scale)[:, None]
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Linear
 
-from batching.attention import (DecodeStep, PositionBias, PrefillStep, Step, attend_decoding, batchwise_attention,
-                                pack_prompts)
+from batching.attention import (DecodeStep, PositionBias, PrefillStep, Step, attend_cache_rows, attend_decoding,
+                                batchwise_attention, pack_prompts)
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
+from batching.kernels.decode_attention import runs_here
 from batching.sampler import sample
 from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
@@ -123,6 +124,10 @@ def attend_encoded(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     marks, [sequences, positions]): a sequence's rows (its beams) are laid along the query axis of one
     attention."""
     sequences, heads = keys.shape[0], keys.shape[1]
+    if attended is None and runs_here(query):
+        rows = torch.arange(sequences, device=query.device).repeat_interleave(queries)
+        lengths = torch.full_like(rows, keys.shape[2])
+        return attend_cache_rows(query, keys, values, rows, lengths, 1.0).transpose(1, 2)
     grouped = query.reshape(sequences, queries, heads, -1).transpose(1, 2)  # [sequences, heads, queries, dim]
     if attended is None:  # the eager step's calls, often one sequence each: SDPA measured faster there
         output = F.scaled_dot_product_attention(grouped, keys, values, scale=1.0)

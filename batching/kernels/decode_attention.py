@@ -92,6 +92,15 @@ def _attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return output
 
 
+def row_cache_as_tokens(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A row cache's K or V ([rows, kv_heads, length, dim], or a view of its first rows and positions) as the
+    [kv_heads, tokens, dim] attend_rows reads, and the tokens between rows: row r's positions are tokens
+    r x that on."""
+    rows, kv_heads, length, dim = cache.shape
+    per_row = cache.stride(0) // dim
+    return cache.as_strided((kv_heads, (rows - 1) * per_row + length, dim), (cache.stride(1), dim, 1)), per_row
+
+
 # for torch.compile: an op that compiled graphs call as it is
 attend_rows_op = torch.library.custom_op("batchwise::attend_rows", _attend_rows, mutates_args=())
 

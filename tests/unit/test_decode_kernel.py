@@ -5,6 +5,7 @@ the K/V memory."""
 import pytest
 import torch
 
+from batching.attention import attend_cache_rows
 from batching.kernels.decode_attention import attend_rows, runs_here
 
 
@@ -71,3 +72,19 @@ def test_a_compiled_graph_calls_it_as_it_is():
     compiled = torch.compile(lambda *args: attend_rows(*args, 0.125) * 2, fullgraph=True, dynamic=False)
     assert torch.equal(compiled(query, keys, values, starts, lengths),
                        attend_rows(query, keys, values, starts, lengths, 0.125) * 2)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_a_row_cache_is_read_row_by_row_through_a_view_of_its_first_rows_and_positions(dtype, tolerance):
+    """As Whisper's self- and cross-attention read their [rows, heads, positions, dim] caches: several queries
+    (beams) may share a row, each attends to its own length of it."""
+    cache_keys, cache_values = (torch.randn(6, 4, 300, 64).to(dtype) for _ in range(2))
+    keys, values = cache_keys[:3, :, :200], cache_values[:3, :, :200]  # a view, as cross_rows gives
+    rows, lengths = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([200, 17, 1, 64, 199])
+    query = torch.randn(5, 8, 1, 64).to(dtype)
+    ours = attend_cache_rows(query, keys, values, rows, lengths, 0.125)
+    assert ours.shape == (5, 1, 8, 64)
+    expected = torch.stack([
+        reference(query[i, :, 0][None], keys[row], values[row], torch.tensor([0]), lengths[i:i + 1], 0.125)[0]
+        for i, row in enumerate(rows.tolist())])
+    torch.testing.assert_close(ours[:, 0].double(), expected, atol=tolerance, rtol=tolerance)
