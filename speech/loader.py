@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from batching import Engine, Scheduler
+from batching.families.encoder_attention import ENCODER_ATTENTION
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_decoder import WhisperFamily
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
@@ -78,7 +79,10 @@ def load_whisper(config: Config) -> LoadedWhisper:
     logger.info("loading Whisper %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
     processor = WhisperProcessor.from_pretrained(source)
-    model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype)
+    # the encoder's attention: query blocks on the CPU, SDPA on CUDA (batching.families.encoder_attention); the
+    # decoder is driven by the runner with the engine's own attention whatever this says
+    attention = ENCODER_ATTENTION if config.device == "cpu" else "sdpa"
+    model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype, attn_implementation=attention)
     model.to(config.device).eval()
     convert_linears(model, config)  # every linear layer of the encoder and decoder; the output projection stays
     generation = model.generation_config

@@ -652,6 +652,7 @@ def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en)
         for seq, token in zip(seqs, runner.step(spans)):
             seq.output_ids.append(token.token_id)
         spans = [Span(seq, seq.length - 1, seq.length) for seq in seqs]
+    served = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the implementation that returns attention weights
     try:
         for seq, f in zip(seqs, features):
@@ -665,7 +666,7 @@ def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en)
                 expected = torch.stack([attentions[layer][0, head, position] for layer, head in heads])
                 torch.testing.assert_close(scores.softmax(dim=-1), expected, atol=1e-4, rtol=0)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(served)
 
 
 def test_dtw_follows_the_cheapest_monotonic_path():
