@@ -27,7 +27,7 @@ from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import (FRAMES_PER_SECOND, StreamedText, decoded_badly, is_silent, split_window,
                               window_features)
-from speech.vad import VOICE_MIN_SILENCE_MS, VOICE_PAD_MS, SpeechDetector, SpeechMap
+from speech.vad import VOICE_MIN_SILENCE_MS, VOICE_PAD_MS, SpeechDetector, SpeechMap, speech_map
 from speech.word_timing import TimedWord, align_words
 
 logger = logging.getLogger("batchwise.transcription")
@@ -120,11 +120,12 @@ class TranscriptionService:
         except AudioDecodeError as error:
             raise APIError(400, str(error), param="file") from None
         speech = voice = SpeechMap(((0, len(audio)),))
-        if options.vad_filter:
-            speech = await on_torch_thread(self._timed, "vad", self.speech_detector.speech_map, audio)
-        if options.word_timestamps:
-            voice = await on_torch_thread(self._timed, "vad", self.speech_detector.speech_map, audio,
-                                          VOICE_MIN_SILENCE_MS, VOICE_PAD_MS)
+        if options.vad_filter or options.word_timestamps:
+            scores = await asyncio.wrap_future(self.speech_detector.scores(audio))
+            if options.vad_filter:
+                speech = speech_map(scores, len(audio))
+            if options.word_timestamps:
+                voice = speech_map(scores, len(audio), VOICE_MIN_SILENCE_MS, VOICE_PAD_MS)
         return TranscriptionJob(self, audio, speech, voice, options, request_id, started)
 
     async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False
@@ -162,7 +163,8 @@ class TranscriptionService:
         return next(code for code, language_id in self.tokens.languages.items() if language_id == token_id)
 
     def timings(self) -> dict[str, float]:
-        return {phase: round(seconds, 3) for phase, seconds in {**self.engine.runner.seconds, **self.seconds}.items()}
+        phases = {**self.engine.runner.seconds, **self.seconds, "vad": self.speech_detector.busy_seconds}
+        return {phase: round(seconds, 3) for phase, seconds in phases.items()}
 
     def _timed(self, phase: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started = time.perf_counter()

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from silero_vad import get_speech_timestamps, load_silero_vad
 from transformers import (GenerationConfig, GenerationMixin, LlamaConfig, LlamaForCausalLM, WhisperConfig,
                           WhisperForConditionalGeneration)
 from transformers.generation.logits_process import (LogitsProcessorList, SuppressTokensLogitsProcessor,
@@ -36,7 +37,7 @@ from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import StreamedText, is_silent, split_window, window_features
 from speech.subtitles import clock, to_srt, to_vtt
-from speech.vad import SpeechDetector, SpeechMap
+from speech.vad import MIN_SILENCE_MS, SPEECH_PAD_MS, THRESHOLD, SpeechDetector, SpeechMap
 from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
 from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
 from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_bytes
@@ -618,6 +619,10 @@ def test_uploads_scored_at_once_get_the_speech_map_each_gets_alone():
     with ThreadPoolExecutor(len(uploads)) as pool:
         assert list(pool.map(detector.speech_map, uploads)) == alone
     assert len(alone[0].chunks) == 2 and alone[1].chunks == ()  # two sentences 3 s apart; silence
+    silero = [get_speech_timestamps(torch.from_numpy(audio), load_silero_vad(onnx=True), threshold=THRESHOLD,
+                                    min_silence_duration_ms=MIN_SILENCE_MS, speech_pad_ms=SPEECH_PAD_MS)
+              for audio in uploads]
+    assert alone == [SpeechMap(tuple((span["start"], span["end"]) for span in found)) for found in silero]
 
 
 def test_importing_the_server_leaves_torch_its_threads():
