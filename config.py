@@ -186,6 +186,8 @@ class Config:
     hqq_nbits: int = option("--hqq-nbits", "HQQ_NBITS", "HQQ bits per weight", 4, int, choices=[2, 3, 4, 8])
     hqq_group_size: int = option("--hqq-group-size", "HQQ_GROUP_SIZE", "HQQ weights per scale and zero", 64, int,
                                  choices=[32, 64, 128, 256])
+    int8: bool = option("--int8", "INT8", "int8 weights and per-token int8 activations for every linear layer and "
+                        "the LM head (W8A8): integer products, on CPU", False, parse_bool)
     torch_compile: bool = option("--torch-compile", "TORCH_COMPILE", "torch.compile the decode step", False,
                                  parse_bool)
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE",
@@ -276,6 +278,11 @@ class Config:
             self._check_encoder_decoder()
         if self.device_map and self.serving_type == "whisper":
             raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device")
+        if self.int8 and self.hqq:
+            raise ConfigError("--int8 and --hqq are two quantisations of the same layers: choose one")
+        if self.int8 and self.device != "cpu":
+            raise ConfigError("--int8 runs torch's CPU int8 products (on CUDA they need 17 rows or more); on a GPU "
+                              "use --hqq")
         if self.device_map and self.hqq:
             raise ConfigError("--hqq quantises a model on one device; it cannot be combined with --device-map")
         if self.device_map and self.accelerator_type == "cpu":

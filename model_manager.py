@@ -28,6 +28,7 @@ from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
 from converters.hqq import quantize_linears
+from converters.int8 import quantize_int8
 from converters.linear_layers import weight_count
 from converters.packed_linear import pack_linears
 
@@ -104,10 +105,13 @@ def model_source(config: Config) -> Path | str:
 
 
 def convert_linears(model: PreTrainedModel, config: Config) -> None:
-    """--hqq quantises the linear layers (not the LM head); otherwise, on a CPU with oneDNN's bfloat16 support,
-    bfloat16 weights are packed for it once (layers spread by a device map keep accelerate's hooks untouched)."""
+    """--hqq quantises the linear layers (not the LM head), --int8 them and the LM head; otherwise, on a CPU with
+    oneDNN's bfloat16 support, bfloat16 weights are packed for it once (layers spread by a device map keep
+    accelerate's hooks untouched)."""
     if config.hqq:
         logger.info(quantize_linears(model, config.hqq_nbits, config.hqq_group_size).describe())
+    elif config.int8:
+        logger.info(quantize_int8(model).describe())
     elif not config.device_map:
         packed = pack_linears(model)
         if packed:

@@ -2,7 +2,8 @@
 and once two pools have run on the same cores, every later forward runs about twice as slowly (measured on a
 2-core CPU: SmolLM2-135M's one-row decode step took 12 ms with loading and steps on one thread, 28-32 ms on
 either thread once the other had run a forward too). So loading the model, building the engine, warming it
-up, every engine step and the serving side's torch work (image processors, audio features, word timing) all run here, one at a time."""
+up, every engine step and the serving side's torch work (image processors, audio features, word timing) all
+run here, one at a time."""
 
 from __future__ import annotations
 

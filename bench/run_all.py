@@ -40,6 +40,8 @@ SERVER_CONFIGS: dict[str, list[str]] = {
     "static+compile": ["--torch-compile", "true"],  # compiling turns the static cache on
     "hqq": ["--hqq", "true"],
     "hqq+compile": ["--hqq", "true", "--torch-compile", "true"],
+    "int8": ["--int8", "true"],
+    "int8+compile": ["--int8", "true", "--torch-compile", "true"],
 }
 
 
