@@ -1,6 +1,7 @@
 """The speed path through the real server and the openai SDK: the embedded model with a static cache, a tiny
 model with its decode step compiled (the embedded model would take minutes to compile on a CI machine), and
-the embedded model quantised with HQQ (in bfloat16, so on CPU its layers run torch's int4 kernel)."""
+the embedded model quantised with HQQ (in bfloat16, so on CPU its layers run torch's int4 kernel) and with
+--int8."""
 
 import signal
 import time
@@ -32,6 +33,8 @@ SERVERS = {
                                                "--continuous-batching-batch-size", "4"]),
     "hqq int4": ("SmolLM2-135M-Instruct", ["--hqq", "true", "--torch-dtype", "bfloat16",
                                            "--continuous-batching-batch-size", "4"]),
+    "int8": ("SmolLM2-135M-Instruct", ["--int8", "true", "--torch-dtype", "bfloat16",
+                                       "--continuous-batching-batch-size", "4"]),
     "compiled, tiny model": ("tiny", ["--torch-compile", "true", "--static-cache-decoder-max-length", "96",
                                       "--continuous-batching-batch-size", "2", "--served-model-name", "tiny"]),
 }

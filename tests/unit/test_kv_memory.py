@@ -252,6 +252,7 @@ def test_by_default_a_prompt_alone_is_prefilled_at_once_and_beside_decoding_rows
     beside = [(start, end) for step in steps for first, start, end in step if first == long_prompt[0] and end <= 150]
     assert [start for start, _ in beside[1:]] == [end for _, end in beside[:-1]] and beside[-1][1] == 150
     costs = [engine.scheduler._cost(start, end) for start, end in beside]
-    assert all(cost <= 32 for cost in costs) and costs[0] > 29, costs
+    budget = 32 + engine.scheduler.max_running - 1  # and a token for each row the one decoding row leaves free
+    assert all(cost <= budget for cost in costs) and costs[0] > budget - 3, costs
     sizes = [end - start for start, end in beside]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-2], "later chunks attend to more: fewer tokens"

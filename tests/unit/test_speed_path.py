@@ -1,5 +1,6 @@
 """The speed path on tiny random-weight models: the static cache and its compiled decode step give the eager
-engine's greedy tokens and never recompile while serving; HQQ quantises and generates (compiled too), in
+engine's greedy tokens and never recompile while serving; HQQ quantises and generates (compiled too, as
+--int8's layers do), in
 bfloat16 on CPU through torch's int4 kernel with HQQ's own de-quantised weights; profiling writes traces;
 --torch-dtype auto picks by the hardware."""
 
@@ -18,6 +19,7 @@ from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
 from converters.hqq import Int4Linear, quantize_linears, weight_bytes
+from converters.int8 import quantize_int8
 from converters.packed_linear import PackedLinear, pack_linears
 from model_manager import LoadedModel, attention_cost
 from models import CompletionRequest
@@ -164,10 +166,16 @@ def test_layers_the_int4_kernel_cannot_take_fall_back_to_dequantising():
     assert "CPU int4 kernel for 13, de-quantised on the fly for 1" in report.describe()
 
 
-@pytest.mark.parametrize("dtype", list(HQQ_LAYERS))
-def test_hqq_layers_compile_to_the_same_logits(dtype):
+QUANTISATIONS = {"hqq float32": (torch.float32, lambda m: quantize_linears(m, nbits=4, group_size=64)),
+                 "hqq bfloat16": (torch.bfloat16, lambda m: quantize_linears(m, nbits=4, group_size=64)),
+                 "int8 float32": (torch.float32, quantize_int8), "int8 bfloat16": (torch.bfloat16, quantize_int8)}
+
+
+@pytest.mark.parametrize("quantisation", list(QUANTISATIONS))
+def test_quantised_layers_compile_to_the_same_logits(quantisation):
+    dtype, quantise = QUANTISATIONS[quantisation]
     model = hqq_sized_model(1000, dtype)
-    quantize_linears(model, nbits=4, group_size=64)
+    quantise(model)
     arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
     for tensor in (*arena.keys, *arena.values):
         tensor.normal_()

@@ -1,0 +1,63 @@
+"""--int8 (converters.int8) on tiny random-weight models: a layer is the integer product of its quantised
+inputs, a row's result is its own whatever the batch, every linear layer and the LM head are converted, and
+the engine's greedy tokens are transformers' argmax over the same quantised model."""
+
+import copy
+
+import pytest
+import torch
+
+from config import Config, ConfigError
+from converters.int8 import INT8_LEVELS, Int8Linear, quantize_int8
+from tests.helpers.engine import generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.tiny_models import tiny_model
+from tests.unit.test_speed_path import random_prompts
+
+
+def test_a_layer_is_the_integer_product_of_its_quantised_inputs():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    x = torch.randn(2, 5, 96)
+    rows, weight = x.reshape(-1, 96), linear.weight.detach()
+    row_scale = rows.abs().amax(1, keepdim=True) / INT8_LEVELS
+    weight_scale = weight.abs().amax(1) / INT8_LEVELS
+    integers = torch.round(rows / row_scale).long() @ torch.round(weight / weight_scale[:, None]).long().T
+    expected = integers.double() * row_scale.double() * weight_scale.double() + linear.bias.detach().double()
+    with torch.inference_mode():
+        got, unquantised = Int8Linear(linear)(x), linear(x)
+    torch.testing.assert_close(got.reshape(-1, 40).double(), expected, rtol=1e-5, atol=1e-5)
+    assert (got - unquantised).norm() < 0.02 * unquantised.norm()  # quantisation moves outputs by a percent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
+    torch.manual_seed(1)
+    layer = Int8Linear(torch.nn.Linear(64, 48).to(dtype))
+    x = torch.randn(9, 64, dtype=dtype) * torch.linspace(0.1, 10, 9, dtype=dtype)[:, None]
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+
+
+def test_every_linear_layer_and_the_head_become_int8_and_greedy_tokens_are_transformers_argmax(tokenizer):
+    vocab = len(tokenizer)
+    model = tiny_model("llama", vocab, seed=4)
+    linears = sum(isinstance(module, torch.nn.Linear) for module in model.modules())
+    report = quantize_int8(model)
+    assert report.layers + 1 == linears == sum(isinstance(module, Int8Linear) for module in model.modules())
+    assert isinstance(model.get_output_embeddings(), Int8Linear)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("sdpa")
+    prompts = random_prompts(4, vocab, seed=5, lengths=(5, 30))
+    seqs = run_with_engine(lambda: make_engine(model, tokenizer), lambda engine: generate_all(engine, prompts,
+                                                                                              greedy(12)))
+    for seq in seqs:
+        ids = torch.tensor([seq.prompt_ids + seq.output_ids])
+        with torch.inference_mode():
+            logits = reference(ids).logits[0, len(seq.prompt_ids) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(seq.output_ids)[:, None])[:, 0]
+        assert torch.all(logits.max(dim=1).values - chosen <= 1e-4), seq.output_ids
+
+
+def test_int8_is_one_quantisation_at_a_time():
+    with pytest.raises(ConfigError, match="choose one"):
+        Config(int8=True, hqq=True).validate()
