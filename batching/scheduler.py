@@ -1,9 +1,10 @@
 """Who runs in the next step, and how much of each: a bounded waiting queue, and running sequences that each
 compute one span of their tokens per step (one token when decoding, the next chunk of a prompt otherwise).
 
-While sequences are decoding, the prompt tokens of one step stay within `step_tokens` plus one for each row
-the batch leaves free, so a long prompt never stalls them for more than a small chunk (no step costs more than
-a full batch decoding plus `step_tokens`); with nothing decoding, a prompt takes up to `solo_tokens` per step.
+While sequences are decoding, a long prompt's chunks stay within `step_tokens`, so it never stalls them for
+more than a small chunk; prompts that finish in the step may also take a token for each row the batch leaves
+free (no step costs more than a full batch decoding plus `step_tokens`); with nothing decoding, a prompt takes
+up to `solo_tokens` per step.
 The budget counts what a token costs: a prompt token at position p also attends to the p before it,
 so it counts 1 + p x `attention_cost` (attention's cost per earlier token relative to the token's linear
 layers), and the late chunks of a long prompt take fewer tokens than its first. In batch-invariant mode
@@ -91,9 +92,9 @@ class Scheduler:
         for seq in [s for s in self.running if s.decoding]:
             if seq.status is Status.RUNNING and self._reserve(seq, seq.length):  # else preempted for an older one
                 spans.append(Span(seq, seq.computed, seq.length))
-        budget = self._prompt_budget(len(spans))
+        budget, finishing_only = self._prompt_budget(len(spans))
         for seq in [s for s in self.running if not s.decoding]:
-            budget = self._plan_span(seq, spans, budget)
+            budget = self._plan_span(seq, spans, budget, finishing_only)
         while self.waiting and len(self.running) < self.row_limit and budget >= 1:
             seq = self.waiting[0]
             if not self._siblings_source_ready(seq) or not self.memory.admit(seq):
@@ -104,19 +105,22 @@ class Scheduler:
             self.running.append(seq)
             if seq.prefix_source is not None:
                 seq.prompt_logprobs = seq.prefix_source.prompt_logprobs
-            budget = self._plan_span(seq, spans, budget)
+            budget = self._plan_span(seq, spans, budget, finishing_only)
             if seq.status is not Status.RUNNING:
                 break
         return spans
 
-    def _prompt_budget(self, decoding_rows: int) -> int:
-        """Beside decoding rows, prompts take `step_tokens` and one token for each row the batch leaves free: no
-        step costs more than a full batch decoding plus `step_tokens`, and a half-empty batch fills faster."""
+    def _prompt_budget(self, decoding_rows: int) -> tuple[int, int]:
+        """The step's prompt tokens, and the share of them that only prompts finishing in the step may take.
+        Beside decoding rows: `step_tokens`, and a token for each row the batch leaves free, for prompts that
+        finish (no step costs more than a full batch decoding plus `step_tokens`, and a half-empty batch fills
+        faster), while a long prompt's chunks stay within `step_tokens`, so the rows beside it keep their pace."""
         if decoding_rows or self.batch_invariant:
-            return self.step_tokens + max(0, self.row_limit - decoding_rows)
-        return self.solo_tokens
+            free_rows = max(0, self.row_limit - decoding_rows)
+            return self.step_tokens + free_rows, free_rows
+        return self.solo_tokens, 0
 
-    def _plan_span(self, seq: Sequence, spans: list[Span], budget: int) -> int:
+    def _plan_span(self, seq: Sequence, spans: list[Span], budget: float, finishing_only: int) -> float:
         """Plan the next chunk of a sequence's prompt (or of its recomputation after preemption)."""
         if seq.status is not Status.RUNNING:
             return budget
@@ -126,8 +130,10 @@ class Scheduler:
             cost = end - start
         else:
             end = start + self._affordable(start, seq.length - start, budget)
+            if end < seq.length:  # a chunk that leaves some of the prompt for later steps
+                end = start + self._affordable(start, seq.length - start, budget - finishing_only)
             cost = self._cost(start, end)
-        if cost > budget or not self._reserve(seq, end):
+        if cost > budget or (end < seq.length and cost > budget - finishing_only) or not self._reserve(seq, end):
             return budget
         spans.append(Span(seq, start, end))
         return budget - cost

@@ -9,7 +9,7 @@ import bisect
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,15 +79,15 @@ class SpeechDetector:
     def __init__(self) -> None:
         self.session = load_silero_vad(onnx=True).session
         self.arrivals: queue.SimpleQueue[Scoring] = queue.SimpleQueue()
-        self.busy_seconds = 0.0  # scoring, for benchmarks
+        self.busy_seconds, self.chunks_scored = 0.0, 0  # for benchmarks and tests
         threading.Thread(target=self._score_forever, name="speech-detector", daemon=True).start()
 
     def scores(self, audio: np.ndarray) -> Future[list[float]]:
         """The speech probability of each 512-sample chunk of the audio (16 kHz mono float32), scored beside the
         other uploads in flight."""
         scoring = Scoring(np.asarray(audio, dtype=np.float32))
-        if scoring.done:
-            scoring.future.set_result([])
+        if scoring.scored:
+            scoring.finish()
         else:
             self.arrivals.put(scoring)
         return scoring.future
@@ -107,21 +107,24 @@ class SpeechDetector:
                 arrived.append(self.arrivals.get_nowait())
             scorings += arrived
             state = np.concatenate([state, np.zeros((2, len(arrived), STATE_WIDTH), dtype=np.float32)], axis=1)
+            # scored, or cancelled (its client left: it stops costing anything at once)
+            going = [index for index, scoring in enumerate(scorings) if not scoring.done]
+            scorings, state = [scorings[index] for index in going], state[:, going]
+            if not scorings:
+                continue
             started = time.perf_counter()
             try:
                 batch = np.stack([scoring.next_input() for scoring in scorings])
                 probabilities, state = self.session.run(None, {"input": batch, "state": state, "sr": _RATE})
             except Exception as error:  # e.g. out of memory: these uploads fail, later ones start afresh
                 for scoring in scorings:
-                    scoring.future.set_exception(error)
-                scorings, state = [], state[:, :0]
+                    scoring.finish(error)
                 continue
+            self.chunks_scored += len(scorings)
             for scoring, probability in zip(scorings, probabilities[:, 0].tolist()):
                 scoring.probabilities.append(probability)
-                if scoring.done:
-                    scoring.future.set_result(scoring.probabilities)
-            going = [index for index, scoring in enumerate(scorings) if not scoring.done]
-            scorings, state = [scorings[index] for index in going], state[:, going]
+                if scoring.scored:
+                    scoring.finish()
             self.busy_seconds += time.perf_counter() - started
 
 
@@ -136,8 +139,21 @@ class Scoring:
         self.future: Future[list[float]] = Future()
 
     @property
-    def done(self) -> bool:
+    def scored(self) -> bool:
         return self.position >= len(self.audio)
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self, error: Exception | None = None) -> None:
+        try:
+            if error is None:
+                self.future.set_result(self.probabilities)
+            else:
+                self.future.set_exception(error)
+        except InvalidStateError:  # cancelled meanwhile
+            pass
 
     def next_input(self) -> np.ndarray:
         chunk = self.audio[self.position:self.position + CHUNK_SAMPLES]

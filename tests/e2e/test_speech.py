@@ -133,13 +133,14 @@ def test_words_are_timed_where_they_are_spoken(client, laid_out, name, vad_filte
     assert {s.end for s in result.segments} <= {w.end for w in words}
 
 
-def test_hqq_quantised_whisper_still_transcribes(clips, tmp_path):
+@pytest.mark.parametrize("flag, logged", [("--hqq", "HQQ"), ("--int8", r"int8 \(W8A8\)")])
+def test_quantised_whisper_still_transcribes(clips, tmp_path, flag, logged):
     log = tmp_path / "server.log"
-    with running_server("--serving-type", "whisper", "--hqq", "true", log_path=log) as base_url:
+    with running_server("--serving-type", "whisper", flag, "true", log_path=log) as base_url:
         client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
         result = transcribe(client, clips["fox"], response_format="verbose_json", timestamp_granularities=["word"])
     assert "lazy dog" in result.text.lower() and len(result.words) >= 8
-    quantised = re.search(r"HQQ quantised (\d+) linear layers", log.read_text())
+    quantised = re.search(logged + r" quantised (\d+) linear layers", log.read_text())
     assert quantised and int(quantised[1]) > 0
 
 

@@ -625,6 +625,17 @@ def test_uploads_scored_at_once_get_the_speech_map_each_gets_alone():
     assert alone == [SpeechMap(tuple((span["start"], span["end"]) for span in found)) for found in silero]
 
 
+def test_a_cancelled_upload_stops_being_scored_and_the_others_go_on():
+    detector = SpeechDetector()
+    ten_minutes = detector.scores(np.zeros(600 * SAMPLE_RATE, dtype=np.float32))
+    assert ten_minutes.cancel()
+    second = np.zeros(SAMPLE_RATE, dtype=np.float32)  # 32 chunks of 512 samples (the last one short)
+    assert detector.speech_map(second).chunks == ()
+    before = detector.chunks_scored
+    assert detector.speech_map(second).chunks == ()
+    assert detector.chunks_scored - before == 32, "only the second's chunks: none of the cancelled upload's"
+
+
 def test_importing_the_server_leaves_torch_its_threads():
     """silero_vad's import calls torch.set_num_threads(1) for the whole process; every model would then run on
     one core."""
