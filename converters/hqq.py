@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from hqq.utils.patching import prepare_for_inference
 
-from converters.linear_layers import replace_linears
+from converters.linear_layers import QuantizationReport, replace_linears, weight_bytes
 
 logger = logging.getLogger("batchwise.model")
 
@@ -22,19 +21,6 @@ logger = logging.getLogger("batchwise.model")
 # (2, 4 and 8 measured alike for SmolLM2's layers at 1 and 32 rows)
 CPU_INT4_OUTPUT_MULTIPLE = 16
 CPU_INT4_INNER_K_TILES = 2
-
-
-@dataclass
-class QuantizationReport:
-    layers: int
-    bytes_before: int
-    bytes_after: int
-    backend: str
-    seconds: float
-
-    def describe(self) -> str:
-        return (f"HQQ quantised {self.layers} linear layers in {self.seconds:.1f} s ({self.backend}): weights "
-                f"{self.bytes_before / 2**20:.0f} MiB -> {self.bytes_after / 2**20:.0f} MiB")
 
 
 class Int4Linear(torch.nn.Module):
@@ -71,20 +57,6 @@ class Int4Linear(torch.nn.Module):
         return output if self.bias is None else output + self.bias
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Parameters and buffers, plus the packed weights and scales that HQQ layers keep as plain attributes."""
-    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    for module in model.modules():
-        for name in ("W_q", "weight_int4pack", "scales_and_zeros"):
-            tensor = getattr(module, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-        for tensor in (getattr(module, "meta", None) or {}).values():
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> QuantizationReport:
     """Replace every nn.Linear except the LM head by its HQQ-quantised version, in place."""
     started = time.perf_counter()
@@ -103,4 +75,5 @@ def quantize_linears(model: torch.nn.Module, nbits: int, group_size: int) -> Qua
     if model.device.type == "cuda" and model.dtype == torch.bfloat16 and nbits == 4:
         prepare_for_inference(model, backend="torchao_int4")
         backend = "torch int4 kernels"
-    return QuantizationReport(layers, before, weight_bytes(model), backend, time.perf_counter() - started)
+    return QuantizationReport("HQQ", layers, before, weight_bytes(model), time.perf_counter() - started,
+                              f" ({backend})")

@@ -8,11 +8,10 @@ batch. The embeddings stay as they are (a tied LM head gets an int8 copy: vocabu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from converters.linear_layers import replace_linears
+from converters.linear_layers import QuantizationReport, replace_linears, weight_bytes
 
 INT8_LEVELS = 127  # symmetric: -127 .. 127
 SMALLEST_SCALE = 1e-12  # an all-zero row or weight stays zero instead of dividing by zero
@@ -39,27 +38,11 @@ class Int8Linear(torch.nn.Module):
         return output if self.bias is None else output + self.bias
 
 
-@dataclass
-class Int8Report:
-    layers: int
-    bytes_before: int
-    bytes_after: int
-    seconds: float
-
-    def describe(self) -> str:
-        return (f"int8 (W8A8) quantised {self.layers} linear layers and the LM head in {self.seconds:.1f} s: "
-                f"weights {self.bytes_before / 2**20:.0f} MiB -> {self.bytes_after / 2**20:.0f} MiB")
-
-
-def held_bytes(model: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def quantize_int8(model: torch.nn.Module) -> Int8Report:
+def quantize_int8(model: torch.nn.Module) -> QuantizationReport:
     """Replace every nn.Linear, the LM head included, by its Int8Linear, in place."""
     started = time.perf_counter()
-    before = held_bytes(model)
+    before = weight_bytes(model)
     layers = replace_linears(model, Int8Linear)
     model.set_output_embeddings(Int8Linear(model.get_output_embeddings()))
-    return Int8Report(layers, before, held_bytes(model), time.perf_counter() - started)
+    return QuantizationReport("int8 (W8A8)", layers, before, weight_bytes(model), time.perf_counter() - started,
+                              " and the LM head")

@@ -1,8 +1,9 @@
-"""What the weight converters (HQQ quantisation, oneDNN packing) share: which linear layers they replace, and
-how the model's weights are counted once some are replaced."""
+"""What the weight converters (HQQ and int8 quantisation, oneDNN packing) share: which linear layers they
+replace, how the model's weights are counted once some are replaced, and what a quantisation reports."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,3 +37,32 @@ def weight_count(model: torch.nn.Module) -> int:
     held = {id(p) for module in replaced for p in module.parameters()}
     return (sum(module.in_features * module.out_features for module in replaced)
             + sum(p.numel() for p in model.parameters() if id(p) not in held))
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    layers: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    detail: str = ""  # after the layer count: the kernels, the layers beyond the count
+
+    def describe(self) -> str:
+        return (f"{self.method} quantised {self.layers} linear layers{self.detail} in {self.seconds:.1f} s: weights "
+                f"{self.bytes_before / 2**20:.0f} MiB -> {self.bytes_after / 2**20:.0f} MiB")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers (each once), plus the packed weights and scales that HQQ layers keep as plain
+    attributes."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    for module in model.modules():
+        for name in ("W_q", "weight_int4pack", "scales_and_zeros"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+        for tensor in (getattr(module, "meta", None) or {}).values():
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -84,6 +84,21 @@ def llama(tokenizer):
     return tiny_model("llama", len(tokenizer), seed=21)
 
 
+def recording_engine(model, tokenizer, steps: list, **settings):
+    """An engine of 32 prompt tokens per step beside decoding rows that appends each step's spans to `steps`, as
+    (the sequence's first prompt token, start, end)."""
+    built = make_engine(model, tokenizer, max_num_batched_tokens=32, **settings)
+    step = built.runner.step
+    built.runner.step = lambda spans: steps.append([(s.seq.prompt_ids[0], s.start, s.end) for s in spans]) \
+        or step(spans)
+    return built
+
+
+async def until_decoding(seq) -> None:
+    while len(seq.output_ids) < 2:
+        await asyncio.sleep(0.001)
+
+
 def alone(model, tokenizer, prompt, params, **settings):
     return run_with_engine(lambda: make_engine(model, tokenizer, **settings),
                            lambda e: generate_all(e, [prompt], params))[0]
@@ -185,21 +200,13 @@ def test_chunked_prefill_gives_the_tokens_of_a_single_prefill_and_keeps_decoding
     long_prompt, short_prompt = prompts(1, len(tokenizer), 150, seed=8)[0], [5, 6, 7]
     steps = []
 
-    def chunked():
-        built = make_engine(llama, tokenizer, max_num_batched_tokens=32)
-        step = built.runner.step
-        built.runner.step = lambda spans: steps.append([(s.seq.prompt_ids[0], s.start, s.end) for s in spans]) \
-            or step(spans)
-        return built
-
     async def short_then_long(engine):
         short = engine.add(short_prompt, greedy(40))
-        while len(short.output_ids) < 2:
-            await asyncio.sleep(0.001)
+        await until_decoding(short)
         long = engine.add(long_prompt, greedy(10))
         return [await finish(engine, s) for s in (short, long)]
 
-    short, long = run_with_engine(chunked, short_then_long)
+    short, long = run_with_engine(lambda: recording_engine(llama, tokenizer, steps), short_then_long)
     long_spans = [(start, end) for step in steps for first, start, end in step if first == long_prompt[0]]
     assert long_spans[:5] == [(0, 32), (32, 64), (64, 96), (96, 128), (128, 150)]
     prefilling = [step for step in steps if any(first == long_prompt[0] and end <= 150 for first, _, end in step)]
@@ -216,23 +223,16 @@ def test_short_prompts_arriving_beside_a_decoding_row_fill_the_free_rows_at_once
     arriving, running = prompts(8, len(tokenizer), 10, seed=13), [5, 6, 7]
     steps = []
 
-    def spied():
-        built = make_engine(llama, tokenizer, max_num_batched_tokens=32, batch_invariant=False, prefix_caching=False)
-        step = built.runner.step
-        built.runner.step = lambda spans: steps.append([(s.seq.prompt_ids[0], s.start, s.end) for s in spans]) \
-            or step(spans)
-        return built
-
     async def beside_one(engine):
         first = engine.add(running, greedy(30))
-        while len(first.output_ids) < 2:
-            await asyncio.sleep(0.001)
+        await until_decoding(first)
         steps.clear()
         outputs = await generate_all(engine, arriving, greedy(4))
         await finish(engine, first)
         return outputs
 
-    outputs = run_with_engine(spied, beside_one)
+    outputs = run_with_engine(lambda: recording_engine(llama, tokenizer, steps, batch_invariant=False,
+                                                       prefix_caching=False), beside_one)
     firsts = {prompt[0] for prompt in arriving}
     admitted = [(start, end) for first, start, end in steps[0] if first in firsts]
     assert admitted == [(0, 10)] * 4, steps[0]
@@ -252,20 +252,12 @@ def test_by_default_a_prompt_alone_is_prefilled_at_once_and_beside_decoding_rows
     long_prompt, short_prompt = prompts(1, len(tokenizer), 150, seed=10)[0], [5, 6, 7]
     steps = []
 
-    def adaptive():
-        built = make_engine(llama, tokenizer, max_num_batched_tokens=32, batch_invariant=False, prefix_caching=False)
-        step = built.runner.step
-        built.runner.step = lambda spans: steps.append([(s.seq.prompt_ids[0], s.start, s.end) for s in spans]) \
-            or step(spans)
-        return built
-
     async def alone_then_beside(engine):
         await generate_all(engine, [long_prompt], greedy(2))
         alone = list(steps)
         steps.clear()
         short = engine.add(short_prompt, greedy(40))
-        while len(short.output_ids) < 2:
-            await asyncio.sleep(0.001)
+        await until_decoding(short)
         await finish(engine, engine.add(long_prompt, greedy(2)))
         await finish(engine, short)
         return alone
@@ -277,7 +269,8 @@ def test_by_default_a_prompt_alone_is_prefilled_at_once_and_beside_decoding_rows
         engine = built
         return built
 
-    alone = run_with_engine(lambda: keep(adaptive()), alone_then_beside)
+    alone = run_with_engine(lambda: keep(recording_engine(llama, tokenizer, steps, batch_invariant=False,
+                                                          prefix_caching=False)), alone_then_beside)
     assert alone[0] == [(long_prompt[0], 0, 150)], "nothing else runs: the whole prompt in one step"
     beside = [(start, end) for step in steps for first, start, end in step if first == long_prompt[0] and end <= 150]
     assert [start for start, _ in beside[1:]] == [end for _, end in beside[:-1]] and beside[-1][1] == 150

@@ -18,8 +18,9 @@ from batching.static_decode import DecodeForward, bucket_sizes
 from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-from converters.hqq import Int4Linear, quantize_linears, weight_bytes
+from converters.hqq import Int4Linear, quantize_linears
 from converters.int8 import quantize_int8
+from converters.linear_layers import weight_bytes
 from converters.packed_linear import PackedLinear, pack_linears
 from model_manager import LoadedModel, attention_cost
 from models import CompletionRequest
