@@ -92,12 +92,6 @@ class SpeechDetector:
             self.arrivals.put(scoring)
         return scoring.future
 
-    def speech_map(self, audio: np.ndarray, min_silence_ms: int = MIN_SILENCE_MS,
-                   pad_ms: int = SPEECH_PAD_MS) -> SpeechMap:
-        """Where the audio holds speech, silences shorter than min_silence_ms included; it waits for the
-        scores: call it off the event loop."""
-        return speech_map(self.scores(audio).result(), len(audio), min_silence_ms, pad_ms)
-
     def _score_forever(self) -> None:
         scorings: list[Scoring] = []
         state = np.zeros((2, 0, STATE_WIDTH), dtype=np.float32)

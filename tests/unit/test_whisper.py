@@ -37,7 +37,7 @@ from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import StreamedText, is_silent, split_window, window_features
 from speech.subtitles import clock, to_srt, to_vtt
-from speech.vad import MIN_SILENCE_MS, SPEECH_PAD_MS, THRESHOLD, SpeechDetector, SpeechMap
+from speech.vad import MIN_SILENCE_MS, SPEECH_PAD_MS, THRESHOLD, SpeechDetector, SpeechMap, speech_map
 from speech.word_timing import TimedWord, dtw, shorten_words_at_pauses, token_start_times, word_groups
 from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
 from tests.helpers.synthetic_speech import SENTENCES, espeak_available, spoken_clip, wav_bytes
@@ -609,15 +609,19 @@ def test_speech_map_joins_the_chunks_and_maps_times_back():
     assert len(SpeechMap(()).compact(audio)) == 0
 
 
+def detected(detector: SpeechDetector, audio: np.ndarray) -> SpeechMap:
+    return speech_map(detector.scores(audio).result(), len(audio))
+
+
 def test_uploads_scored_at_once_get_the_speech_map_each_gets_alone():
     if not espeak_available():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); it synthesises the test speech")
     speech = decode_audio(spoken_clip(SENTENCES[:2], pause_seconds=3.0))
     uploads = [speech, np.zeros(5 * SAMPLE_RATE, dtype=np.float32), speech[::-1].copy()]
     detector = SpeechDetector()
-    alone = [detector.speech_map(audio) for audio in uploads]
+    alone = [detected(detector, audio) for audio in uploads]
     with ThreadPoolExecutor(len(uploads)) as pool:
-        assert list(pool.map(detector.speech_map, uploads)) == alone
+        assert list(pool.map(lambda audio: detected(detector, audio), uploads)) == alone
     assert len(alone[0].chunks) == 2 and alone[1].chunks == ()  # two sentences 3 s apart; silence
     silero = [get_speech_timestamps(torch.from_numpy(audio), load_silero_vad(onnx=True), threshold=THRESHOLD,
                                     min_silence_duration_ms=MIN_SILENCE_MS, speech_pad_ms=SPEECH_PAD_MS)
@@ -630,9 +634,9 @@ def test_a_cancelled_upload_stops_being_scored_and_the_others_go_on():
     ten_minutes = detector.scores(np.zeros(600 * SAMPLE_RATE, dtype=np.float32))
     assert ten_minutes.cancel()
     second = np.zeros(SAMPLE_RATE, dtype=np.float32)  # 32 chunks of 512 samples (the last one short)
-    assert detector.speech_map(second).chunks == ()
+    assert detected(detector, second).chunks == ()
     before = detector.chunks_scored
-    assert detector.speech_map(second).chunks == ()
+    assert detected(detector, second).chunks == ()
     assert detector.chunks_scored - before == 32, "only the second's chunks: none of the cancelled upload's"
 
 
@@ -647,8 +651,8 @@ def test_the_speech_detector_hears_no_speech_in_silence_or_hum():
     seconds = np.arange(5 * SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
     hum = 0.05 * np.sin(2 * np.pi * 50 * seconds).astype(np.float32)
     detector = SpeechDetector()
-    assert detector.speech_map(np.zeros(5 * SAMPLE_RATE, dtype=np.float32)).chunks == ()
-    assert detector.speech_map(hum).chunks == ()
+    assert detected(detector, np.zeros(5 * SAMPLE_RATE, dtype=np.float32)).chunks == ()
+    assert detected(detector, hum).chunks == ()
 
 
 # ---------------------------------------------------------------- word timestamps
