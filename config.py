@@ -203,8 +203,8 @@ class Config:
                                   negative="--no-prefix-caching")
     max_num_batched_tokens: int | None = option(
         "--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
-        "prompt tokens one step computes while other requests are decoding, so their streams keep flowing; "
-        "unset: 32 on CPU, 2048 on CUDA", None, int)
+        "prompt tokens one step computes while other requests are decoding, so their streams keep flowing "
+        "(prompts that finish in the step may add one per free batch row); unset: 32 on CPU, 2048 on CUDA", None, int)
     batch_invariant: bool = option("--batch-invariant", "BATCH_INVARIANT",
                                    "make each request's output independent of what else runs beside it (greedy "
                                    "output reproducible to the bit): prompts are cut at fixed multiples of "
