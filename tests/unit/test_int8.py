@@ -1,6 +1,6 @@
 """--int8 (converters.int8) on tiny random-weight models: a layer is the integer product of its quantised
 inputs, a row's result is its own whatever the batch, every linear layer and the LM head are converted, and
-the engine's greedy tokens are transformers' argmax over the same quantised model."""
+the engine's greedy tokens are transformers' over the same quantised model, decoders and encoder-decoders."""
 
 import copy
 
@@ -9,8 +9,11 @@ import torch
 
 from config import Config, ConfigError
 from converters.int8 import INT8_LEVELS, Int8Linear, quantize_int8
+from model_manager import LoadedModel
 from tests.helpers.engine import generate_all, greedy, make_engine, run_with_engine
-from tests.helpers.tiny_models import tiny_model
+from tests.helpers.tiny_models import tiny_model, tiny_seq2seq
+from tests.unit.test_encoder_decoder import (ARCHITECTURES, DECODER_LENGTH, ENCODER_LENGTH, engine_for, joining,
+                                             prompts, transformers_greedy)
 from tests.unit.test_speed_path import random_prompts
 
 
@@ -61,3 +64,15 @@ def test_every_linear_layer_and_the_head_become_int8_and_greedy_tokens_are_trans
 def test_int8_is_one_quantisation_at_a_time():
     with pytest.raises(ConfigError, match="choose one"):
         Config(int8=True, hqq=True).validate()
+
+
+@pytest.mark.parametrize("architecture", ["t5", "bart"])
+def test_int8_encoder_decoders_decode_as_transformers_does(architecture):
+    """The encoder-decoder runner drives the quantised layers step by step: its greedy tokens are generate's."""
+    model, tokenizer = tiny_seq2seq(architecture, seed=ARCHITECTURES.index(architecture))
+    quantize_int8(model)
+    loaded = LoadedModel(model, tokenizer, architecture, DECODER_LENGTH, ENCODER_LENGTH)
+    budgets = [20, 12, 15]
+    outputs = run_with_engine(engine_for(loaded), joining(loaded, budgets))
+    assert outputs == [transformers_greedy(loaded, prompt, tokens)
+                       for prompt, tokens in zip(prompts(loaded, len(budgets)), budgets)]
