@@ -84,7 +84,7 @@ def load_whisper(config: Config) -> LoadedWhisper:
     attention = ENCODER_ATTENTION if config.device == "cpu" else "sdpa"
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype, attn_implementation=attention)
     model.to(config.device).eval()
-    convert_linears(model, config)  # every linear layer of the encoder and decoder; the output projection stays
+    convert_linears(model, config)  # the encoder's and decoder's linear layers; --int8 the output projection too
     generation = model.generation_config
     loaded = LoadedWhisper(model, processor, served_name(config.hf_model, EMBEDDED_WHISPER_NAME),
                            whisper_tokens(processor, generation, model.config.vocab_size), rule_settings(generation))
