@@ -25,7 +25,9 @@ class Int8Linear(torch.nn.Module):
         weight = linear.weight.detach().float()
         self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(dim=1).clamp(min=SMALLEST_SCALE) / INT8_LEVELS
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        # input-major ([in, out]): oneDNN's int8 product reads it 1.1-1.5x faster for 2 or more rows (and the LM
+        # head 1.4x at 32 rows), 2-3x slower for a single row than the usual [out, in]; a server batches
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
         self.register_buffer("scale", scale)
         self.bias = linear.bias
 
@@ -33,7 +35,7 @@ class Int8Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=SMALLEST_SCALE) / INT8_LEVELS
         quantised = torch.round(rows / row_scale).to(torch.int8)
-        product = torch._int_mm(quantised, self.weight.t())
+        product = torch._int_mm(quantised, self.weight)
         output = (product * row_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return output if self.bias is None else output + self.bias
 
