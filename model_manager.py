@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
                       StepProfiler, kv_layout)
 from batching.failpoints import Failpoints, parse_failpoints
-from batching.kernels import decode_attention
+from batching.kernels import decode_attention, logits
 from batching.families import text_family
 from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
@@ -280,7 +280,8 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
         logger.info("static cache: %d rows of %d tokens", slots.rows, slots.length)
     arena = KVArena(layout, tokens, config.prefix_caching, slots)
     if device.type == "cpu":
-        decode_attention.library()  # built (or found missing, and said so) now rather than in the first step
+        for kernel in (decode_attention, logits):
+            kernel.library()  # built (or found missing, and said so) now rather than in the first step
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
     logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; %d prompt tokens per step "
                 "beside decoding rows%s", tokens, tokens * layout.bytes_per_token / 2**30,

@@ -147,9 +147,9 @@ class ModelRunner:
         if span.start == 0:
             seq.prompt_logprobs = [None]
         if targets:
-            logprobs = span_logits[:len(targets)].float().log_softmax(dim=-1)
             ids = [seq.prompt_ids[p + 1] for p in targets]
-            seq.prompt_logprobs.extend(token_logprobs(logprobs, ids, [seq.params.logprobs or 0] * len(ids)))
+            seq.prompt_logprobs.extend(token_logprobs(span_logits[:len(targets)].float(), ids,
+                                                      [seq.params.logprobs or 0] * len(ids)))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

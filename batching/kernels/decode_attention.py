@@ -3,54 +3,33 @@ cached keys, all rows in one call. In the static step it replaces products over 
 with a mask (which read every row's full slot, and paid oneDNN's per-matrix overhead once per row and KV
 head); in the packed eager step it replaces one SDPA call per decoding row.
 
-The C file is compiled once per process, at first use, with the machine's C compiler and -march=native (a
-cached build could meet another CPU: machines differ from day to day); it takes a fraction of a second.
-Without a compiler the callers keep their torch paths, and the log says so once."""
+Built at first use (batching.kernels.build); without it the callers keep their torch paths."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("batchwise.kernels")
+from batching.kernels.build import built_library
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-LIBRARIES = ["-lmvec", "-lm"]  # glibc's vectorised expf, which -ffast-math calls
 FUNCTIONS = {torch.bfloat16: "attend_rows_bf16", torch.float32: "attend_rows_f32"}
 LANES = 16  # as decode_attention.c's
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler (cc, gcc or $CC): decode attention runs as torch products instead of %s",
-                       SOURCE.name)
+    loaded = built_library(SOURCE, "decode attention runs as torch products")
+    if loaded is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="batchwise-kernels-") as folder:
-        built = Path(folder) / "decode_attention.so"
-        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), *LIBRARIES],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            logger.warning("%s did not build (%s): decode attention runs as torch products instead\n%s",
-                           SOURCE.name, compiler, result.stderr.strip())
-            return None
-        loaded = ctypes.CDLL(str(built))  # mapped: the file can go
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     for name in FUNCTIONS.values():
         function = getattr(loaded, name)
         function.argtypes = [pointer] * 5 + [integer] * 5 + [ctypes.c_float, pointer, ctypes.c_int]
         function.restype = None
-    logger.info("built %s with %s", SOURCE.name, compiler)
     return loaded
 
 
