@@ -27,7 +27,7 @@ from serving.metrics import Metrics
 from serving.reasoning import template_opens_think
 from serving.startup import StartupProgress, warm_up
 from serving.tool_parsers import detect_format
-from serving.timeouts import deadline_after, finish_unless_abandoned
+from serving.timeouts import finish_unless_abandoned
 
 logger = logging.getLogger("batchwise.serving")
 
@@ -270,22 +270,24 @@ class Generator:
             self.cancel(choices)
 
     async def deltas(self, choices: list[Choice]) -> AsyncIterator[tuple[Choice, Delta]]:
-        """Deltas of all choices as they arrive, merged; closing the iterator cancels every choice."""
-        queue: asyncio.Queue[tuple[Choice, Delta]] = asyncio.Queue()
+        """Deltas of all choices as they arrive, merged; closing the iterator cancels every choice. The request
+        timeout is one timer that puts None in the queue (a wait_for per token cost a task and a timer each)."""
+        queue: asyncio.Queue[tuple[Choice, Delta] | None] = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
             async for delta in self.engine.stream(choice.seq):
-                await queue.put((choice, delta))
+                queue.put_nowait((choice, delta))
 
         pumps = [asyncio.create_task(pump(c)) for c in choices]
-        deadline = deadline_after(self.request_timeout)
+        timer = (asyncio.get_running_loop().call_later(self.request_timeout, queue.put_nowait, None)
+                 if self.request_timeout else None)
         unfinished = len(choices)
         try:
             while unfinished:
-                try:
-                    choice, delta = await asyncio.wait_for(queue.get(), timeout=deadline - time.monotonic())
-                except TimeoutError:
-                    raise timeout_error(self.request_timeout) from None
+                arrived = await queue.get()
+                if arrived is None:
+                    raise timeout_error(self.request_timeout)
+                choice, delta = arrived
                 check_error(delta)
                 choice.record(delta)
                 if delta.finish_reason is not None:
@@ -293,6 +295,8 @@ class Generator:
                     self._finished(choice)
                 yield choice, delta
         finally:
+            if timer:
+                timer.cancel()
             for task in pumps:
                 task.cancel()
             self.cancel(choices)
