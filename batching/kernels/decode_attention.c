@@ -3,7 +3,7 @@
    end by one thread in a fixed order, so a row's result never depends on the other rows of the batch; only
    the row's own `length` keys are read, however long its slot. Products, softmax and sums in float32, on
    16-float vectors (GCC vector extensions: AVX-512 registers where the CPU has them, pairs of AVX2 ones
-   otherwise). Built at start-up with -march=native -ffast-math (vectorised expf): see decode_attention.py. */
+   otherwise). Built at start-up with -march=native -ffast-math (vectorised expf): see build.py. */
 
 #include <math.h>
 #include <stdint.h>
