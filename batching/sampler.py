@@ -2,7 +2,7 @@
 
 Logprobs reported to clients are the model's own (log-softmax of the raw logits); penalties, bias
 and temperature shape only the choice. On CPU each row's argmax and logsumexp come from one C kernel
-(batching/kernels/logits.c): torch's take 3x as long, and a step samples 32 rows of a large vocabulary."""
+(batching/kernels/logits.c): torch's take nearly 3x as long, and a step samples 32 rows of a large vocabulary."""
 
 from __future__ import annotations
 
