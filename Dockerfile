@@ -14,8 +14,8 @@ ARG VARIANT=cpu
 # everything else), so that it does not pull gigabytes of CUDA libraries.
 FROM python:3.11-slim AS cpu
 ENV TORCH_EXTRA_INDEX=https://download.pytorch.org/whl/cpu
-# Both bases get a C/C++ compiler: the CPU decode-attention kernel (batching/kernels) is built at start-up for the
-# CPU it runs on, and torch.compile's CPU backend (inductor) writes C++.
+# Both bases get a C/C++ compiler: the CPU kernels (kernels/: decode attention, logits, int8 products) are built
+# at start-up for the CPU they run on, and torch.compile's CPU backend (inductor) writes C++.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
                       StepProfiler, kv_layout)
 from batching.failpoints import Failpoints, parse_failpoints
-from batching.kernels import decode_attention, logits
+from kernels import decode_attention, logits
 from batching.families import text_family
 from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
 from batching.families.encoder_decoder_cache import EncoderDecoderRows

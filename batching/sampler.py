@@ -2,13 +2,13 @@
 
 Logprobs reported to clients are the model's own (log-softmax of the raw logits); penalties, bias
 and temperature shape only the choice. On CPU each row's argmax and logsumexp come from one C kernel
-(batching/kernels/logits.c): torch's take nearly 3x as long, and a step samples 32 rows of a large vocabulary."""
+(kernels/logits.c): torch's take nearly 3x as long, and a step samples 32 rows of a large vocabulary."""
 
 from __future__ import annotations
 
 import torch
 
-from batching.kernels.logits import argmax_logsumexp
+from kernels.logits import argmax_logsumexp
 from batching.sequence import Sequence, TokenLogprob
 
 

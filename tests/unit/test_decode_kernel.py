@@ -1,4 +1,4 @@
-"""The C decode-attention kernel (batching/kernels) against attention computed in float64 by torch: every row's
+"""The C decode-attention kernel (kernels) against attention computed in float64 by torch: every row's
 query heads over exactly its own keys, whatever its neighbours; and the guards that keep C from reading past
 the K/V memory."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batching.attention import attend_cache_rows
-from batching.kernels.decode_attention import attend_rows, runs_here
+from kernels.decode_attention import attend_rows, runs_here
 
 
 def reference(query, keys, values, starts, lengths, scale):

@@ -21,6 +21,7 @@ RANKS = {
     "model_manager": 2,
     "batching": 1,
     "converters": 1,
+    "kernels": 0,
     "config": 0,
     "models": 0,
 }
@@ -28,6 +29,7 @@ HTTP = {"fastapi", "starlette", "uvicorn"}
 FORBIDDEN = {
     "batching": HTTP | {"pydantic", "models", "config"},
     "converters": HTTP | {"pydantic"},
+    "kernels": HTTP | {"pydantic", "models", "config"},
     "model_manager": HTTP,
     "speech": HTTP,
     "serving": HTTP | {"torch"},

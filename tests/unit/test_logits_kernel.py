@@ -1,10 +1,10 @@
-"""The C kernel for each row's argmax and logsumexp of next-token logits (batching/kernels/logits.c) against
+"""The C kernel for each row's argmax and logsumexp of next-token logits (kernels/logits.c) against
 torch's own: the first of equal largest values, tokens ruled out (-inf), vocabularies of any size."""
 
 import pytest
 import torch
 
-from batching.kernels.logits import argmax_logsumexp, library
+from kernels.logits import argmax_logsumexp, library
 
 
 def test_it_is_built_on_this_machine():

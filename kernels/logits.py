@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from batching.kernels.build import built_library
+from kernels.build import built_library
 
 SOURCE = Path(__file__).with_name("logits.c")
 

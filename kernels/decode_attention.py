@@ -3,7 +3,7 @@ cached keys, all rows in one call. In the static step it replaces products over 
 with a mask (which read every row's full slot, and paid oneDNN's per-matrix overhead once per row and KV
 head); in the packed eager step it replaces one SDPA call per decoding row.
 
-Built at first use (batching.kernels.build); without it the callers keep their torch paths."""
+Built at first use (kernels.build); without it the callers keep their torch paths."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from batching.kernels.build import built_library
+from kernels.build import built_library
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FUNCTIONS = {torch.bfloat16: "attend_rows_bf16", torch.float32: "attend_rows_f32"}
