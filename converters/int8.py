@@ -1,9 +1,9 @@
 """--int8: every linear layer and the LM head multiply in integers (W8A8, dynamic). Weights are int8 with one
 scale per output feature, quantised once at load; activations are quantised to int8 per token at each call;
-products are summed exactly in int32 and scaled back: by our AVX512-VNNI kernel (kernels/int8_matmul.c) from
-weights packed for it at load, or elsewhere by `torch._int_mm` (oneDNN's VNNI or AMX kernels). On an
-AVX512-VNNI CPU the products run at twice bfloat16's rate and read half its bytes; compiled, the activations'
-quantisation fuses into the ops around each product. A row's result never depends on the other rows of the
+products are summed exactly in int32 and scaled back. On a CPU with AVX512-VNNI one C call does all of it
+(kernels/int8_linear.c, from weights packed for it at load); elsewhere torch operations around
+`torch._int_mm` (oneDNN's VNNI or AMX kernels) do, and compiled graphs fuse them. The products run at twice
+bfloat16's rate and read half its bytes. A row's result never depends on the other rows of the
 batch. The embeddings stay as they are (a tied LM head gets an int8 copy: vocabulary x hidden bytes)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import torch
 
 from converters.linear_layers import QuantizationReport, replace_linears, weight_bytes
-from kernels.int8_matmul import int8_matmul, pack_weight, runs_here
+from kernels.int8_linear import int8_linear, pack_weight, runs_here
 
 INT8_LEVELS = 127  # symmetric: -127 .. 127
 SMALLEST_SCALE = 1e-12  # an all-zero row or weight stays zero instead of dividing by zero
@@ -28,7 +28,7 @@ class Int8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(dim=1).clamp(min=SMALLEST_SCALE) / INT8_LEVELS
         quantised = torch.round(weight / scale[:, None]).to(torch.int8)
-        if runs_here(quantised):
+        if runs_here(quantised, linear.weight.dtype):
             packed, compensation = pack_weight(quantised)
             self.register_buffer("weight", packed)
             self.register_buffer("compensation", compensation)
@@ -42,12 +42,12 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.compensation is not None:
+            output = int8_linear(rows, self.weight, self.compensation, self.scale, self.bias)
+            return output.reshape(*x.shape[:-1], self.out_features)
         row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=SMALLEST_SCALE) / INT8_LEVELS
         quantised = torch.round(rows / row_scale).to(torch.int8)
-        if self.compensation is None:
-            product = torch._int_mm(quantised, self.weight)
-        else:
-            product = int8_matmul(quantised, self.weight, self.compensation, self.out_features)
+        product = torch._int_mm(quantised, self.weight)
         output = (product * row_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return output if self.bias is None else output + self.bias
 

@@ -11,6 +11,8 @@
 #include <string.h>
 #include <immintrin.h>
 
+#include "bf16.h"
+
 #define LANES 16
 typedef float floats __attribute__((vector_size(4 * LANES)));
 typedef uint32_t words __attribute__((vector_size(4 * LANES)));
@@ -34,13 +36,6 @@ static inline floats load_f32(const float *p) {
     floats value;
     memcpy(&value, p, sizeof value);
     return value;
-}
-
-static inline uint16_t to_bf16(float value) { /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 static inline float to_f32(float value) { return value; }
