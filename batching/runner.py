@@ -42,6 +42,8 @@ class ModelRunner:
         """One token for each span that samples, in span order."""
         static = [i for i, span in enumerate(spans) if span.seq.decoding] if self._runs_static(spans) else []
         packed = sorted(set(range(len(spans))) - set(static))
+        if not packed:  # decoding rows only, each of which samples: the static step's logits are in span order
+            return sample(self.static.decode(spans).float(), [span.seq for span in spans])
         next_token_logits: dict[int, torch.Tensor] = {}
         if packed:
             next_token_logits.update(zip(

@@ -120,14 +120,19 @@ static inline size_t work_floats(int64_t group, int64_t dim, int64_t length) {
     }
 
 /* query, out: [rows, heads, dim], dim a multiple of LANES; row i's keys (values) for KV head h start at element
-   h * head_stride + starts[i] * dim of `keys` (`values`), one key every `dim` elements. */
+   h * head_stride + starts[i] * dim of `keys` (`values`), one key every `dim` elements, of the `tokens` a head
+   holds. Returns 0, or -1 without reading anything when a row's keys do not lie within those tokens or it has
+   none (its softmax needs one). */
 #define ATTEND_ROWS(NAME, ITEM, T)                                                                              \
-    void NAME(const T *query, const T *keys, const T *values, const int64_t *starts, const int64_t *lengths,     \
-              int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t head_stride, float scale,    \
-              T *out, int threads) {                                                                            \
+    int NAME(const T *query, const T *keys, const T *values, const int64_t *starts, const int64_t *lengths,      \
+             int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t head_stride, int64_t tokens,   \
+             float scale, T *out, int threads) {                                                                \
         const int64_t group = heads / kv_heads;                                                                 \
         int64_t longest = 0;                                                                                    \
-        for (int64_t row = 0; row < rows; row++) longest = lengths[row] > longest ? lengths[row] : longest;    \
+        for (int64_t row = 0; row < rows; row++) {                                                              \
+            if (starts[row] < 0 || lengths[row] < 1 || starts[row] + lengths[row] > tokens) return -1;          \
+            longest = lengths[row] > longest ? lengths[row] : longest;                                          \
+        }                                                                                                       \
         _Pragma("omp parallel num_threads(threads)")                                                           \
         {                                                                                                       \
         float *work = aligned_alloc(4 * LANES, sizeof(float) * work_floats(group, dim, longest));              \
@@ -150,6 +155,7 @@ static inline size_t work_floats(int64_t group, int64_t dim, int64_t length) {
         }                                                                                                       \
         free(work);                                                                                             \
         }                                                                                                       \
+        return 0;                                                                                               \
     }
 
 ATTEND_ITEM(attend_item_bf16, uint16_t, load_bf16, to_bf16)

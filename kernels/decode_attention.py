@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kernels.build import built_library
+from kernels.ops import kernel_op
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FUNCTIONS = {torch.bfloat16: "attend_rows_bf16", torch.float32: "attend_rows_f32"}
@@ -28,8 +29,8 @@ def library() -> ctypes.CDLL | None:
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     for name in FUNCTIONS.values():
         function = getattr(loaded, name)
-        function.argtypes = [pointer] * 5 + [integer] * 5 + [ctypes.c_float, pointer, ctypes.c_int]
-        function.restype = None
+        function.argtypes = [pointer] * 5 + [integer] * 6 + [ctypes.c_float, pointer, ctypes.c_int]
+        function.restype = ctypes.c_int
     return loaded
 
 
@@ -61,13 +62,12 @@ def _attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError(f"attend_rows needs tokens contiguous within a head, got strides {keys.stride()} and "
                          f"{values.stride()}")
     rows, heads, dim = query.shape
-    # C reads where it is told: never before the start or past the end, and at least one key (its softmax's)
-    if rows and (int((starts + lengths).max()) > keys.shape[1] or int(torch.minimum(starts, lengths - 1).min()) < 0):
-        raise ValueError(f"attend_rows: every row needs 1 or more keys within the {keys.shape[1]} tokens there are")
     output = torch.empty_like(query)
-    getattr(library(), FUNCTIONS[query.dtype])(
-        query.data_ptr(), keys.data_ptr(), values.data_ptr(), starts.data_ptr(), lengths.data_ptr(), rows, heads,
-        keys.shape[0], dim, keys.stride(0), scale, output.data_ptr(), torch.get_num_threads())
+    # C reads where it is told: never before the start or past the end, and at least one key (its softmax's)
+    if getattr(library(), FUNCTIONS[query.dtype])(
+            query.data_ptr(), keys.data_ptr(), values.data_ptr(), starts.data_ptr(), lengths.data_ptr(), rows, heads,
+            keys.shape[0], dim, keys.stride(0), keys.shape[1], scale, output.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"attend_rows: every row needs 1 or more keys within the {keys.shape[1]} tokens there are")
     return output
 
 
@@ -80,11 +80,9 @@ def row_cache_as_tokens(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cache.as_strided((kv_heads, (rows - 1) * per_row + length, dim), (cache.stride(1), dim, 1)), per_row
 
 
-# for torch.compile: an op that compiled graphs call as it is
-attend_rows_op = torch.library.custom_op("batchwise::attend_rows", _attend_rows, mutates_args=())
-
-
-@attend_rows_op.register_fake
-def _attend_rows_shape(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
-                       lengths: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend_rows_shape(query: torch.Tensor, *_: object) -> torch.Tensor:
     return torch.empty_like(query)
+
+
+attend_rows_op = kernel_op("attend_rows(Tensor query, Tensor keys, Tensor values, Tensor starts, Tensor lengths, "
+                           "float scale) -> Tensor", _attend_rows, _attend_rows_shape)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from kernels.build import built_library
+from kernels.ops import kernel_op
 
 SOURCE = Path(__file__).with_name("int8_linear.c")
 LANES = 16  # outputs of a packed block, as int8_linear.c's
@@ -70,11 +71,10 @@ def _int8_linear(x: torch.Tensor, packed: torch.Tensor, compensation: torch.Tens
     return output
 
 
-# for torch.compile: an op that compiled graphs call as it is
-int8_linear_op = torch.library.custom_op("batchwise::int8_linear", _int8_linear, mutates_args=())
-
-
-@int8_linear_op.register_fake
 def _int8_linear_shape(x: torch.Tensor, packed: torch.Tensor, compensation: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], scale.shape[0])
+
+
+int8_linear_op = kernel_op("int8_linear(Tensor x, Tensor packed, Tensor compensation, Tensor scale, Tensor? bias) "
+                           "-> Tensor", _int8_linear, _int8_linear_shape)
