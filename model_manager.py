@@ -18,7 +18,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
                       StepProfiler, kv_layout)
 from batching.failpoints import Failpoints, parse_failpoints
-from kernels import decode_attention, logits
 from batching.families import text_family
 from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
@@ -31,6 +30,7 @@ from converters.hqq import quantize_linears
 from converters.int8 import quantize_int8
 from converters.linear_layers import weight_count
 from converters.packed_linear import pack_linears
+from kernels import decode_attention, logits
 
 logger = logging.getLogger("batchwise.model")
 

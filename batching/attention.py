@@ -25,10 +25,10 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from kernels.decode_attention import attend_rows, row_cache_as_tokens, runs_here
 from batching.kv_arena import KVArena, KVLayout
 from batching.kv_cache import RowKVCache
 from batching.sequence import Sequence
+from kernels.decode_attention import attend_rows, row_cache_as_tokens, runs_here
 
 ATTENTION_NAME = "batchwise"
 

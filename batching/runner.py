@@ -44,10 +44,8 @@ class ModelRunner:
         packed = sorted(set(range(len(spans))) - set(static))
         if not packed:  # decoding rows only, each of which samples: the static step's logits are in span order
             return sample(self.static.decode(spans).float(), [span.seq for span in spans])
-        next_token_logits: dict[int, torch.Tensor] = {}
-        if packed:
-            next_token_logits.update(zip(
-                [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
+        next_token_logits: dict[int, torch.Tensor] = dict(zip(
+            [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
         if static:
             next_token_logits.update(zip(static, self.static.decode([spans[i] for i in static])))
         sampling = [i for i, span in enumerate(spans) if span.samples]

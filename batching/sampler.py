@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.logits import argmax_logsumexp
 from batching.sequence import Sequence, TokenLogprob
+from kernels.logits import argmax_logsumexp
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:

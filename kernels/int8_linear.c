@@ -142,8 +142,8 @@ static void scale_back(const int32_t *sums, int64_t rows, int64_t columns, const
 int int8_linear_available(void) { return 1; }
 
 /* y[M, N] = Int8Linear(x[M, K]): x and y float32 (bf16 = 0) or bfloat16 (bf16 = 1); w packed as
-   [ceil(N / 16)][K / 4][16][4] (zero outputs pad the last block), compensation[n] = 128 x sum_k w[n, k] and
-   scale[n] padded alike; bias: N values of y's dtype, or NULL; K a multiple of 4 */
+   [ceil(N / 16)][K / 4][16][4] (zero outputs pad the last block), compensation[n] = 128 x sum_k w[n, k] (padded
+   alike); scale: N float32 values; bias: N values of y's dtype, or NULL; K a multiple of 4 */
 void int8_linear(const void *x, int bf16, int64_t M, int64_t K, const int8_t *packed, const int32_t *compensation,
                  const float *scale, const void *bias, int64_t N, void *y, int threads) {
     const int64_t element = bf16 ? 2 : 4, block_bytes = K * LANES, blocks = (N + LANES - 1) / LANES;

@@ -24,10 +24,10 @@ from torch.nn import Linear
 from batching.attention import (DecodeStep, PositionBias, PrefillStep, Step, attend_cache_rows, attend_decoding,
                                 batchwise_attention, pack_prompts)
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
-from kernels.decode_attention import runs_here
 from batching.sampler import sample
 from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
+from kernels.decode_attention import runs_here
 
 CrossAttend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, query [N, heads, L, dim]) -> output
 
