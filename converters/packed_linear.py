@@ -10,18 +10,21 @@ from __future__ import annotations
 import torch
 
 from converters.linear_layers import replace_linears
+from kernels.ops import kernel_op
 
 
-@torch.library.custom_op("batchwise::packed_linear", mutates_args=())
-def packed_product(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """For torch.compile, which lowers oneDNN's product only for weights it packed itself (frozen graphs): an op
-    it calls as it is."""
+def _product(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
-@packed_product.register_fake
-def _packed_product_shape(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _product_shape(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
+
+
+# for torch.compile, which lowers oneDNN's product only for weights it packed itself (frozen graphs): an op it
+# calls as it is
+packed_product = kernel_op("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor",
+                           _product, _product_shape)
 
 
 class PackedLinear(torch.nn.Module):
@@ -41,8 +44,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return packed_product(x, self.packed_weight, self.bias)
-        # eagerly, without the custom op's dispatch (~6 us a call)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return _product(x, self.packed_weight, self.bias)  # eagerly, without the op's dispatch
 
 
 def pack_linears(model: torch.nn.Module) -> int:
