@@ -28,7 +28,8 @@ class Int8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(dim=1).clamp(min=SMALLEST_SCALE) / INT8_LEVELS
         quantised = torch.round(weight / scale[:, None]).to(torch.int8)
-        if runs_here(quantised, linear.weight.dtype):
+        bias_fits = linear.bias is None or linear.bias.dtype == linear.weight.dtype  # as the kernel adds it
+        if runs_here(quantised, linear.weight.dtype) and bias_fits:
             packed, compensation = pack_weight(quantised)
             self.register_buffer("weight", packed)
             self.register_buffer("compensation", compensation)

@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -33,10 +34,17 @@
    (2.6x slower); the instruction written out keeps them in registers */
 #define DPBUSD(acc, x, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
 
+/* a row's 4 bytes at p as one int32 (memcpy: p need not be aligned, and no pointer is cast) */
+static inline int32_t four_bytes(const uint8_t *p) {
+    int32_t value;
+    memcpy(&value, p, sizeof value);
+    return value;
+}
+
 #define ACCUMULATORS(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0;
 #define MULTIPLY_ROW(i)                                                   \
     if (rows > i) {                                                       \
-        __m512i x = _mm512_set1_epi32(*(const int32_t *)(a + i * K + k)); \
+        __m512i x = _mm512_set1_epi32(four_bytes(a + i * K + k)); \
         DPBUSD(c##i##0, x, w0);                                           \
         if (blocks > 1) DPBUSD(c##i##1, x, w1);                           \
         if (blocks > 2) DPBUSD(c##i##2, x, w2);                           \

@@ -32,6 +32,19 @@ def test_a_layer_is_the_integer_product_of_its_quantised_inputs():
     assert (got - unquantised).norm() < 0.02 * unquantised.norm()  # quantisation moves outputs by a percent
 
 
+def test_a_bias_of_another_dtype_than_the_weight_is_added_as_torch_adds_it():
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    linear.bias = torch.nn.Parameter(torch.randn(48))  # float32 beside bfloat16 weights
+    unbiased = copy.deepcopy(linear)
+    unbiased.bias = None
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = Int8Linear(linear)(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, Int8Linear(unbiased)(x) + linear.bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
     torch.manual_seed(1)
