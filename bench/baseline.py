@@ -126,6 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--output", help="write the measurements here as JSON")
+    parser.add_argument("--when", help="said in the labels, e.g. 'before the servers'")
     return parser.parse_args(argv)
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} torch threads")
     model, tokenizer = load(config)
     warm_up(model, tokenizer, config, args.batch_size)
-    suffix = f"{dtype_name(config)}, sdpa"
+    suffix = f"{dtype_name(config)}, sdpa" + (f", {args.when}" if args.when else "")
     measurements = [
         sequential(model, tokenizer, config, args.sequential_prompts, args.max_new_tokens,
                    f"sequential `generate` (batch 1, {suffix})"),

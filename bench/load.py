@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-level", type=int, default=2, help="requests per level = this x concurrency")
     args = parser.parse_args(argv)
     measurements = asyncio.run(run_levels(args.url, args.levels, args.max_tokens, args.requests_per_level))
-    print(markdown_table(measurements, sequential=None, static_batch=None))
+    print(markdown_table(measurements, sequential=None, static_batch=None, baselines=[]))
 
 
 if __name__ == "__main__":

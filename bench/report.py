@@ -40,14 +40,13 @@ def row(measurement: Measurement, sequential: Measurement | None, static_batch: 
 
 
 def markdown_table(servers: list[Measurement], sequential: Measurement | None,
-                   static_batch: Measurement | None) -> str:
-    """Every server level and baseline, with its ratio to each baseline and to `transformers serve` at the same
-    concurrency (when that was measured)."""
+                   static_batch: Measurement | None, baselines: list[Measurement]) -> str:
+    """Every server level and baseline run, with its ratio to `sequential` and `static_batch` and to `transformers
+    serve` at the same concurrency (when that was measured)."""
     static_name = f"generate@{static_batch.requests}" if static_batch else "generate"
     header = ["configuration", "requests", "completion tokens/s", "TTFT p50 / p95 (s)", "latency p50 / p95 (s)",
               "vs sequential generate", f"vs static-batch {static_name}", "vs transformers serve"]
     peers = {m.concurrency: m for m in servers if m.configuration.startswith(TRANSFORMERS_SERVE)}
-    baselines = [m for m in (sequential, static_batch) if m is not None]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += [row(m, sequential, static_batch, peers.get(m.concurrency)) for m in [*servers, *baselines]]
     return "\n".join(lines)

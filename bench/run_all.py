@@ -1,8 +1,10 @@
 """Full benchmark, one command, one run: Batchwise in each speed configuration (eager, static cache +
-torch.compile, HQQ int4, HQQ + compile), then `transformers serve --continuous-batching`, each streaming
-128-token chat completions at concurrency 1, 8 and 32, one server at a time; then sequential and
-static-batch `model.generate` in their own process (never at the same time: all are CPU-bound). Prints one
-markdown table and draws tokens/s against concurrency (bench/results/throughput.png).
+torch.compile, HQQ int4 and int8, each also compiled), then `transformers serve --continuous-batching`, each streaming
+128-token chat completions at concurrency 1, 8 and 32, one server at a time; sequential and static-batch
+`model.generate` run in their own process before the servers and again after them (never at the same time:
+all are CPU-bound), and ratios are taken against the faster of the two runs: a shared machine's speed drifts
+within the hour. Prints one markdown table and draws tokens/s against concurrency
+(bench/results/throughput.png).
 
     python -m bench.run_all                                   # everything above
     python -m bench.run_all --configs eager --no-transformers-serve
@@ -111,11 +113,11 @@ def run_transformers_serve(args: argparse.Namespace, env: dict[str, str]) -> lis
                                       model=model))
 
 
-def run_baseline(args: argparse.Namespace, env: dict[str, str]) -> list[Measurement]:
-    output = RESULTS / "baseline.json"
+def run_baseline(args: argparse.Namespace, env: dict[str, str], when: str) -> list[Measurement]:
+    output = RESULTS / f"baseline-{when.replace(' ', '-')}.json"
     command = [sys.executable, "-m", "bench.baseline", "--server-args", args.server_args,
                "--sequential-prompts", str(args.sequential_prompts), "--batch-size", str(args.static_batch_size),
-               "--max-new-tokens", str(args.max_tokens), "--output", str(output)]
+               "--max-new-tokens", str(args.max_tokens), "--output", str(output), "--when", when]
     print(f"baseline: {shlex.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     result = json.loads(output.read_text())
@@ -138,16 +140,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def fastest(baselines: list[Measurement], kind: str) -> Measurement | None:
+    return max((m for m in baselines if m.configuration.startswith(kind)), key=lambda m: m.tokens_per_s, default=None)
+
+
 def report(args: argparse.Namespace, servers: list[Measurement], baselines: list[Measurement], mkl: str) -> str:
-    sequential, static_batch = baselines if baselines else (None, None)
+    sequential, static_batch = fastest(baselines, "sequential"), fastest(baselines, "static-batch")
     lines = [
         f"# Batchwise benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
         f"- {cpu_model()}, {os.cpu_count()} CPUs; MKL_CBWR={mkl}; extra server flags: `{args.server_args}`",
         f"- {args.max_tokens} completion tokens per request, streaming, temperature 0; "
         f"{args.requests_per_level} x concurrency requests per level",
+        "- ratios against the faster run of each baseline (they run before and after the servers)",
         "",
-        markdown_table(servers, sequential, static_batch),
+        markdown_table(servers, sequential, static_batch, baselines),
     ]
     notes = short_completion_notes(servers + baselines)
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
@@ -158,13 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     mkl = os.environ.get("MKL_CBWR", DEFAULT_MKL_CBWR)
     env = process_env(mkl)
+    baselines = [] if args.skip_baseline else run_baseline(args, env, "before the servers")
     servers = [m for config in args.configs for m in run_batchwise(args, config, env)]
     if args.transformers_serve:
         servers += run_transformers_serve(args, env)
-    baselines = [] if args.skip_baseline else run_baseline(args, env)
+    if not args.skip_baseline:
+        baselines += run_baseline(args, env, "after the servers")
     text = report(args, servers, baselines, mkl)
     (RESULTS / "latest.md").write_text(text)
-    plot_throughput(servers, baselines, RESULTS / "throughput.png", cpu_model())
+    plotted = [m for m in (fastest(baselines, "sequential"), fastest(baselines, "static-batch")) if m]
+    plot_throughput(servers, plotted, RESULTS / "throughput.png", cpu_model())
     print("\n" + text, flush=True)
     print(f"written to {RESULTS / 'latest.md'} and {RESULTS / 'throughput.png'}")
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{str(dtype).removeprefix('torch.')} ({Config().dtype_choice()[1]}); "
              f"{MODEL} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters), "
              f"{args.max_tokens} tokens per request (ignore_eos), streaming chat", "",
-             markdown_table(servers, baseline, None)]
+             markdown_table(servers, baseline, None, [baseline])]
     (RESULTS / "seq2seq.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
