@@ -40,6 +40,7 @@ EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
 SOLO_PREFILL_TOKENS = 2048  # ...and with nothing decoding
+STATIC_PROMPT_TOKENS = 64  # the most prompt tokens a step may add beside decoding rows for them to join its static step
 
 
 class ModelLoadError(RuntimeError):
@@ -263,6 +264,17 @@ def attention_cost(model: PreTrainedModel, layout: KVLayout) -> float:
     return 2 * layout.layers * hidden / max(weights, 1)
 
 
+def static_prompt_tokens(layout: KVLayout, step_tokens: int, batch_invariant: bool) -> int:
+    """How many prompt tokens the static decode step holds beside a full batch: where attend_rows serves the
+    attention, the prompt tokens a step may add beside decoding rows, unless they are more than
+    STATIC_PROMPT_TOKENS (the static step computes logits for every row, the packed step only where one is
+    sampled); none in batch-invariant mode, where a prompt is cut the same way whoever runs beside it."""
+    if (batch_invariant or step_tokens > STATIC_PROMPT_TOKENS
+            or not all(decode_attention.serves(device, layout.dtype, layout.head_dim) for device in layout.devices)):
+        return 0
+    return step_tokens
+
+
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     """The chat engine over a KV arena sized by the budget; run it off the event loop (it probes the model)."""
     if loaded.encoder_decoder:
@@ -293,7 +305,8 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     static = None
     if slots is not None:
         static = StaticDecoder(loaded.model, arena, config.torch_compile_mode if config.torch_compile else None,
-                               MIN_INVARIANT_ROWS if config.batch_invariant else 1)
+                               MIN_INVARIANT_ROWS if config.batch_invariant else 1,
+                               static_prompt_tokens(layout, step_tokens, config.batch_invariant))
     runner = ModelRunner(loaded.model, arena, static, config.batch_invariant)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
                   **engine_options(config))

@@ -7,7 +7,8 @@ writes them into the engine's KV memory and attends over them:
   span attends to its own extent of the KV arena (its cached prefix, then its span, causally);
 - StaticDecodeStep (the chat engine with a static cache): one token per row of a [rows, 1] batch, every
   row attending over its whole fixed-length slot, masked to its own length: shapes never change, so the
-  step compiles once per batch size;
+  step compiles once per batch size (on CPU a row attends to exactly its own keys, wherever they start, so
+  a prompt chunk can also lie one token per row, each row attending up to its own position);
 - PrefillStep / DecodeStep (row caches, as the Whisper runner uses): packed prompts, then one token per row;
   StaticRowStep: the same rows allocated whole, every row attending over all of its row masked to its length;
 - ProbeStep: one token through the model to learn its KV layout.
@@ -54,6 +55,8 @@ class StaticDecodeStep:
     slot_length: int
     lengths: torch.Tensor  # [rows]: each row's keys after this token
     positions: torch.Tensor  # [rows]: arena position of each row's new token
+    starts: torch.Tensor  # [rows]: arena position of each row's first key (row r's slot, r x slot_length, where
+    # attend_rows does not serve: there every row attends over its own slot)
 
 
 @dataclass
@@ -211,17 +214,18 @@ def _attend_head(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def _static_decode_attention(module, query, key, value, scaling, step: StaticDecodeStep) -> torch.Tensor:
-    """One token per row ([rows, heads, 1, dim]); row r's slot is arena positions r x L .. (r + 1) x L, every
-    row attends over all L of them with the positions past its length masked out."""
+    """One token per row ([rows, heads, 1, dim]), every row's K/V written before any row attends. With attend_rows
+    a row attends to its `lengths` keys from its `starts`; otherwise row r's slot is arena positions r x L ..
+    (r + 1) x L, and every row attends over all L of them with the positions past its length masked out."""
     rows, kv_heads, head_dim, length = query.shape[0], key.shape[1], key.shape[3], step.slot_length
     cached_keys, cached_values = step.keys[module.layer_idx], step.values[module.layer_idx]
     positions, lengths = step.positions.to(query.device), step.lengths.to(query.device)  # same device: no copy
     cached_keys[:, positions] = key[:, :, 0].transpose(0, 1)
     cached_values[:, positions] = value[:, :, 0].transpose(0, 1)
     if runs_here(query):
-        starts = torch.arange(rows, device=query.device) * length
         scale = head_dim ** -0.5 if scaling is None else scaling
-        return attend_rows(query[:, :, 0], cached_keys, cached_values, starts, lengths, scale)[:, None]
+        return attend_rows(query[:, :, 0], cached_keys, cached_values, step.starts.to(query.device), lengths,
+                           scale)[:, None]
     keys = cached_keys[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     values = cached_values[:, :rows * length].view(kv_heads, rows, length, head_dim).transpose(0, 1)
     mask = torch.arange(length, device=query.device) < lengths[:, None]

@@ -1,7 +1,8 @@
 """Model forwards for one engine step: every sequence's span (a prompt chunk, or one decoding token) packed
 into a single [1, tokens] forward, then a token sampled for each span that reached its sequence's end.
-With a static cache, a step of decoding rows only runs the static-shape decode step instead
-(batching.static_decode), and so do the decoding rows of every step in batch-invariant mode."""
+With a static cache, a step the static-shape decode step takes (decoding rows, and on CPU prompt chunks
+beside them: batching.static_decode) runs there instead; in batch-invariant mode the decoding rows of every
+step do."""
 
 from __future__ import annotations
 
@@ -40,24 +41,22 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
         """One token for each span that samples, in span order."""
-        static = [i for i, span in enumerate(spans) if span.seq.decoding] if self._runs_static(spans) else []
+        if self.static is not None and self.static.takes(spans):
+            logits, seqs = self.static.logits(spans), [span.seq for span in spans if span.samples]
+            return sample(logits.float(), seqs) if seqs else []
+        # batch invariance needs every decode to attend the same way: the static step takes the decoding rows
+        invariant = self.static is not None and self.batch_invariant
+        static = [i for i, span in enumerate(spans) if span.seq.decoding] if invariant else []
         packed = sorted(set(range(len(spans))) - set(static))
-        if not packed:  # decoding rows only, each of which samples: the static step's logits are in span order
-            return sample(self.static.decode(spans).float(), [span.seq for span in spans])
         next_token_logits: dict[int, torch.Tensor] = dict(zip(
             [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
         if static:
-            next_token_logits.update(zip(static, self.static.decode([spans[i] for i in static])))
+            next_token_logits.update(zip(static, self.static.logits([spans[i] for i in static])))
         sampling = [i for i, span in enumerate(spans) if span.samples]
         if not sampling:
             return []
         logits = torch.stack([next_token_logits[i] for i in sampling]).float()
         return sample(logits, [spans[i].seq for i in sampling])
-
-    def _runs_static(self, spans: list[Span]) -> bool:
-        """Decoding rows take the static step, except beside prompt chunks: one packed forward then costs less
-        than two. Batch invariance needs every decode to attend the same way, so there they always take it."""
-        return self.static is not None and (self.batch_invariant or all(span.seq.decoding for span in spans))
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;

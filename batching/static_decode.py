@@ -1,7 +1,11 @@
 """The decode step of a static cache, gpt-fast style: the decoding rows padded to a bucket of fixed size
 (1, 2, 4, 8, ... up to the batch size), one token each, attending over their fixed-length slots. Its shapes
 depend only on the bucket, so with --torch-compile it is compiled once per bucket at start-up (CUDA graphs
-on CUDA with mode reduce-overhead) and never while serving."""
+on CUDA with mode reduce-overhead) and never while serving.
+
+Where attend_rows serves the attention (CPU), prompt chunks join the step too, one token per row: a step of
+decoding rows beside prompt chunks then runs compiled instead of eagerly, in one more bucket sized for the
+most such a step holds (the batch plus the prompt tokens a step may add beside it)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from transformers import PreTrainedModel
 from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena
 from batching.scheduler import Span
-from batching.vision import text_position
+from batching.vision import ImageInputs, text_position
 
 logger = logging.getLogger("batchwise.compile")
 
@@ -73,11 +77,12 @@ class DecodeForward(torch.nn.Module):
         self.layers = len(arena.keys)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                arena_positions: torch.Tensor) -> torch.Tensor:
-        """ids/positions: [rows, 1]; lengths, arena_positions: [rows]; returns next-token logits [rows, vocab]."""
+                arena_positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """ids/positions: [rows, 1]; lengths, arena_positions, starts: [rows] (as StaticDecodeStep's); returns
+        next-token logits [rows, vocab]."""
         step = StaticDecodeStep([getattr(self, f"keys_{i}") for i in range(self.layers)],
                                 [getattr(self, f"values_{i}") for i in range(self.layers)],
-                                self.slot_length, lengths, arena_positions)
+                                self.slot_length, lengths, arena_positions, starts)
         output = self.model(input_ids=ids, position_ids=positions, logits_to_keep=1, use_cache=False,
                             batchwise_step=step)
         return output.logits[:, -1]
@@ -85,32 +90,52 @@ class DecodeForward(torch.nn.Module):
 
 class StaticDecoder:
     def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
-                 min_rows: int = 1) -> None:
+                 min_rows: int = 1, prompt_tokens: int = 0) -> None:
+        """prompt_tokens: how many prompt tokens a step may hold beside a full batch of decoding rows (0: steps
+        with prompts never run here)."""
         self.slots = arena.slots
-        self.padding = arena.scratch.start  # where rows of a bucket that hold no sequence write their K/V
+        self.padding = arena.scratch.start  # where rows of a bucket that hold no token write their K/V
         self.device = model.device
         self.buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
+        if prompt_tokens:
+            self.buckets.append(self.slots.rows + prompt_tokens)
+        self.takes_prompts = prompt_tokens > 0
         forward = DecodeForward(model, arena)
         self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, self.buckets,
                                                                              "decode step")
 
+    def takes(self, spans: list[Span]) -> bool:
+        """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text
+        (without prompt logprobs, which need every position's logits) if all their tokens fit the largest bucket."""
+        if all(span.seq.decoding for span in spans):
+            return True
+        return (self.takes_prompts and sum(span.end - span.start for span in spans) <= self.buckets[-1]
+                and not any(isinstance(span.seq.inputs, ImageInputs) or span.seq.params.prompt_logprobs
+                            for span in spans))
+
     @torch.inference_mode()
-    def decode(self, spans: list[Span]) -> torch.Tensor:
-        """Next-token logits ([len(spans), vocab]) for decoding rows; rows without a span in the bucket write to
-        the padding slot and their logits are dropped."""
-        rows = self.bucket(max(span.seq.row for span in spans) + 1)
-        ids, positions, lengths, arena_positions = [0] * rows, [0] * rows, [1] * rows, [self.padding] * rows
-        for span in spans:
-            row, position = span.seq.row, span.start
-            ids[row], positions[row] = span.seq.all_ids[position], text_position(span.seq, position)
-            lengths[row] = position + 1
-            arena_positions[row] = row * self.slots.length + position
+    def logits(self, spans: list[Span]) -> torch.Tensor:
+        """Next-token logits ([spans that sample, vocab], in span order) of spans it takes. Decoding rows alone lie
+        in their sequences' rows; with prompt chunks, every token lies in a row of its own, in span order. Rows
+        without a token write to the padding slot and their logits are dropped."""
+        tokens = [(span.seq, position) for span in spans for position in range(span.start, span.end)]
+        places = [span.seq.row for span in spans] if len(tokens) == len(spans) else list(range(len(tokens)))
+        rows = self.bucket(max(places) + 1)
+        ids, positions, lengths = [0] * rows, [0] * rows, [1] * rows
+        arena_positions, starts = [self.padding] * rows, [self.padding] * rows
+        for place, (seq, position) in zip(places, tokens):
+            ids[place], positions[place] = seq.all_ids[position], text_position(seq, position)
+            lengths[place], arena_positions[place], starts[place] = position + 1, seq.kv.start + position, seq.kv.start
         logits = self.step(self._tensor(ids)[:, None], self._tensor(positions)[:, None], self._tensor(lengths),
-                           self._tensor(arena_positions))
-        span_rows = [span.seq.row for span in spans]
-        if span_rows == list(range(len(spans))):  # every row busy, in order: no copy of the logits needed
-            return logits[:len(spans)]
-        return logits[self._tensor(span_rows)]
+                           self._tensor(arena_positions), self._tensor(starts))
+        sampled, last = [], -1
+        for span in spans:
+            last += span.end - span.start
+            if span.samples:
+                sampled.append(places[last])
+        if sampled == list(range(len(sampled))):  # in order from the first row: no copy of the logits needed
+            return logits[:len(sampled)]
+        return logits[self._tensor(sampled)]
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.buckets if size >= rows)
@@ -120,7 +145,8 @@ class StaticDecoder:
 
     def _run_padding(self, rows: int) -> None:
         zeros = self._tensor([0] * rows)
-        self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding)
+        # five tensors, as served: one passed twice would be a graph for aliased inputs (and serving recompile)
+        self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding, zeros + self.padding)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for rows in args.rows:
         position = torch.full((rows,), args.length // 2, dtype=torch.long, device=model.device)
+        starts = torch.arange(rows, device=model.device) * args.length
         arguments = (torch.zeros(rows, 1, dtype=torch.long, device=model.device), position[:, None], position + 1,
-                     torch.arange(rows, device=model.device) * args.length + position)
+                     starts + position, starts)
         floor, multiply_adds = matmul_floor(weights, rows, args.repeats)
         cells = [str(rows), f"{floor * 1e3:.1f} ({2 * multiply_adds / floor / 1e9:.1f})"]
         packed = packed_step(model, arena, rows, args.length, args.length // 2)

@@ -40,9 +40,14 @@ def built() -> bool:
 
 
 def runs_here(query: torch.Tensor) -> bool:
-    """Whether attend_rows serves this query on this machine: a CPU tensor of a dtype the kernel has, with a head
-    size that its 16-float vectors divide."""
-    return query.device.type == "cpu" and query.dtype in FUNCTIONS and query.shape[-1] % LANES == 0 and built()
+    """Whether attend_rows serves this query on this machine."""
+    return serves(query.device, query.dtype, query.shape[-1])
+
+
+def serves(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether attend_rows serves attention heads of `head_dim` in `dtype` on `device` on this machine: a CPU, a
+    dtype the kernel has, a head size that its 16-float vectors divide."""
+    return device.type == "cpu" and dtype in FUNCTIONS and head_dim % LANES == 0 and built()
 
 
 def attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,

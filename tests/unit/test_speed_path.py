@@ -17,6 +17,7 @@ from batching.attention import attend_decoding
 from batching.static_decode import DecodeForward, bucket_sizes
 from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+from kernels import decode_attention
 
 from converters.hqq import Int4Linear, quantize_linears
 from converters.int8 import quantize_int8
@@ -58,6 +59,32 @@ def test_static_cache_gives_the_eager_engines_tokens_alone_and_batched(architect
     assert [outputs(model, tokenizer, [p], **static)[0] for p in prompts[:3]] == eager[:3]
 
 
+@pytest.mark.skipif(decode_attention.library() is None, reason="no C compiler: attend_rows does not serve")
+def test_prompt_chunks_join_decoding_rows_in_the_static_step_and_keep_the_eager_tokens(tokenizer):
+    """Outside batch-invariant mode, on CPU, a step of decoding rows beside prompt chunks (one token per row, each
+    attending up to its own position) runs in the static step rather than all eagerly."""
+    model = tiny_model("llama", len(tokenizer), seed=5)
+    prompts = random_prompts(8, len(tokenizer), seed=9, lengths=(5, 60))
+    eager = outputs(model, tokenizer, prompts, max_tokens=30)
+    lengths = [6 + 3 * index for index in range(len(prompts))]  # rows free up one at a time for the next prompt
+    kinds = []
+
+    def build():
+        engine = make_engine(model, tokenizer, batch_size=4, batch_invariant=False, static_cache=True,
+                             static_cache_decoder_max_length=96, max_num_batched_tokens=16)
+        static = engine.runner.static
+        static_logits = static.logits
+        static.logits = lambda spans: kinds.append({s.seq.decoding for s in spans}) or static_logits(spans)
+        return engine
+
+    async def staggered(engine):
+        return await asyncio.gather(*(finish(engine, engine.add(p, greedy(n))) for p, n in zip(prompts, lengths)))
+
+    served = run_with_engine(build, staggered)
+    assert [s.output_ids for s in served] == [tokens[:n] for tokens, n in zip(eager, lengths)]
+    assert {True, False} in kinds  # prompt chunks beside decoding rows
+
+
 def test_a_request_longer_than_the_static_length_is_refused(tokenizer):
     model = tiny_model("llama", len(tokenizer))
 
@@ -72,13 +99,14 @@ def test_a_request_longer_than_the_static_length_is_refused(tokenizer):
     assert error.status == 400 and "at most 64 tokens" in error.message
 
 
-def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(tokenizer):
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "prompts-join-the-static-step"])
+def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(tokenizer, batch_invariant):
     model = tiny_model("llama", len(tokenizer), seed=11)
     prompts = random_prompts(10, len(tokenizer), seed=12, lengths=(2, 50))
     eager = outputs(model, tokenizer, prompts, max_tokens=24, batch_size=6)
     warm_up = WarmUpRecord()
     build = warm_up.warmed(lambda: make_engine(model, tokenizer, batch_size=6, torch_compile=True,
-                                               static_cache_decoder_max_length=96))
+                                               static_cache_decoder_max_length=96, batch_invariant=batch_invariant))
 
     async def varied(engine):
         """Joins mid-stream, a cancellation, batches of every size."""
@@ -182,7 +210,7 @@ def test_quantised_layers_compile_to_the_same_logits(quantisation):
         tensor.normal_()
     forward = DecodeForward(model, arena)
     ids, positions = torch.tensor([[5], [6]]), torch.tensor([[3], [7]])
-    arguments = (ids, positions, positions[:, 0] + 1, torch.tensor([3, 32 + 7]))
+    arguments = (ids, positions, positions[:, 0] + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
     with torch.inference_mode():
         eager = forward(*arguments).float()
         compiled = torch.compile(forward, dynamic=False)(*arguments).float()
