@@ -42,9 +42,7 @@ class PackedLinear(torch.nn.Module):
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return packed_product(x, self.packed_weight, self.bias)
-        return _product(x, self.packed_weight, self.bias)  # eagerly, without the op's dispatch
+        return packed_product(x, self.packed_weight, self.bias)
 
 
 def pack_linears(model: torch.nn.Module) -> int:

@@ -55,9 +55,7 @@ def attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     """query: [rows, heads, dim]; keys, values: [kv_heads, tokens, dim], tokens contiguous within a head (the KV
     arena's layer); starts, lengths: [rows] (int64), row i attends to tokens starts[i] .. starts[i] + lengths[i]
     of every KV head, its query heads grouped as transformers' repeat_kv groups them. Returns [rows, heads, dim]."""
-    if torch.compiler.is_compiling():
-        return attend_rows_op(query, keys, values, starts, lengths, scale)
-    return _attend_rows(query, keys, values, starts, lengths, scale)  # eagerly, without the op's dispatch (7 us)
+    return attend_rows_op(query, keys, values, starts, lengths, scale)
 
 
 def _attend_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,

@@ -51,9 +51,7 @@ def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, compensation: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x: [rows, in] float32 or bfloat16; returns [rows, out] in x's dtype, out = scale's length."""
-    if torch.compiler.is_compiling():
-        return int8_linear_op(x, packed, compensation, scale, bias)
-    return _int8_linear(x, packed, compensation, scale, bias)  # eagerly, without the op's dispatch
+    return int8_linear_op(x, packed, compensation, scale, bias)
 
 
 def _int8_linear(x: torch.Tensor, packed: torch.Tensor, compensation: torch.Tensor, scale: torch.Tensor,
