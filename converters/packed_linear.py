@@ -31,7 +31,10 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
+        # named as nn.Linear names it, as IPEX's packed layers do: model code reads its layers' weight's dtype and
+        # device (T5's feed-forward casts its input to its output layer's weight dtype); the shape and dtype are the
+        # weight's, only the memory order is oneDNN's
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
                              persistent=False)
         self.bias = linear.bias
 
@@ -42,7 +45,7 @@ class PackedLinear(torch.nn.Module):
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_product(x, self.packed_weight, self.bias)
+        return packed_product(x, self.weight, self.bias)
 
 
 def pack_linears(model: torch.nn.Module) -> int:
