@@ -34,10 +34,15 @@ def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
 
 
 def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str) -> torch.nn.Module:
-    """torch.compile with static shapes: one graph per bucket, all kept."""
+    """torch.compile with static shapes: one graph per bucket, all kept. Inductor's fused kernels would keep
+    half-precision intermediates (norms, rotary, residual sums) in float32 where the eager model rounds each one:
+    a compiled bfloat16 step then drifts about an ulp a layer from the eager step and from transformers, and flips
+    the model's near-ties (the embedded model's first answer token: "L'Étoile..." for "The capital...", 0.08 nats
+    apart in float32). emulate_precision_casts rounds where eager rounds: compiled K/V equal the eager step's."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
     logger.info("compiling the %s (torch.compile mode %s) for batch sizes %s", what, mode, ", ".join(map(str, buckets)))
-    return torch.compile(forward, mode=mode, dynamic=False)
+    options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+    return torch.compile(forward, dynamic=False, options=options)
 
 
 @torch.inference_mode()
