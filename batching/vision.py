@@ -35,9 +35,11 @@ class ImageInputs:
         return torch.cat([prompt, after.expand(3, -1)], dim=1)
 
     def positions(self, ids: list[int], start: int, end: int) -> tuple[list[int], int]:
-        """Where ids[start:end] holds placeholders (relative to start), and how many came before start."""
-        return [index - start for index in range(start, end) if ids[index] == self.token_id], \
-            sum(1 for token in ids[:start] if token == self.token_id)
+        """Where ids[start:end] holds the prompt's placeholders (relative to start), and how many came before start.
+        Only the prompt's: a placeholder token the model generates is text, as transformers embeds it."""
+        prompt = len(self.kv_prompt)
+        return [index - start for index in range(start, min(end, prompt)) if ids[index] == self.token_id], \
+            sum(1 for token in ids[:min(start, prompt)] if token == self.token_id)
 
 
 def image_inputs(processed: Mapping[str, Any], token_id: int) -> ImageInputs:

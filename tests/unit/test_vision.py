@@ -13,6 +13,7 @@ from PIL import Image
 from tests.helpers.engine import finish, greedy, make_engine, run_with_engine
 from tests.helpers.tiny_models import tiny_vision_model
 
+from batching import SamplingParams
 from batching.vision import image_inputs
 from config import Config
 from model_manager import ModelLoadError, load_model
@@ -133,6 +134,25 @@ def test_siblings_share_one_vision_pass(vision):
     finally:
         hook.remove()
     assert outputs == [generated(reference, inputs)] * 3 and len(calls) == 1
+
+
+def test_a_placeholder_the_model_generates_is_text(vision):
+    """Only the prompt's placeholders stand for images: a placeholder token the model generates is embedded as the
+    token it is, as transformers does (the engine wrote image features over it and failed once they ran out)."""
+    model, reference, processor = vision
+    inputs, image = processed(processor, "What is this?", [picture(3)]), model.config.image_token_id
+    params = SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((image, 100.0),), logprobs=0)
+
+    async def body(engine):
+        seq = engine.add(inputs["input_ids"][0].tolist(), params, inputs=image_inputs(inputs, image))
+        return [token.logprob async for delta in engine.stream(seq) for token in delta.logprobs], seq.output_ids
+
+    logprobs, tokens = run_with_engine(lambda: make_engine(model, processor.tokenizer), body)
+    expected = reference.generate(**inputs, max_new_tokens=4, do_sample=False, sequence_bias={(image,): 100.0},
+                                  output_logits=True, return_dict_in_generate=True)
+    assert tokens == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist() == [image] * 4
+    reference_logprobs = [step[0].float().log_softmax(dim=-1)[image].item() for step in expected.logits]
+    assert logprobs == pytest.approx(reference_logprobs, abs=1e-4)
 
 
 def test_an_unserved_vision_family_is_refused_before_its_processor_loads(tmp_path):
