@@ -96,8 +96,8 @@ class AlignmentRecorder:
 
 class WhisperRunner(EncoderDecoderRunner):
     def __init__(self, model: WhisperForConditionalGeneration, cache: EncoderDecoderRows,
-                 rules: WhisperLogitRules, static: StaticRowDecoder | None = None) -> None:
-        super().__init__(WhisperFamily(model), cache, model.device, static=static)
+                 rules: WhisperLogitRules, static: StaticRowDecoder | None = None, min_rows: int = 1) -> None:
+        super().__init__(WhisperFamily(model), cache, model.device, min_rows, static)
         self.rules = rules
         self.alignment_heads = alignment_heads(model)
 
