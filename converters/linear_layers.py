@@ -10,13 +10,17 @@ import torch
 
 
 def replace_linears(model: torch.nn.Module, replacement: Callable[[torch.nn.Linear], torch.nn.Module | None]) -> int:
-    """Every nn.Linear except the LM head replaced, in place, by what `replacement` makes of it (kept where it
-    makes None); returns how many were replaced."""
+    """Every nn.Linear except the LM head and the layers the model keeps in float (its _keep_in_fp32_modules,
+    which transformers' own quantisers leave alone: T5's feed-forward output, whose weight's dtype T5 casts its
+    input to) replaced, in place, by what `replacement` makes of it (kept where it makes None); returns how many
+    were replaced."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept = [f".{name}." for name in getattr(model, "_keep_in_fp32_modules", None) or ()]
     replaced = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and child is not head:
+            path = f".{parent_name}.{name}."
+            if isinstance(child, torch.nn.Linear) and child is not head and not any(k in path for k in kept):
                 new = replacement(child)
                 if new is not None:
                     setattr(parent, name, new)
