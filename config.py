@@ -31,10 +31,13 @@ def parse_bool(text: str | bool) -> bool:
 
 
 def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None,
-           negative: str | None = None) -> Any:
-    """A Config field: its flag, env var, help, parser and choices; `negative` names a flag that sets it false."""
+           negative: str | None = None, modes: tuple = ()) -> Any:
+    """A Config field: its flag, env var, help, parser and choices; `negative` names a flag that sets it false.
+    `modes`: the values the quality matrix serves it at (the default first), for a flag that selects how the engine
+    computes (tests/unit/test_quality_matrix.py): every flag is either a serving mode or says there why it cannot
+    change a model's answers."""
     return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": type, "choices": choices,
-                                            "negative": negative})
+                                            "negative": negative, "modes": modes})
 
 
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
@@ -154,7 +157,8 @@ class Config:
         "most sequences decoded together in one step", 20, int)
     static_cache: bool = option("--static-cache", "STATIC_CACHE",
                                 "give every batch row a fixed K/V slot of --static-cache-decoder-max-length tokens and "
-                                "decode in one static-shape step (what --torch-compile compiles)", False, parse_bool)
+                                "decode in one static-shape step (what --torch-compile compiles)", False, parse_bool,
+                                modes=(False, True))
     static_cache_encoder_max_length: int = option(
         "--static-cache-encoder-max-length", "STATIC_CACHE_ENCODER_MAX_LENGTH",
         "static cache: longest encoder input (encoder-decoder models)", 256, int)
@@ -182,14 +186,14 @@ class Config:
     torch_profiling_steps: int = option("--torch-profiling-steps", "TORCH_PROFILING_STEPS",
                                         "how many engine steps to profile", 20, int)
     hqq: bool = option("--hqq", "HQQ", "quantise the linear layers with HQQ (weight-only; not the embeddings or the "
-                       "LM head): less memory, and on CUDA int4 matmul kernels", False, parse_bool)
+                       "LM head): less memory, and on CUDA int4 matmul kernels", False, parse_bool, modes=(False, True))
     hqq_nbits: int = option("--hqq-nbits", "HQQ_NBITS", "HQQ bits per weight", 4, int, choices=[2, 3, 4, 8])
     hqq_group_size: int = option("--hqq-group-size", "HQQ_GROUP_SIZE", "HQQ weights per scale and zero", 64, int,
                                  choices=[32, 64, 128, 256])
     int8: bool = option("--int8", "INT8", "int8 weights and per-token int8 activations for every linear layer and "
-                        "the LM head (W8A8): integer products, on CPU", False, parse_bool)
+                        "the LM head (W8A8): integer products, on CPU", False, parse_bool, modes=(False, True))
     torch_compile: bool = option("--torch-compile", "TORCH_COMPILE", "torch.compile the decode step", False,
-                                 parse_bool)
+                                 parse_bool, modes=(False, True))
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE",
                                      "torch.compile mode of the decode step (reduce-overhead: CUDA graphs on CUDA)",
                                      "reduce-overhead", choices=["default", "reduce-overhead", "max-autotune",
@@ -200,15 +204,16 @@ class Config:
                                   "memory on CUDA; never more than the running batch can use)", "auto")
     prefix_caching: bool = option("--prefix-caching", "PREFIX_CACHING",
                                   "reuse the K/V of prompt prefixes already computed", True, parse_bool,
-                                  negative="--no-prefix-caching")
+                                  negative="--no-prefix-caching", modes=(True, False))
     max_num_batched_tokens: int | None = option(
         "--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
         "prompt tokens one step computes while other requests are decoding, so their streams keep flowing "
-        "(prompts that finish in the step may add one per free batch row); unset: 32 on CPU, 2048 on CUDA", None, int)
+        "(prompts that finish in the step may add one per free batch row); unset: 32 on CPU, 2048 on CUDA", None, int,
+        modes=(None, 16))
     batch_invariant: bool = option("--batch-invariant", "BATCH_INVARIANT",
                                    "make each request's output independent of what else runs beside it (greedy "
                                    "output reproducible to the bit): prompts are cut at fixed multiples of "
-                                   "--max-num-batched-tokens", False, parse_bool)
+                                   "--max-num-batched-tokens", False, parse_bool, modes=(False, True))
     max_model_len: int | None = option("--max-model-len", "MAX_MODEL_LEN",
                                        "longest prompt plus completion in tokens; unset: the model's context",
                                        None, int)
