@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from batching import KVArena, Slots, kv_layout  # noqa: E402
 from batching.attention import SpanStep  # noqa: E402
-from batching.static_decode import DecodeForward  # noqa: E402
+from batching.static_decode import DecodeForward, compiled_per_bucket  # noqa: E402
 from bench.load import parse_levels  # noqa: E402
 from bench.run_all import cpu_model  # noqa: E402
 from config import parse_config  # noqa: E402
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     slots = Slots(max(args.rows), args.length)
     arena = KVArena(kv_layout(model), slots.tokens, prefix_caching=False, slots=slots)
     forward = DecodeForward(model, arena)
-    compiled = torch.compile(forward, mode=config.torch_compile_mode, dynamic=False) if args.compile else None
+    compiled = compiled_per_bucket(forward, config.torch_compile_mode, args.rows, "decode step") if args.compile \
+        else None
     quantised = " with HQQ" if config.hqq else ""
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, MKL_CBWR="
           f"{os.environ['MKL_CBWR']}; {config.hf_model} as {config.dtype}{quantised}; slots of {args.length} tokens\n")

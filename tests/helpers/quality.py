@@ -36,6 +36,7 @@ from tests.helpers.tiny_models import (byte_tokenizer, save_vision_processor, ti
                                        tiny_vision_model)
 
 BATCH = 4
+# what the server accepts: any decoder, the encoder-decoder and vision families the engine has runners for, Whisper
 SERVED_FAMILIES = ("decoder", *TEXT_FAMILIES, "whisper", *VISION_FAMILIES)
 
 
