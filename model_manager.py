@@ -22,7 +22,7 @@ from batching.families import text_family
 from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.encoder_decoder_static import StaticRowDecoder
-from batching.runner import MIN_INVARIANT_ROWS
+from batching.runner import min_rows
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
 from converters.gguf import cached_gguf_conversion
@@ -305,7 +305,7 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     static = None
     if slots is not None:
         static = StaticDecoder(loaded.model, arena, config.torch_compile_mode if config.torch_compile else None,
-                               MIN_INVARIANT_ROWS if config.batch_invariant else 1,
+                               min_rows(config.batch_invariant),
                                static_prompt_tokens(layout, step_tokens, config.batch_invariant))
     runner = ModelRunner(loaded.model, arena, static, config.batch_invariant)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
@@ -322,7 +322,7 @@ def build_encoder_decoder_engine(loaded: LoadedModel, config: Config) -> Engine:
         raise ModelLoadError(str(error)) from None
     static = config.static_cache or config.torch_compile
     cache = EncoderDecoderRows(batch_size, loaded.context_length, loaded.encoder_length, static=static)
-    min_rows = MIN_INVARIANT_ROWS if config.batch_invariant else 1
+    smallest = min_rows(config.batch_invariant)
     if not static:
         row_bytes = 2 * family.layers * family.heads * family.head_dim * loaded.model.dtype.itemsize
         logger.info("K/V memory: at most %.1f MiB (%d rows of %d encoder and %d decoder positions)",
@@ -331,8 +331,8 @@ def build_encoder_decoder_engine(loaded: LoadedModel, config: Config) -> Engine:
     # a whole batch of decoder prompts in one step: the runner prefills them whole, never in chunks
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
                           step_tokens=batch_size * loaded.context_length, batch_invariant=config.batch_invariant)
-    runner = EncoderDecoderRunner(family, cache, loaded.model.device, min_rows,
-                                  static_row_decoder(family, cache, loaded.model, config, smallest=min_rows)
+    runner = EncoderDecoderRunner(family, cache, loaded.model.device, smallest,
+                                  static_row_decoder(family, cache, loaded.model, config, smallest=smallest)
                                   if static else None)
     return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
                   **engine_options(config))

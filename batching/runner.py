@@ -26,6 +26,11 @@ from batching.vision import ImageInputs, embed_with_images, encode_images
 MIN_INVARIANT_ROWS = 4
 
 
+def min_rows(batch_invariant: bool) -> int:
+    """The fewest rows a forward runs: MIN_INVARIANT_ROWS in batch-invariant mode, else one."""
+    return MIN_INVARIANT_ROWS if batch_invariant else 1
+
+
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, arena: KVArena, static: StaticDecoder | None = None,
                  batch_invariant: bool = False) -> None:
@@ -33,7 +38,7 @@ class ModelRunner:
         self.arena = arena
         self.static = static
         self.batch_invariant = batch_invariant
-        self.min_rows = MIN_INVARIANT_ROWS if batch_invariant else 1
+        self.min_rows = min_rows(batch_invariant)
         self.device = model.device
         # where the logits are computed: another device than the input's when a device map spreads the model
         self.head_device = model.get_output_embeddings().weight.device

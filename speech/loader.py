@@ -16,7 +16,7 @@ from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_decoder import WhisperFamily
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
 from batching.families.whisper_runner import WhisperRunner, alignment_heads
-from batching.runner import MIN_INVARIANT_ROWS
+from batching.runner import min_rows
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
 from model_manager import convert_linears, engine_options, served_name, static_row_decoder
@@ -106,9 +106,9 @@ def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
     step_tokens = batch_size * model.config.max_target_positions
     scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens,
                           batch_invariant=config.batch_invariant)
-    min_rows = MIN_INVARIANT_ROWS if config.batch_invariant else 1
+    smallest = min_rows(config.batch_invariant)
     decoder = static_row_decoder(WhisperFamily(model), cache, model, config, sorted(alignment_heads(model)),
-                                 smallest=min_rows, names=("Whisper decode step", "window")) if static else None
-    runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules), decoder, min_rows)
+                                 smallest=smallest, names=("Whisper decode step", "window")) if static else None
+    runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules), decoder, smallest)
     return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
                   config.continuous_batching_microsleep, **engine_options(config))
