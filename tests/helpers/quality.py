@@ -153,6 +153,16 @@ class Request:
     joins_after: int | None = None  # added once request [index] has finished, beside the others decoding
 
 
+# Every family's four requests: the second ends first, and the fourth joins then, beside the two still decoding.
+MAX_TOKENS, LATE, JOINS_AFTER = (14, 3, 12, 10), 3, 1
+
+
+def scheduled(parts: list[tuple[list[int], Any, dict[str, torch.Tensor]]]) -> list[Request]:
+    """Four (prompt, runner inputs, reference inputs) as the matrix serves them."""
+    return [Request(prompt, limit, inputs, reference, JOINS_AFTER if index == LATE else None)
+            for index, ((prompt, inputs, reference), limit) in enumerate(zip(parts, MAX_TOKENS, strict=True))]
+
+
 def collect(engine: Engine, seq: Sequence) -> "asyncio.Future[Served]":
     async def run() -> Served:
         served = Served([], [])
@@ -295,8 +305,7 @@ def decoder_requests(loaded: Any) -> list[Request]:
     its prompt (whole prefix-cache blocks) joins the two still decoding, its rest cut into chunks beside them."""
     rng = random.Random(5)
     short, shared, longer = token_run(rng, 6), token_run(rng, 40), token_run(rng, 23)
-    return [Request(short, 14), Request(shared, 3), Request(longer, 12),
-            Request(shared + token_run(rng, 37), 10, joins_after=1)]
+    return scheduled([(prompt, None, {}) for prompt in (short, shared, longer, shared + token_run(rng, 37))])
 
 
 def decoder_logprobs(model: Any, request: Request, tokens: list[int]) -> torch.Tensor:
@@ -333,9 +342,7 @@ def seq2seq_requests(loaded: Any) -> list[Request]:
     """Encoder inputs of different lengths, each ended by the end-of-sequence token; one joins decoding rows."""
     rng, eos = random.Random(6), loaded.tokenizer.eos_token_id
     inputs = [token_run(rng, length) + [eos] for length in (5, 40, 23, 60)]
-    return [Request(loaded.decoder_prompt, tokens, TextInput(ids), {"input_ids": torch.tensor([ids])},
-                    joins_after=1 if index == 3 else None)
-            for index, (ids, tokens) in enumerate(zip(inputs, (14, 3, 12, 10)))]
+    return scheduled([(loaded.decoder_prompt, TextInput(ids), {"input_ids": torch.tensor([ids])}) for ids in inputs])
 
 
 def seq2seq_logprobs(model: Any, request: Request, tokens: list[int]) -> torch.Tensor:
@@ -372,13 +379,9 @@ def whisper_requests(loaded: Any) -> list[Request]:
     frames = 2 * loaded.model.config.max_source_positions
     prompts = [[tokens.start_of_transcript], [tokens.start_of_previous, 383, 2068, 7586, tokens.start_of_transcript],
                [tokens.start_of_transcript], [tokens.start_of_previous, *range(400, 420), tokens.start_of_transcript]]
-    requests = []
-    for index, (prompt, limit) in enumerate(zip(prompts, (14, 3, 12, 10))):
-        features = torch.randn(80, frames, generator=generator)
-        window = SpeechWindow(features, start_index=prompt.index(tokens.start_of_transcript))
-        requests.append(Request(prompt, limit, window, {"input_features": features[None]},
-                                joins_after=1 if index == 3 else None))
-    return requests
+    features = [torch.randn(80, frames, generator=generator) for _ in prompts]
+    return scheduled([(prompt, SpeechWindow(window, start_index=prompt.index(tokens.start_of_transcript)),
+                       {"input_features": window[None]}) for prompt, window in zip(prompts, features)])
 
 
 def whisper_logprobs(model: Any, request: Request, tokens: list[int]) -> torch.Tensor:
@@ -420,13 +423,12 @@ def vision_requests(loaded: Any) -> list[Request]:
     shared = words(40)
     asks = [(words(5), [picture(1)]), (shared, []), (words(12), [picture(2), picture(3)]), (shared + words(20),
                                                                                            [picture(4)])]
-    requests = []
-    for index, ((text, images), limit) in enumerate(zip(asks, (14, 3, 12, 10))):
+    parts = []
+    for text, images in asks:
         processed = vision_prompt(loaded.processor, text, images)
         inputs = image_inputs(processed, loaded.model.config.image_token_id) if images else None
-        requests.append(Request(processed["input_ids"][0].tolist(), limit, inputs, dict(processed),
-                                joins_after=1 if index == 3 else None))
-    return requests
+        parts.append((processed["input_ids"][0].tolist(), inputs, dict(processed)))
+    return scheduled(parts)
 
 
 def vision_prompt(processor: Any, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
