@@ -68,6 +68,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from bench.quality_prompts import PROMPTS  # noqa: E402
+from bench.report import cpu_model  # noqa: E402
 from config import Config, ConfigError, cpu_flags  # noqa: E402
 
 CHAT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -536,15 +537,6 @@ def speech_table(rows: list[SpeechRow]) -> str:
     header = ["configuration", "dtype", "WER", "identical", "retried", "run s"]
     return markdown(header, [[r.configuration, r.dtype, *(failed(r, 4) if r.error else [
         number(r.wer, ".1%"), number(r.identical, ".0%"), str(r.retried), f"{r.seconds:.1f}"])] for r in rows])
-
-
-def cpu_model() -> str:
-    """/proc/cpuinfo's model name (bench.run_all has the same, but importing it needs matplotlib)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 def machine() -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import platform
+from pathlib import Path
 
 from bench.stats import Measurement
 
@@ -60,3 +62,14 @@ def short_completion_notes(measurements: list[Measurement]) -> list[str]:
             notes.append(f"- {m.configuration}: {fmt(m.mean_completion_tokens, 1)} completion tokens per request "
                          f"on average (limit {m.requested_tokens_each}); tokens/s counts the real tokens.")
     return notes
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name, else the platform's (here, where importing it needs no plotting library)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -19,7 +19,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from bench.load import parse_levels, run_levels
 from bench.plot import plot_throughput
-from bench.report import markdown_table, short_completion_notes
+from bench.report import cpu_model, markdown_table, short_completion_notes
 from bench.stats import Measurement
 from bench.transformers_serve import running_transformers_serve
 from tests.helpers.server_process import running_server
@@ -128,16 +127,6 @@ def process_env(mkl_cbwr: str) -> dict[str, str]:
     env = dict(os.environ, MKL_CBWR=mkl_cbwr)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fastest(baselines: list[Measurement], kind: str) -> Measurement | None:
