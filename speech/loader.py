@@ -10,16 +10,13 @@ from pathlib import Path
 
 from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-from batching import Engine, Scheduler
+from batching import Engine
+from batching.build import whisper_engine
 from batching.families.encoder_attention import ENCODER_ATTENTION
-from batching.families.encoder_decoder_cache import EncoderDecoderRows
-from batching.families.whisper_decoder import WhisperFamily
-from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
-from batching.families.whisper_runner import WhisperRunner, alignment_heads
-from batching.runner import min_rows
+from batching.families.whisper_rules import RuleSettings, WhisperTokens
 from config import EMBEDDED_CHAT_MODEL, Config
 from converters.ct2_whisper import EMBEDDED_WHISPER_NAME, cached_ct2_whisper_conversion, embedded_whisper_path
-from model_manager import convert_linears, engine_options, served_name, static_row_decoder
+from model_manager import convert_linears, engine_settings, served_name
 
 logger = logging.getLogger("batchwise.model")
 
@@ -95,20 +92,6 @@ def load_whisper(config: Config) -> LoadedWhisper:
 
 
 def build_whisper_engine(loaded: LoadedWhisper, config: Config) -> Engine:
-    batch_size = config.continuous_batching_batch_size
-    model, static = loaded.model, config.static_cache or config.torch_compile
-    cache = EncoderDecoderRows(max_rows=batch_size, max_length=model.config.max_target_positions,
-                               max_source=model.config.max_source_positions,
-                               beams=config.whisper_beam_size, static=static)
-    if config.whisper_beam_size > 1:
-        logger.info("windows at temperature 0 are decoded with %d beams (a batch row each)", config.whisper_beam_size)
-    # the prompts of a whole batch of windows in one step: the runner prefills a prompt whole, never in chunks
-    step_tokens = batch_size * model.config.max_target_positions
-    scheduler = Scheduler(cache, max_running=batch_size, max_pending=config.max_concurrent, step_tokens=step_tokens,
-                          batch_invariant=config.batch_invariant)
-    smallest = min_rows(config.batch_invariant)
-    decoder = static_row_decoder(WhisperFamily(model), cache, model, config, sorted(alignment_heads(model)),
-                                 smallest=smallest, names=("Whisper decode step", "window")) if static else None
-    runner = WhisperRunner(model, cache, WhisperLogitRules(loaded.tokens, loaded.rules), decoder, smallest)
-    return Engine(runner, scheduler, loaded.processor.tokenizer, frozenset({loaded.tokens.end_of_text}),
-                  config.continuous_batching_microsleep, **engine_options(config))
+    """The engine that decodes the model's windows; run it off the event loop (it allocates the caches)."""
+    return whisper_engine(loaded.model, loaded.processor.tokenizer, loaded.tokens, loaded.rules,
+                          engine_settings(config, loaded.model.device))

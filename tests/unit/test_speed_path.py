@@ -14,6 +14,7 @@ import transformers
 
 from batching import ATTENTION_NAME, KVArena, Slots, kv_layout
 from batching.attention import attend_decoding
+from batching.build import attention_cost
 from batching.static_decode import DecodeForward, bucket_sizes, compiled_per_bucket
 from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -21,9 +22,9 @@ from kernels import decode_attention
 
 from converters.hqq import Int4Linear, quantize_linears
 from converters.int8 import quantize_int8
-from converters.linear_layers import weight_bytes
+from converters.linear_layers import weight_bytes, weight_count
 from converters.packed_linear import PackedLinear, pack_linears
-from model_manager import LoadedModel, attention_cost
+from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.generator import Generator, ServingOptions
@@ -168,9 +169,9 @@ def test_converting_linear_layers_leaves_the_prompt_chunking_cost_model_alone(co
     dtype, convert = CONVERSIONS[conversion]
     model = hqq_sized_model(1000, dtype)
     layout = kv_layout(model)
-    before = attention_cost(model, layout)
+    before = attention_cost(model, layout, weight_count(model))
     convert(model)
-    assert attention_cost(model, layout) == pytest.approx(before)
+    assert attention_cost(model, layout, weight_count(model)) == pytest.approx(before)
 
 
 def test_the_int4_kernel_multiplies_by_hqqs_own_dequantised_weights():
