@@ -46,10 +46,22 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
         """One token for each span that samples, in span order."""
+        logits = self._next_token_logits(spans)
+        seqs = [span.seq for span in spans if span.samples]
+        return sample(logits.float(), seqs) if seqs else []
+
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;
+        on_ready(batch sizes ready, all of them) after each."""
+        if self.static is not None:
+            self.static.warm_up(on_ready)
+
+    def _next_token_logits(self, spans: list[Span]) -> torch.Tensor:
+        """[spans that sample, vocab], in span order: from the static step when it takes the whole step, else from
+        the packed forward, but for the decoding rows in batch-invariant mode, which the static step takes (batch
+        invariance needs every decode to attend the same way)."""
         if self.static is not None and self.static.takes(spans):
-            logits, seqs = self.static.logits(spans), [span.seq for span in spans if span.samples]
-            return sample(logits.float(), seqs) if seqs else []
-        # batch invariance needs every decode to attend the same way: the static step takes the decoding rows
+            return self.static.logits(spans)
         invariant = self.static is not None and self.batch_invariant
         static = [i for i, span in enumerate(spans) if span.seq.decoding] if invariant else []
         packed = sorted(set(range(len(spans))) - set(static))
@@ -57,17 +69,8 @@ class ModelRunner:
             [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
         if static:
             next_token_logits.update(zip(static, self.static.logits([spans[i] for i in static])))
-        sampling = [i for i, span in enumerate(spans) if span.samples]
-        if not sampling:
-            return []
-        logits = torch.stack([next_token_logits[i] for i in sampling]).float()
-        return sample(logits, [spans[i].seq for i in sampling])
-
-    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;
-        on_ready(batch sizes ready, all of them) after each."""
-        if self.static is not None:
-            self.static.warm_up(on_ready)
+        sampling = [next_token_logits[i] for i, span in enumerate(spans) if span.samples]
+        return torch.stack(sampling) if sampling else torch.empty(0)
 
     def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
         """One [1, tokens] forward over the spans; next-token logits of those that sample, in order."""
