@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from batching.attention import SpanStep
+from batching.attention import PackedSpan, SpanStep
 from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
@@ -82,7 +82,7 @@ class ModelRunner:
             ids.extend(seq.all_ids[span.start:span.end])
             positions.extend(range(span.start, span.end))
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
-            attention_spans.append((start, len(ids), seq.kv.start, span.end))
+            attention_spans.append(PackedSpan(start, len(ids), seq.kv.start, span.end))
             kept.extend(start + p - span.start for p in self._logit_positions(span))
         self._pad(ids, positions, slots, attention_spans, kept)
         token_inputs = self._token_inputs(self._tensor(ids), pictured)
@@ -123,8 +123,8 @@ class ModelRunner:
             rows[:, offset:offset + end - start] = seq.inputs.position_rows(start, end)
         return rows[:, None]
 
-    def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list, kept: list[int]
-             ) -> None:
+    def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list[PackedSpan],
+             kept: list[int]) -> None:
         """Fill the forward and its kept logits up to `min_rows` rows: padding tokens form a span of their own
         that writes to the arena's scratch positions; extra kept rows repeat the last one and are dropped."""
         missing = self.min_rows - len(ids)
@@ -133,7 +133,7 @@ class ModelRunner:
             ids.extend([0] * missing)
             positions.extend(range(missing))
             slots.extend(range(scratch, scratch + missing))
-            attention_spans.append((start, start + missing, scratch, missing))
+            attention_spans.append(PackedSpan(start, start + missing, scratch, missing))
         kept.extend([kept[-1] if kept else 0] * (self.min_rows - len(kept)))
 
     @staticmethod

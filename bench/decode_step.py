@@ -26,7 +26,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from batching import KVArena, Slots, kv_layout  # noqa: E402
-from batching.attention import SpanStep  # noqa: E402
+from batching.attention import PackedSpan, SpanStep  # noqa: E402
 from batching.static_decode import DecodeForward, compiled_per_bucket  # noqa: E402
 from bench.load import parse_levels  # noqa: E402
 from bench.run_all import cpu_model  # noqa: E402
@@ -52,7 +52,7 @@ def packed_step(model: torch.nn.Module, arena: KVArena, rows: int, length: int, 
     ids = torch.zeros(1, rows, dtype=torch.long, device=device)
     positions = torch.full((1, rows), position, dtype=torch.long, device=device)
     slots = torch.arange(rows, device=device) * length + position
-    spans = [(row, row + 1, row * length, position + 1) for row in range(rows)]
+    spans = [PackedSpan(row, row + 1, row * length, position + 1) for row in range(rows)]
     every_row = torch.arange(rows, device=device)
     return lambda: model(input_ids=ids, position_ids=positions, logits_to_keep=every_row, use_cache=False,
                          batchwise_step=SpanStep(arena, slots, spans))
