@@ -15,9 +15,9 @@ from batching.attention import PackedSpan, SpanStep
 from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
-from batching.sequence import Sequence, TokenLogprob
+from batching.sequence import TokenLogprob
 from batching.static_decode import StaticDecoder
-from batching.vision import ImageInputs, embed_with_images, encode_images
+from batching.vision import ImageInputs, PicturedSpan, embed_with_images, encode_images
 
 
 # MKL's reproducible mode (MKL_CBWR=AUTO,STRICT) gives a matmul row the same result whatever the number of
@@ -78,7 +78,7 @@ class ModelRunner:
         for span in spans:
             seq, start = span.seq, len(ids)
             if isinstance(seq.inputs, ImageInputs):
-                pictured.append((seq, start, span.start, span.end))
+                pictured.append(PicturedSpan(seq, start, span.start, span.end))
             ids.extend(seq.all_ids[span.start:span.end])
             positions.extend(range(span.start, span.end))
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
@@ -101,21 +101,21 @@ class ModelRunner:
                 next_token_logits.append(span_logits[-1])
         return next_token_logits
 
-    def _token_inputs(self, ids: torch.Tensor, pictured: list[tuple[Sequence, int, int, int]]) -> dict:
+    def _token_inputs(self, ids: torch.Tensor, pictured: list[PicturedSpan]) -> dict:
         """The forward's token ids, or with images among them, embeddings with the images' features written over
         their placeholders (the vision tower runs first for the sequences whose images it has not seen)."""
         if not pictured:
             return {"input_ids": ids[None]}
-        unseen = list({seq: None for seq, *_ in pictured if seq.inputs.features is None})
+        unseen = list({piece.seq: None for piece in pictured if piece.seq.inputs.features is None})
         if unseen:
             encode_images(self.model, unseen)
         return {"inputs_embeds": embed_with_images(self.model, ids, pictured)[None]}
 
-    def _position_ids(self, positions: list[int], pictured: list[tuple[Sequence, int, int, int]]) -> torch.Tensor:
+    def _position_ids(self, positions: list[int], pictured: list[PicturedSpan]) -> torch.Tensor:
         """[1, tokens]; or where a sequence's images have 3-D rotary positions (after _token_inputs has found
         them), [3, 1, tokens], with text-only sequences' positions alike on all three axes."""
         flat = self._tensor(positions)[None]
-        spatial = [piece for piece in pictured if piece[0].inputs.rope_positions is not None]
+        spatial = [piece for piece in pictured if piece.seq.inputs.rope_positions is not None]
         if not spatial:
             return flat
         rows = flat.expand(3, -1).clone()
