@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for rows in args.rows:
         position = torch.full((rows,), args.length // 2, dtype=torch.long, device=model.device)
         starts = torch.arange(rows, device=model.device) * args.length
-        arguments = (torch.zeros(rows, 1, dtype=torch.long, device=model.device), position[:, None], position + 1,
+        arguments = (torch.zeros(rows, dtype=torch.long, device=model.device), position, position + 1,
                      starts + position, starts)
         floor, multiply_adds = matmul_floor(weights, rows, args.repeats)
         cells = [str(rows), f"{floor * 1e3:.1f} ({2 * multiply_adds / floor / 1e9:.1f})"]
