@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(eq=False)
@@ -17,6 +18,13 @@ class Extent:
     @property
     def end(self) -> int:
         return self.start + self.size
+
+
+class ExtentCopy(NamedTuple):
+    """What an extent holds, to be copied elsewhere: `size` positions from `source` on, to `target` on."""
+    source: int
+    target: int
+    size: int
 
 
 class ExtentAllocator:
@@ -70,13 +78,13 @@ class ExtentAllocator:
             start, size = self.holes[index][0], self.holes.pop(index)[1] + size
         self.holes.insert(index, (start, size))
 
-    def compact(self, extents: list[Extent]) -> list[tuple[int, int, int]]:
-        """Slide every extent towards the start, leaving one hole at the end; returns the moves
-        (source, target, size) in the order they must be copied."""
+    def compact(self, extents: list[Extent]) -> list[ExtentCopy]:
+        """Slide every extent towards the start, leaving one hole at the end; returns the moves in the order they
+        must be copied."""
         moves, cursor = [], 0
         for extent in sorted(extents, key=lambda e: e.start):
             if extent.start != cursor:
-                moves.append((extent.start, cursor, extent.size))
+                moves.append(ExtentCopy(extent.start, cursor, extent.size))
                 extent.start = cursor
             cursor += extent.size
         self.holes = [(cursor, self.total - cursor)] if cursor < self.total else []

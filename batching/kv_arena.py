@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batching.extents import Extent, ExtentAllocator
+from batching.extents import Extent, ExtentAllocator, ExtentCopy
 from batching.prefix_cache import BLOCK_TOKENS, CachedPrefix, PrefixCache
 from batching.sequence import Sequence
 
@@ -80,7 +80,7 @@ class KVArena:
         self.allocator = ExtentAllocator(tokens)
         self.prefix_cache = PrefixCache() if prefix_caching else None
         self.live: set[Extent] = set()
-        self.pending: list[tuple[int, int, int]] = []  # (source, target, tokens) copies, in order
+        self.pending: list[ExtentCopy] = []  # K/V copies, in order
         if slots is not None:  # a static step reads whole slots, masked: unwritten positions must not hold NaNs
             for tensor in (*self.keys, *self.values):
                 tensor[:, :slots.tokens].zero_()
@@ -119,7 +119,7 @@ class KVArena:
         self.rows_used += 1
         seq.kv = extent
         if matched:
-            self.pending.append((self._extent_of(holder).start, extent.start, matched))
+            self.pending.append(ExtentCopy(self._extent_of(holder).start, extent.start, matched))
             seq.computed = matched
             if seq.prefix_source is None and not seq.output_ids:  # a preempted sequence's own K/V do not count
                 seq.cached_tokens = matched
@@ -138,7 +138,7 @@ class KVArena:
                 return True
             moved = self._allocate(size)
             if moved is not None:
-                self.pending.append((extent.start, moved.start, seq.computed))
+                self.pending.append(ExtentCopy(extent.start, moved.start, seq.computed))
                 self._free(extent)
                 seq.kv = moved
                 return True
@@ -179,14 +179,14 @@ class KVArena:
             return extent
         kept = self._allocate(tokens)
         if kept is not None:
-            self.pending.append((extent.start, kept.start, tokens))
+            self.pending.append(ExtentCopy(extent.start, kept.start, tokens))
         return kept
 
     def move_row(self, seq: Sequence, target: int) -> None:
         """With a static cache a row's K/V move to its new slot; otherwise they stay where they are."""
         if self.slots is not None:
             slot = self.slots.extent(target)
-            self.pending.append((seq.kv.start, slot.start, seq.computed))
+            self.pending.append(ExtentCopy(seq.kv.start, slot.start, seq.computed))
             seq.kv = slot
 
     def idle(self) -> None:
@@ -195,10 +195,10 @@ class KVArena:
     def apply_pending(self) -> None:
         """On the torch thread: carry out the queued copies in order."""
         try:
-            for source, target, tokens in self.pending:
+            for source, target, size in self.pending:
                 for tensor in (*self.keys, *self.values):
-                    data = tensor[:, source:source + tokens]
-                    tensor[:, target:target + tokens] = data.clone() if abs(source - target) < tokens else data
+                    data = tensor[:, source:source + size]
+                    tensor[:, target:target + size] = data.clone() if abs(source - target) < size else data
         finally:
             self.pending.clear()
 

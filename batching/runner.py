@@ -11,13 +11,13 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from batching.attention import SpanStep
+from batching.attention import PackedSpan, SpanStep
 from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
-from batching.sequence import Sequence, TokenLogprob
+from batching.sequence import TokenLogprob
 from batching.static_decode import StaticDecoder
-from batching.vision import ImageInputs, embed_with_images, encode_images
+from batching.vision import ImageInputs, PicturedSpan, embed_with_images, encode_images
 
 
 # MKL's reproducible mode (MKL_CBWR=AUTO,STRICT) gives a matmul row the same result whatever the number of
@@ -46,22 +46,9 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[TokenLogprob]:
         """One token for each span that samples, in span order."""
-        if self.static is not None and self.static.takes(spans):
-            logits, seqs = self.static.logits(spans), [span.seq for span in spans if span.samples]
-            return sample(logits.float(), seqs) if seqs else []
-        # batch invariance needs every decode to attend the same way: the static step takes the decoding rows
-        invariant = self.static is not None and self.batch_invariant
-        static = [i for i, span in enumerate(spans) if span.seq.decoding] if invariant else []
-        packed = sorted(set(range(len(spans))) - set(static))
-        next_token_logits: dict[int, torch.Tensor] = dict(zip(
-            [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
-        if static:
-            next_token_logits.update(zip(static, self.static.logits([spans[i] for i in static])))
-        sampling = [i for i, span in enumerate(spans) if span.samples]
-        if not sampling:
-            return []
-        logits = torch.stack([next_token_logits[i] for i in sampling]).float()
-        return sample(logits, [spans[i].seq for i in sampling])
+        logits = self._next_token_logits(spans)
+        seqs = [span.seq for span in spans if span.samples]
+        return sample(logits.float(), seqs) if seqs else []
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;
@@ -69,17 +56,33 @@ class ModelRunner:
         if self.static is not None:
             self.static.warm_up(on_ready)
 
+    def _next_token_logits(self, spans: list[Span]) -> torch.Tensor:
+        """[spans that sample, vocab], in span order: from the static step when it takes the whole step, else from
+        the packed forward, but for the decoding rows in batch-invariant mode, which the static step takes (batch
+        invariance needs every decode to attend the same way)."""
+        if self.static is not None and self.static.takes(spans):
+            return self.static.logits(spans)
+        invariant = self.static is not None and self.batch_invariant
+        static = [i for i, span in enumerate(spans) if span.seq.decoding] if invariant else []
+        packed = sorted(set(range(len(spans))) - set(static))
+        next_token_logits: dict[int, torch.Tensor] = dict(zip(
+            [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
+        if static:
+            next_token_logits.update(zip(static, self.static.logits([spans[i] for i in static])))
+        sampling = [next_token_logits[i] for i, span in enumerate(spans) if span.samples]
+        return torch.stack(sampling) if sampling else torch.empty(0)
+
     def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
         """One [1, tokens] forward over the spans; next-token logits of those that sample, in order."""
         ids, positions, slots, attention_spans, kept, pictured = [], [], [], [], [], []
         for span in spans:
             seq, start = span.seq, len(ids)
             if isinstance(seq.inputs, ImageInputs):
-                pictured.append((seq, start, span.start, span.end))
+                pictured.append(PicturedSpan(seq, start, span.start, span.end))
             ids.extend(seq.all_ids[span.start:span.end])
             positions.extend(range(span.start, span.end))
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
-            attention_spans.append((start, len(ids), seq.kv.start, span.end))
+            attention_spans.append(PackedSpan(start, len(ids), seq.kv.start, span.end))
             kept.extend(start + p - span.start for p in self._logit_positions(span))
         self._pad(ids, positions, slots, attention_spans, kept)
         token_inputs = self._token_inputs(self._tensor(ids), pictured)
@@ -98,21 +101,21 @@ class ModelRunner:
                 next_token_logits.append(span_logits[-1])
         return next_token_logits
 
-    def _token_inputs(self, ids: torch.Tensor, pictured: list[tuple[Sequence, int, int, int]]) -> dict:
+    def _token_inputs(self, ids: torch.Tensor, pictured: list[PicturedSpan]) -> dict:
         """The forward's token ids, or with images among them, embeddings with the images' features written over
         their placeholders (the vision tower runs first for the sequences whose images it has not seen)."""
         if not pictured:
             return {"input_ids": ids[None]}
-        unseen = list({seq: None for seq, *_ in pictured if seq.inputs.features is None})
+        unseen = list({piece.seq: None for piece in pictured if piece.seq.inputs.features is None})
         if unseen:
             encode_images(self.model, unseen)
         return {"inputs_embeds": embed_with_images(self.model, ids, pictured)[None]}
 
-    def _position_ids(self, positions: list[int], pictured: list[tuple[Sequence, int, int, int]]) -> torch.Tensor:
+    def _position_ids(self, positions: list[int], pictured: list[PicturedSpan]) -> torch.Tensor:
         """[1, tokens]; or where a sequence's images have 3-D rotary positions (after _token_inputs has found
         them), [3, 1, tokens], with text-only sequences' positions alike on all three axes."""
         flat = self._tensor(positions)[None]
-        spatial = [piece for piece in pictured if piece[0].inputs.rope_positions is not None]
+        spatial = [piece for piece in pictured if piece.seq.inputs.rope_positions is not None]
         if not spatial:
             return flat
         rows = flat.expand(3, -1).clone()
@@ -120,8 +123,8 @@ class ModelRunner:
             rows[:, offset:offset + end - start] = seq.inputs.position_rows(start, end)
         return rows[:, None]
 
-    def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list, kept: list[int]
-             ) -> None:
+    def _pad(self, ids: list[int], positions: list[int], slots: list[int], attention_spans: list[PackedSpan],
+             kept: list[int]) -> None:
         """Fill the forward and its kept logits up to `min_rows` rows: padding tokens form a span of their own
         that writes to the arena's scratch positions; extra kept rows repeat the last one and are dropped."""
         missing = self.min_rows - len(ids)
@@ -130,7 +133,7 @@ class ModelRunner:
             ids.extend([0] * missing)
             positions.extend(range(missing))
             slots.extend(range(scratch, scratch + missing))
-            attention_spans.append((start, start + missing, scratch, missing))
+            attention_spans.append(PackedSpan(start, start + missing, scratch, missing))
         kept.extend([kept[-1] if kept else 0] * (self.min_rows - len(kept)))
 
     @staticmethod

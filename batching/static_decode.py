@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -71,7 +71,7 @@ def trust_warm_graphs() -> None:
 
 
 class DecodeForward(torch.nn.Module):
-    """What is compiled: the model's forward for [rows, 1] tokens, with the arena's K/V as buffers, so that a
+    """What is compiled: the model's forward for one token per row, with the arena's K/V as buffers, so that a
     compiled graph updates them in place (and CUDA graphs see fixed addresses)."""
 
     def __init__(self, model: PreTrainedModel, arena: KVArena) -> None:
@@ -85,31 +85,64 @@ class DecodeForward(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
                 arena_positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """ids/positions: [rows, 1]; lengths, arena_positions, starts: [rows] (as StaticDecodeStep's); returns
+        """ids, positions, lengths, arena_positions, starts: [rows] (the last three as StaticDecodeStep's); returns
         next-token logits [rows, vocab]."""
         step = StaticDecodeStep([getattr(self, f"keys_{i}") for i in range(self.layers)],
                                 [getattr(self, f"values_{i}") for i in range(self.layers)],
                                 self.slot_length, lengths, arena_positions, starts)
-        output = self.model(input_ids=ids, position_ids=positions, logits_to_keep=1, use_cache=False,
-                            batchwise_step=step)
+        output = self.model(input_ids=ids[:, None], position_ids=positions[:, None], logits_to_keep=1,
+                            use_cache=False, batchwise_step=step)
         return output.logits[:, -1]
 
 
-class StaticDecoder:
+class BucketedDecoder:
+    """A decode step of static shapes: its rows padded up to the smallest bucket that holds them, so that with a
+    compile mode it is compiled once per bucket, at warm-up, and never while serving. A subclass gives the forward
+    (whose inputs are long tensors, one per list of _padding's) and _padding."""
+
+    def __init__(self, forward: torch.nn.Module, buckets: list[int], device: torch.device, compile_mode: str | None,
+                 names: tuple[str, str]) -> None:
+        """names: the step's and a bucket unit's (what a bucket counts), for the log."""
+        self.buckets = buckets
+        self.device = device
+        self.names = names
+        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, buckets, names[0])
+
+    def bucket(self, size: int) -> int:
+        return next(bucket for bucket in self.buckets if bucket >= size)
+
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        warm_up_buckets(self.buckets, self._run_padding, on_ready, *self.names)
+
+    def _padding(self, size: int) -> list[list[int]]:
+        """The step's inputs for a bucket of `size` before the step's rows are written over them: every row
+        padding, its K/V written where nothing reads them."""
+        raise NotImplementedError
+
+    def _run_padding(self, size: int) -> None:
+        self._run(self._padding(size))
+
+    def _run(self, inputs: list[list[int]]) -> Any:
+        # a tensor of its own for each input, warming up as serving: one passed twice would be a graph for aliased
+        # inputs (and a recompilation while serving)
+        return self.step(*map(self._tensor, inputs))
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+class StaticDecoder(BucketedDecoder):
     def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
                  min_rows: int = 1, prompt_tokens: int = 0) -> None:
         """prompt_tokens: how many prompt tokens a step may hold beside a full batch of decoding rows (0: steps
         with prompts never run here)."""
         self.slots = arena.slots
         self.padding = arena.scratch.start  # where rows of a bucket that hold no token write their K/V
-        self.device = model.device
-        self.buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
-        if prompt_tokens:
-            self.buckets.append(self.slots.rows + prompt_tokens)
         self.takes_prompts = prompt_tokens > 0
-        forward = DecodeForward(model, arena)
-        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, self.buckets,
-                                                                             "decode step")
+        buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
+        if prompt_tokens:
+            buckets.append(self.slots.rows + prompt_tokens)
+        super().__init__(DecodeForward(model, arena), buckets, model.device, compile_mode, ("decode step", "row"))
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text
@@ -127,14 +160,12 @@ class StaticDecoder:
         without a token write to the padding slot and their logits are dropped."""
         tokens = [(span.seq, position) for span in spans for position in range(span.start, span.end)]
         places = [span.seq.row for span in spans] if len(tokens) == len(spans) else list(range(len(tokens)))
-        rows = self.bucket(max(places) + 1)
-        ids, positions, lengths = [0] * rows, [0] * rows, [1] * rows
-        arena_positions, starts = [self.padding] * rows, [self.padding] * rows
+        inputs = self._padding(self.bucket(max(places) + 1))
+        ids, positions, lengths, arena_positions, starts = inputs
         for place, (seq, position) in zip(places, tokens):
             ids[place], positions[place] = seq.all_ids[position], text_position(seq, position)
             lengths[place], arena_positions[place], starts[place] = position + 1, seq.kv.start + position, seq.kv.start
-        logits = self.step(self._tensor(ids)[:, None], self._tensor(positions)[:, None], self._tensor(lengths),
-                           self._tensor(arena_positions), self._tensor(starts))
+        logits = self._run(inputs)
         sampled, last = [], -1
         for span in spans:
             last += span.end - span.start
@@ -144,16 +175,6 @@ class StaticDecoder:
             return logits[:len(sampled)]
         return logits[self._tensor(sampled)]
 
-    def bucket(self, rows: int) -> int:
-        return next(size for size in self.buckets if size >= rows)
-
-    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        warm_up_buckets(self.buckets, self._run_padding, on_ready, "decode step", "row")
-
-    def _run_padding(self, rows: int) -> None:
-        zeros = self._tensor([0] * rows)
-        # five tensors, as served: one passed twice would be a graph for aliased inputs (and serving recompile)
-        self.step(zeros[:, None], zeros[:, None], zeros + 1, zeros + self.padding, zeros + self.padding)
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _padding(self, rows: int) -> list[list[int]]:
+        """ids, positions, lengths, arena positions, starts: each row one token, written to the padding slot."""
+        return [[0] * rows, [0] * rows, [1] * rows, [self.padding] * rows, [self.padding] * rows]

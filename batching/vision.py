@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -40,6 +40,15 @@ class ImageInputs:
         prompt = len(self.kv_prompt)
         return [index - start for index in range(start, min(end, prompt)) if ids[index] == self.token_id], \
             sum(1 for token in ids[:min(start, prompt)] if token == self.token_id)
+
+
+class PicturedSpan(NamedTuple):
+    """A span of a sequence with images in a packed forward: its tokens seq.all_ids[start:end] lie at packed
+    positions offset.. (whether or not they hold placeholders)."""
+    seq: Sequence
+    offset: int
+    start: int
+    end: int
 
 
 def image_inputs(processed: Mapping[str, Any], token_id: int) -> ImageInputs:
@@ -119,12 +128,11 @@ FEATURES = {"llava": llava_features, "idefics3": idefics3_features, "smolvlm": i
             "qwen2_vl": qwen2_vl_features, "qwen2_5_vl": qwen2_vl_features}
 
 
-def embed_with_images(model: PreTrainedModel, ids: torch.Tensor, pieces: list[tuple[Sequence, int, int, int]]
-                      ) -> torch.Tensor:
-    """Embeddings of packed ids [tokens] with image features written over the placeholders: pieces are
-    (sequence, its first packed position, span start, span end) for the sequences with images."""
+def embed_with_images(model: PreTrainedModel, ids: torch.Tensor, pictured: list[PicturedSpan]) -> torch.Tensor:
+    """Embeddings of packed ids [tokens] with image features written over the placeholders of the pictured
+    spans."""
     embeddings = model.get_input_embeddings()(ids)
-    for seq, offset, start, end in pieces:
+    for seq, offset, start, end in pictured:
         positions, before = seq.inputs.positions(seq.all_ids, start, end)
         if positions:
             rows = torch.tensor(positions, device=ids.device) + offset

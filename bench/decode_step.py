@@ -26,7 +26,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from batching import KVArena, Slots, kv_layout  # noqa: E402
-from batching.attention import SpanStep  # noqa: E402
+from batching.attention import PackedSpan, SpanStep  # noqa: E402
 from batching.static_decode import DecodeForward, compiled_per_bucket  # noqa: E402
 from bench.load import parse_levels  # noqa: E402
 from bench.run_all import cpu_model  # noqa: E402
@@ -52,7 +52,7 @@ def packed_step(model: torch.nn.Module, arena: KVArena, rows: int, length: int, 
     ids = torch.zeros(1, rows, dtype=torch.long, device=device)
     positions = torch.full((1, rows), position, dtype=torch.long, device=device)
     slots = torch.arange(rows, device=device) * length + position
-    spans = [(row, row + 1, row * length, position + 1) for row in range(rows)]
+    spans = [PackedSpan(row, row + 1, row * length, position + 1) for row in range(rows)]
     every_row = torch.arange(rows, device=device)
     return lambda: model(input_ids=ids, position_ids=positions, logits_to_keep=every_row, use_cache=False,
                          batchwise_step=SpanStep(arena, slots, spans))
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for rows in args.rows:
         position = torch.full((rows,), args.length // 2, dtype=torch.long, device=model.device)
         starts = torch.arange(rows, device=model.device) * args.length
-        arguments = (torch.zeros(rows, 1, dtype=torch.long, device=model.device), position[:, None], position + 1,
+        arguments = (torch.zeros(rows, dtype=torch.long, device=model.device), position, position + 1,
                      starts + position, starts)
         floor, multiply_adds = matmul_floor(weights, rows, args.repeats)
         cells = [str(rows), f"{floor * 1e3:.1f} ({2 * multiply_adds / floor / 1e9:.1f})"]

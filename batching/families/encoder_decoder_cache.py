@@ -8,10 +8,20 @@ tokens and `max_source` encoder positions, so rows never run out and nothing is 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from batching.kv_cache import RowKVCache
 from batching.sequence import Sequence
+
+
+class RowMove(NamedTuple):
+    """A sequence's move to another row: its first `length` self-attention positions (in each beam's row) and its
+    cross-attention K/V, from row `source` to row `target`."""
+    source: int
+    target: int
+    length: int
 
 
 class EncoderDecoderRows:
@@ -24,7 +34,7 @@ class EncoderDecoderRows:
         self.self_attention = RowKVCache(max_rows * beams + 1, max_length)
         self.cross = RowKVCache(max_rows, max_source)
         self.cross_lengths = [0] * max_rows  # encoder positions each row attends to
-        self.pending_moves: list[tuple[int, int, int]] = []  # (source row, target row, self-attention length)
+        self.pending_moves: list[RowMove] = []
         self.held: dict[int, int] = {}  # decoder positions each running sequence has computed, by sequence id
 
     @property
@@ -100,7 +110,7 @@ class EncoderDecoderRows:
         self.held.pop(seq.seq_id, None)
 
     def move_row(self, seq: Sequence, target: int) -> None:
-        self.pending_moves.append((seq.row, target, seq.computed))
+        self.pending_moves.append(RowMove(seq.row, target, seq.computed))
 
     def apply_pending(self) -> None:
         try:

@@ -8,14 +8,12 @@ reduce-overhead) and never while serving."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from batching.attention import StaticRowStep
 from batching.families.encoder_decoder import Seq2SeqFamily, attend_encoded
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
-from batching.static_decode import bucket_sizes, compiled_per_bucket, warm_up_buckets
+from batching.static_decode import BucketedDecoder, bucket_sizes
 
 
 class StaticStepForward(torch.nn.Module):
@@ -61,51 +59,35 @@ class StaticStepForward(torch.nn.Module):
         return [getattr(self, f"{name}_{layer}") for layer in range(self.layers)]
 
 
-class StaticRowDecoder:
+class StaticRowDecoder(BucketedDecoder):
     def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device,
                  alignment_layers: list[int] | None = None, compile_mode: str | None = None, smallest: int = 1,
                  names: tuple[str, str] = ("encoder-decoder decode step", "sequence")) -> None:
         """smallest: the smallest bucket (a batch-invariant engine's minimum rows); names: the step's and a
         sequence's, for the log."""
         self.cache = cache
-        self.names = names
         self.alignment_layers = alignment_layers or []
-        self.device = device
-        self.buckets = bucket_sizes(cache.max_rows, min(smallest, cache.max_rows))
-        forward = StaticStepForward(family, cache, self.alignment_layers)
-        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, self.buckets,
-                                                                             names[0])
+        buckets = bucket_sizes(cache.max_rows, min(smallest, cache.max_rows))
+        super().__init__(StaticStepForward(family, cache, self.alignment_layers), buckets, device, compile_mode,
+                         names)
 
     @torch.inference_mode()
     def decode(self, rows: list[int], ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One token for each given self-attention row (its last token, the row's length with it): the rows'
         logits [len(rows), vocab], and each alignment layer's queries of those rows. The other rows of the
         bucket are padding: they write to the scratch row and their results are dropped."""
-        beams = self.cache.beams
-        sequences = self.bucket(max(rows) // beams + 1)
-        all_ids, positions, write_rows, all_lengths = self._padding(sequences * beams)
+        inputs = self._padding(self.bucket(max(rows) // self.cache.beams + 1))
+        all_ids, positions, write_rows, all_lengths, _ = inputs
         for row, token, length in zip(rows, ids, lengths):
             all_ids[row], positions[row], write_rows[row], all_lengths[row] = token, length - 1, row, length
-        # a padding sequence attends to one encoder position, so that no row's attention is empty
-        encoded_lengths = [max(length, 1) for length in self.cache.cross_lengths[:sequences]]
-        logits, queries = self.step(*map(self._tensor, (all_ids, positions, write_rows, all_lengths, encoded_lengths)))
+        logits, queries = self._run(inputs)
         kept = self._tensor(rows)
         return logits[kept], [layer_queries[kept] for layer_queries in queries]
 
-    def bucket(self, sequences: int) -> int:
-        return next(size for size in self.buckets if size >= sequences)
-
-    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        warm_up_buckets(self.buckets, self._run_padding, on_ready, *self.names)
-
-    def _run_padding(self, sequences: int) -> None:
-        # distinct tensors, as when serving (aliased ones are guarded on)
-        self.step(*map(self._tensor, (*self._padding(sequences * self.cache.beams), [1] * sequences)))
-
-    def _padding(self, rows: int) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Step inputs (ids, positions, write rows, lengths) for `rows` rows that hold no sequence: each writes
-        to the scratch row and attends to one position."""
-        return [0] * rows, [0] * rows, [self.cache.scratch_row] * rows, [1] * rows
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _padding(self, sequences: int) -> list[list[int]]:
+        """ids, positions, write rows, lengths (every row of the sequences' beams: to the scratch row, attending to
+        one position) and each sequence's encoded length (a padding sequence attends to one encoder position, so
+        that no row's attention is empty)."""
+        rows = sequences * self.cache.beams
+        encoded_lengths = [max(length, 1) for length in self.cache.cross_lengths[:sequences]]
+        return [[0] * rows, [0] * rows, [self.cache.scratch_row] * rows, [1] * rows, encoded_lengths]

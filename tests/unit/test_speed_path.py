@@ -210,8 +210,8 @@ def test_quantised_layers_compile_to_the_same_logits(quantisation):
     for tensor in (*arena.keys, *arena.values):
         tensor.normal_()
     forward = DecodeForward(model, arena)
-    ids, positions = torch.tensor([[5], [6]]), torch.tensor([[3], [7]])
-    arguments = (ids, positions, positions[:, 0] + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
+    ids, positions = torch.tensor([5, 6]), torch.tensor([3, 7])
+    arguments = (ids, positions, positions + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
     with torch.inference_mode():
         eager = forward(*arguments).float()
         compiled = torch.compile(forward, dynamic=False)(*arguments).float()
@@ -231,7 +231,7 @@ def test_the_compiled_step_rounds_bfloat16_where_the_eager_step_rounds():
     tokens = 24
     arenas = [KVArena(kv_layout(model), 2 * 32, slots=Slots(1, 32)) for _ in range(2)]
     positions = torch.arange(tokens)
-    arguments = (torch.randint(3, 1000, (tokens, 1)), positions[:, None], positions + 1, positions,
+    arguments = (torch.randint(3, 1000, (tokens,)), positions, positions + 1, positions.clone(),
                  torch.zeros(tokens, dtype=torch.long))
     with torch.inference_mode():
         eager = DecodeForward(model, arenas[0])(*arguments)
