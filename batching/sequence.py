@@ -6,12 +6,20 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from batching.extents import Extent
+
+if TYPE_CHECKING:  # the modules of the input kinds import this one
+    from batching.families.encoder_decoder import TextInput
+    from batching.families.whisper_runner import SpeechWindow
+    from batching.vision import ImageInputs
+
+# what a sequence carries beyond its token ids, for its runner: nothing for plain text
+SequenceInputs: TypeAlias = "ImageInputs | TextInput | SpeechWindow | None"
 
 
 class TokenConstraint(Protocol):
@@ -107,7 +115,7 @@ class Sequence:
     computed: int = 0  # leading tokens whose K/V are in memory
     cached_tokens: int = 0  # of those, how many came from the prefix cache
     generator: torch.Generator | None = None
-    inputs: Any = None  # model inputs beyond token ids (e.g. a speech window's features), for the runner
+    inputs: SequenceInputs = None
     prefix_source: Sequence | None = None  # a sibling admitted with it whose prefill (and KV) it shares
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
