@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -21,7 +21,7 @@ from batching.failpoints import Failpoints
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler, Span
-from batching.sequence import Delta, SamplingParams, Sequence, TokenLogprob
+from batching.sequence import Delta, SamplingParams, Sequence, SequenceInputs, TokenLogprob
 from batching.torch_thread import on_torch_thread
 
 logger = logging.getLogger("batchwise.engine")
@@ -101,13 +101,13 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive)
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "", inputs: Any = None,
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "", inputs: SequenceInputs = None,
             user: str = "") -> Sequence:
         """Queue a sequence; raises QueueFullError when running plus waiting is at the limit."""
         return self.add_siblings(prompt_ids, params, 1, request_id, inputs, user)[0]
 
     def add_siblings(self, prompt_ids: list[int], params: SamplingParams, count: int, request_id: str = "",
-                     inputs: Any = None, user: str = "") -> list[Sequence]:
+                     inputs: SequenceInputs = None, user: str = "") -> list[Sequence]:
         """Queue `count` sequences of one prompt that share its prefill; each samples with its own
         generator (seed, seed + 1, ... when seeded)."""
         if not self.alive:
@@ -124,7 +124,7 @@ class Engine:
         self._wakeup.set()
         return seqs
 
-    def _sequence(self, prompt_ids: list[int], params: SamplingParams, request_id: str, inputs: Any,
+    def _sequence(self, prompt_ids: list[int], params: SamplingParams, request_id: str, inputs: SequenceInputs,
                   index: int, user: str) -> Sequence:
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, dict(params.shown_special_tokens))
         seq = Sequence(prompt_ids, params, detokenizer,

@@ -6,12 +6,20 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from batching.extents import Extent
+
+if TYPE_CHECKING:  # the modules of the input kinds import this one
+    from batching.families.encoder_decoder import TextInput
+    from batching.families.whisper_runner import SpeechWindow, WindowDecoding, WindowResult
+    from batching.vision import ImageInputs
+
+# what a sequence carries beyond its token ids, for its runner: nothing for plain text
+SequenceInputs: TypeAlias = "ImageInputs | TextInput | SpeechWindow | None"
 
 
 class TokenConstraint(Protocol):
@@ -84,6 +92,7 @@ class Delta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str = ""  # why, when finish_reason is "error"
+    window: WindowResult | None = None  # a speech window's: its no-speech probability, and at its end what it decoded
 
 
 _ids = itertools.count()
@@ -107,7 +116,8 @@ class Sequence:
     computed: int = 0  # leading tokens whose K/V are in memory
     cached_tokens: int = 0  # of those, how many came from the prefix cache
     generator: torch.Generator | None = None
-    inputs: Any = None  # model inputs beyond token ids (e.g. a speech window's features), for the runner
+    inputs: SequenceInputs = None
+    window_decoding: WindowDecoding | None = None  # a speech window's, kept by Whisper's runner; its deltas report it
     prefix_source: Sequence | None = None  # a sibling admitted with it whose prefill (and KV) it shares
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -172,7 +182,7 @@ class Sequence:
             return self._finish_after(text + self.detokenizer.flush(), "stop", logprobs)
         if len(self.output_ids) >= self.params.max_tokens:
             return self._finish_after(text + self.detokenizer.flush(), "length", logprobs)
-        return Delta(text, [token_id], None, logprobs)
+        return self._delta(text, None, logprobs)
 
     def _finish_after(self, text: str, reason: str, logprobs: list[TokenLogprob]) -> Delta:
         """Finish with whatever text is still held back, unless it completes a stop string."""
@@ -184,4 +194,8 @@ class Sequence:
     def _finish(self, text: str, reason: str, logprobs: list[TokenLogprob]) -> Delta:
         self.finish_reason = reason
         self.status = Status.FINISHED
-        return Delta(text, [self.output_ids[-1]], reason, logprobs)
+        return self._delta(text, reason, logprobs)
+
+    def _delta(self, text: str, reason: str | None, logprobs: list[TokenLogprob]) -> Delta:
+        window = self.window_decoding.result(self) if self.window_decoding else None
+        return Delta(text, [self.output_ids[-1]], reason, logprobs, window=window)

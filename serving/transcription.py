@@ -15,8 +15,8 @@ from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 import numpy as np
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from batching import Engine, QueueFullError, SamplingParams, Sequence
-from batching.families.whisper_runner import SpeechWindow, decoded
+from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence
+from batching.families.whisper_runner import SpeechWindow, WindowResult
 from batching.torch_thread import on_torch_thread
 from config import Config
 from models import TranscriptionSegment, TranscriptionWord
@@ -128,11 +128,11 @@ class TranscriptionService:
                 voice = speech_map(scores, len(audio), VOICE_MIN_SILENCE_MS, VOICE_PAD_MS)
         return TranscriptionJob(self, audio, speech, voice, options, request_id, started)
 
-    async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False
-                     ) -> SpeechWindow:
+    async def window(self, audio: np.ndarray, seek: int, start_index: int, detect_language: bool = False,
+                     beams: int = 1, audio_positions: int | None = None) -> SpeechWindow:
         """The 30 s window starting `seek` frames into the audio, its features computed on the torch thread."""
         features = await on_torch_thread(self._timed, "features", window_features, self.feature_extractor, audio, seek)
-        return SpeechWindow(features, start_index, detect_language)
+        return SpeechWindow(features, start_index, detect_language, beams, audio_positions)
 
     def decoder_prompt(self, previous: list[int], language: str, task: str) -> tuple[list[int], int]:
         """<|startofprev|> and the latest previous text, then the start-of-transcript sequence; and where
@@ -210,19 +210,21 @@ class TranscriptionJob:
             for attempt, temperature in enumerate(temperatures := self.options.temperatures()):
                 last_attempt = attempt == len(temperatures) - 1
                 seq = await self._submit_window(seek, previous, language, temperature)
-                window = seq.inputs  # a beam search's text is only known at its end: held till then
-                gate = StreamedText(window, self.service.text_of, self.service.tokens.timestamp_begin, final,
-                                    hold=not last_attempt or window.beams > 1)
-                async for text in self._stream_window(seq, gate):
-                    yield text
-                result = decoded(seq)
-                window.avg_logprob = result.logprob / max(len(result.tokens), 1)
-                ratio = compression_ratio(self.service.text_of(result.tokens))
-                if last_attempt or not decoded_badly(window, ratio):
+                # a beam search's text is only known at its end: held till then
+                gate = StreamedText(self.service.text_of, self.service.tokens.timestamp_begin, final,
+                                    hold=not last_attempt or seq.inputs.beams > 1)
+                async for delta in self.service.engine.stream(seq):
+                    self._received(delta)
+                    if text := self._visible(gate.feed(delta.token_ids, delta.window.no_speech_prob)):
+                        yield text
+                window = delta.window  # the last delta's: what the window decoded
+                avg_logprob = window.decoded.logprob / max(len(window.decoded.tokens), 1)
+                ratio = compression_ratio(self.service.text_of(window.decoded.tokens))
+                if last_attempt or not decoded_badly(window.no_speech_prob, avg_logprob, ratio):
                     break
-            words = await self._timed_words(window, result.tokens, language) if self.options.word_timestamps else []
+            words = await self._timed_words(window, language) if self.options.word_timestamps else []
             segments_before = len(self.transcript.segments)
-            advance, kept_tokens = self._add_segments(window, result.tokens, ratio, seek, final, temperature, words)
+            advance, kept_tokens = self._add_segments(window, avg_logprob, ratio, seek, final, temperature, words)
             kept = "".join(segment.text for segment in self.transcript.segments[segments_before:])
             if text := self._visible(gate.finish(kept)):
                 yield text
@@ -236,20 +238,19 @@ class TranscriptionJob:
     async def _submit_window(self, seek: int, previous: list[int], language: str, temperature: float) -> Sequence:
         service = self.service
         prompt, start_index = service.decoder_prompt(previous, language, self.options.task)
-        window = await service.window(self.audio, seek, start_index)
-        window.beams = service.beams if temperature == 0 else 1  # hotter retries sample, as OpenAI's do
+        beams = service.beams if temperature == 0 else 1  # hotter retries sample, as OpenAI's do
+        audio_positions = None
         if self.options.word_timestamps:
-            window.audio_positions = max(1, (min(self.window_frames, self.content_frames - seek) + 1) // 2)
+            audio_positions = max(1, (min(self.window_frames, self.content_frames - seek) + 1) // 2)
+        window = await service.window(self.audio, seek, start_index, beams=beams, audio_positions=audio_positions)
         self.windows += 1
         return service.add(prompt, window, temperature, self.request_id)
 
-    async def _stream_window(self, seq: Sequence, gate: StreamedText) -> AsyncIterator[str]:
-        async for delta in self.service.engine.stream(seq):
-            check_error(delta)
-            self.first_token_at = self.first_token_at or time.perf_counter()
-            self.generated_tokens += len(delta.token_ids)
-            if text := self._visible(gate.feed(delta.token_ids)):
-                yield text
+    def _received(self, delta: Delta) -> None:
+        """A delta of a window: an error fails the transcription; its tokens are counted for the log."""
+        check_error(delta)
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        self.generated_tokens += len(delta.token_ids)
 
     async def _detect_language(self) -> str:
         service = self.service
@@ -266,23 +267,23 @@ class TranscriptionJob:
             return []
         return self.service.tokenizer.encode(" " + self.options.prompt.strip(), add_special_tokens=False)
 
-    async def _timed_words(self, window: SpeechWindow, tokens: list[int], language: str) -> list[TimedWord]:
+    async def _timed_words(self, window: WindowResult, language: str) -> list[TimedWord]:
         """The window's words timed by its cross-attention, off the event loop."""
         decode = self.service.tokenizer.decode
         text_language = "en" if self.options.task == "translate" else language
         return await on_torch_thread(self.service._timed, "word_timing", align_words, window.alignment_scores,
-                                     tokens, self.service.tokens.end_of_text, decode, text_language)
+                                     window.decoded.tokens, self.service.tokens.end_of_text, decode, text_language)
 
 
-    def _add_segments(self, window: SpeechWindow, decoded_tokens: list[int], ratio: float, seek: int, final: bool,
+    def _add_segments(self, window: WindowResult, avg_logprob: float, ratio: float, seek: int, final: bool,
                       temperature: float, words: list[TimedWord]) -> tuple[int, list[int]]:
         """Append the window's segments (none if it is silence) and their words; return the frames to advance
         and the tokens the transcript kept."""
         frames = min(self.window_frames, self.content_frames - seek)
-        if is_silent(window):
+        if is_silent(window.no_speech_prob, avg_logprob):
             return frames, []
         tokens = self.service.tokens
-        generated = [token for token in decoded_tokens if token != tokens.end_of_text]
+        generated = [token for token in window.decoded.tokens if token != tokens.end_of_text]
         parts, advance = split_window(generated, tokens.timestamp_begin, frames, final)
         offset, duration = seek / FRAMES_PER_SECOND, self.transcript.duration
 
@@ -302,7 +303,7 @@ class TranscriptionJob:
             segments.append(TranscriptionSegment(
                 id=len(segments), seek=round(self.speech.original_seconds(offset) * FRAMES_PER_SECOND),
                 start=start, end=end, text=self.service.text_of(part.tokens),
-                tokens=part.tokens, temperature=temperature, avg_logprob=window.avg_logprob,
+                tokens=part.tokens, temperature=temperature, avg_logprob=avg_logprob,
                 compression_ratio=ratio, no_speech_prob=window.no_speech_prob))
         return advance, [token for part in parts for token in part.tokens]
 

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
-from batching.families.whisper_runner import SpeechWindow
 from speech.audio import SAMPLE_RATE
 
 FRAMES_PER_SECOND = 100  # log-mel frames (hop of 160 samples at 16 kHz)
@@ -38,15 +37,15 @@ def window_features(extractor: WhisperFeatureExtractor, audio: np.ndarray, seek:
     return extractor(window, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features[0]
 
 
-def is_silent(window: SpeechWindow) -> bool:
-    return window.no_speech_prob > NO_SPEECH_THRESHOLD and window.avg_logprob < LOGPROB_THRESHOLD
+def is_silent(no_speech_prob: float, avg_logprob: float) -> bool:
+    return no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
 
 
-def decoded_badly(window: SpeechWindow, compression_ratio: float) -> bool:
+def decoded_badly(no_speech_prob: float, avg_logprob: float, compression_ratio: float) -> bool:
     """OpenAI's test for decoding a window again at a higher temperature: its text repeats itself or its tokens
     are unlikely, and the window is likely speech (what a likely silence decodes to is not worth a retry)."""
-    unlikely = window.avg_logprob < LOGPROB_THRESHOLD
-    likely_speech = window.no_speech_prob <= NO_SPEECH_THRESHOLD
+    unlikely = avg_logprob < LOGPROB_THRESHOLD
+    likely_speech = no_speech_prob <= NO_SPEECH_THRESHOLD
     return likely_speech and (compression_ratio > COMPRESSION_RATIO_THRESHOLD or unlikely)
 
 
@@ -105,9 +104,8 @@ class StreamedText:
     A window that may be judged silent holds all its text to the end, and so does one that may yet be decoded
     again (`hold`)."""
 
-    def __init__(self, window: SpeechWindow, decode: Callable[[list[int]], str], timestamp_begin: int,
-                 final: bool, hold: bool = False) -> None:
-        self.window = window
+    def __init__(self, decode: Callable[[list[int]], str], timestamp_begin: int, final: bool,
+                 hold: bool = False) -> None:
         self.decode = decode
         self.timestamp_begin = timestamp_begin
         self.final = final
@@ -115,9 +113,10 @@ class StreamedText:
         self.tokens: list[int] = []
         self.released = ""
 
-    def feed(self, token_ids: list[int]) -> str:
+    def feed(self, token_ids: list[int], no_speech_prob: float) -> str:
+        """The text the window's next tokens release, given its no-speech probability (its deltas carry it)."""
         self.tokens.extend(token_ids)
-        if self.hold or self.window.no_speech_prob > NO_SPEECH_THRESHOLD:
+        if self.hold or no_speech_prob > NO_SPEECH_THRESHOLD:
             return ""
         cuts = segment_cuts(self.tokens, self.timestamp_begin)
         sure = len(self.tokens) if self.final or not cuts else cuts[-1]

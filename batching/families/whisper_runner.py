@@ -25,19 +25,36 @@ from batching.scheduler import Span
 from batching.sequence import Sequence, TokenLogprob
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class SpeechWindow:
-    """What the runner needs beyond token ids for one window, and what it reports back about it."""
+    """What the runner needs beyond token ids for one window."""
     features: torch.Tensor  # [mel bins, frames]: the window's log-mel spectrogram
     start_index: int  # where <|startoftranscript|> sits in the prompt (no_speech_prob is read there)
     detect_language: bool = False
-    no_speech_prob: float = 0.0
-    avg_logprob: float = 0.0  # of the window's tokens, set when its decoding ends
     beams: int = 1  # beam search width; 1 samples (greedy at temperature 0)
-    search: BeamSearch | None = None  # the window's beam search, from its first step on
     audio_positions: int | None = None  # encoder positions that hold audio (20 ms each); word timing only
-    # per generated token: the alignment heads' cross-attention scores ([heads, audio_positions], float32, on
-    # the model's device until the window ends) of the query that chose it, for a window with audio_positions set
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What a window's deltas report beyond its tokens."""
+    no_speech_prob: float  # of <|nospeech|> at <|startoftranscript|>, known from the window's first token on
+    # on its last delta: its best hypothesis under beam search, else its sampled tokens; the notes are each token's
+    # alignment scores ([heads, audio_positions], float32, on the model's device), for a window with audio_positions
+    decoded: Hypothesis | None = None
+
+    @property
+    def alignment_scores(self) -> list[torch.Tensor]:
+        return self.decoded.notes
+
+
+@dataclass
+class WindowDecoding:
+    """The runner's account of one window as it decodes: its sequence keeps it (window_decoding) and reports it
+    in its deltas."""
+    no_speech_prob: float = 0.0
+    search: BeamSearch | None = None  # the window's beam search, from its first step on
+    # per sampled token: the alignment heads' cross-attention scores of the query that chose it
     alignment_scores: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -45,13 +62,15 @@ class SpeechWindow:
         """Rows it decodes in a step: one per running beam."""
         return len(self.search.running) if self.search else 1
 
-
-def decoded(seq: Sequence) -> Hypothesis:
-    """What a finished window decoded: its best hypothesis under beam search, else its sampled tokens. (The
-    sequence of a beam-searched window carries the best running beam's newest token at each step, so that it
-    advances and ends with the search; its own tokens are not the transcript's.)"""
-    search = seq.inputs.search
-    return search.best if search else Hypothesis(seq.output_ids, seq.cumulative_logprob)
+    def result(self, seq: Sequence) -> WindowResult:
+        """What a delta of the window reports. (The sequence of a beam-searched window carries the best running
+        beam's newest token at each step, so that it advances and ends with the search; its own tokens are not
+        the transcript's.)"""
+        if not seq.finished:
+            return WindowResult(self.no_speech_prob)
+        decoded = self.search.best if self.search else Hypothesis(
+            list(seq.output_ids), seq.cumulative_logprob, self.alignment_scores)
+        return WindowResult(self.no_speech_prob, decoded)
 
 
 def alignment_heads(model: WhisperForConditionalGeneration) -> dict[int, list[int]]:
@@ -64,12 +83,12 @@ def alignment_heads(model: WhisperForConditionalGeneration) -> dict[int, list[in
 
 def beam_rows(seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
     """The rows a step computes, in order: (window, beam) for each running beam, (window, 0) for the others."""
-    return [(seq, beam) for seq in seqs for beam in range(seq.inputs.rows)]
+    return [(seq, beam) for seq in seqs for beam in range(seq.window_decoding.rows)]
 
 
 def history(seq: Sequence, beam: int) -> list[int]:
     """The tokens a row has generated: its beam's, or the sequence's own."""
-    search = seq.inputs.search
+    search = seq.window_decoding.search
     return search.running[beam].tokens if search else seq.output_ids
 
 
@@ -127,7 +146,7 @@ class WhisperRunner(EncoderDecoderRunner):
             seq = rows[index][0]
             chosen[seq] = token
             if index in alignment:
-                seq.inputs.alignment_scores.append(alignment[index])
+                seq.window_decoding.alignment_scores.append(alignment[index])
         return [chosen[span.seq] for span in spans]
 
     @torch.inference_mode()
@@ -162,22 +181,23 @@ class WhisperRunner(EncoderDecoderRunner):
     def _propose(self, seq: Sequence, logprobs: torch.Tensor, alignment: list[torch.Tensor | None]
                  ) -> tuple[BeamSearch, BeamStep]:
         window = seq.inputs
-        search = window.search or BeamSearch(window.beams, self.rules.tokens.end_of_text, seq.params.max_tokens)
+        search = (seq.window_decoding.search
+                  or BeamSearch(window.beams, self.rules.tokens.end_of_text, seq.params.max_tokens))
         return search, search.propose(logprobs, alignment if window.audio_positions else None)
 
     def _accept(self, seq: Sequence, search: BeamSearch, step: BeamStep) -> TokenLogprob:
         """A window's beam search takes its step: its beams' caches follow their parents; the sequence gets the
         best running beam's token, or the end of text once the search is done."""
-        window = seq.inputs
         search.accept(step)
-        window.search = search
+        seq.window_decoding.search = search
         if search.done:
-            window.alignment_scores = search.best.notes
             return TokenLogprob(self.rules.tokens.end_of_text, 0.0)
         self.cache.reorder_beams(seq.row, step.parents, seq.length)
         return TokenLogprob(search.running[0].tokens[-1], 0.0)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        for seq in seqs:  # a window's decoding begins (again, if a failed step is run again)
+            seq.window_decoding = WindowDecoding()
         recorder = AlignmentRecorder(self.alignment_heads, [seq.inputs for seq in seqs])
         hidden, spans = self.prefill(seqs, recorder)
         starts = [start + seq.inputs.start_index for (start, _), seq in zip(spans, seqs)]
@@ -208,4 +228,4 @@ class WhisperRunner(EncoderDecoderRunner):
         if no_speech is None:
             return
         for seq, probability in zip(seqs, start_logits.softmax(dim=-1)[:, no_speech].tolist()):
-            seq.inputs.no_speech_prob = probability
+            seq.window_decoding.no_speech_prob = probability

@@ -195,9 +195,8 @@ async def serve_alone(engine: Engine, requests: list[Request]) -> list[Served]:
 
 
 def fresh(inputs: Any) -> Any:
-    """A request's inputs as a new request brings them: what the runner writes on them (features, results) unset."""
-    if isinstance(inputs, SpeechWindow):
-        return SpeechWindow(inputs.features, inputs.start_index)
+    """A request's inputs as a new request brings them: what the runner writes on images (features, positions)
+    unset."""
     if isinstance(inputs, ImageInputs):
         return replace(inputs, features=None, rope_positions=None, rope_delta=0)
     return inputs

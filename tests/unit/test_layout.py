@@ -49,10 +49,20 @@ def project_modules() -> dict[str, Path]:
             ([ROOT / f"{unit}.py"] if (ROOT / f"{unit}.py").is_file() else sorted((ROOT / unit).rglob("*.py")))}
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every module a file imports, at any depth of its code (`from a.b import c` counts a.b and a.b.c)."""
+def is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def imported_names(path: Path, for_type_checkers: bool = True) -> set[str]:
+    """Every module a file imports, at any depth of its code (`from a.b import c` counts a.b and a.b.c); without
+    for_type_checkers, not those it imports only for type checkers (under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = set() if for_type_checkers else {
+        id(node) for block in ast.walk(tree) if is_type_checking(block) for node in ast.walk(block)}
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -63,6 +73,8 @@ def imported_names(path: Path) -> set[str]:
 
 MODULES = project_modules()
 IMPORTS = {name: imported_names(path) for name, path in MODULES.items()}
+# what runs: an import only type checkers read cannot make a cycle (the ranks still count it)
+RUNTIME_IMPORTS = {name: imported_names(path, for_type_checkers=False) for name, path in MODULES.items()}
 
 
 def unit(name: str) -> str:
@@ -89,7 +101,7 @@ def test_no_forbidden_imports(name):
 
 
 def test_no_import_cycles_inside_a_unit():
-    graph = {name: {i for i in imports if i in MODULES and i != name} for name, imports in IMPORTS.items()}
+    graph = {name: {i for i in imports if i in MODULES and i != name} for name, imports in RUNTIME_IMPORTS.items()}
     for name in graph:  # importing a.b.c runs a/__init__ and a/b/__init__ first, unless the importer is inside them
         for target in list(graph[name]):
             parts = target.split(".")
@@ -119,3 +131,10 @@ def test_the_checks_see_a_crossing(tmp_path):
     assert {"fastapi", "serving.errors"} <= names
     assert {unit(i) for i in names} & FORBIDDEN["batching"] == {"fastapi"}
     assert RANKS[unit("serving.errors")] > RANKS["batching"]
+
+
+def test_an_import_for_type_checkers_counts_for_the_ranks_but_not_for_cycles(tmp_path):
+    module = tmp_path / "typed.py"
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import serving.errors\n")
+    assert "serving.errors" in imported_names(module)
+    assert "serving.errors" not in imported_names(module, for_type_checkers=False)

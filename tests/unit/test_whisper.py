@@ -27,7 +27,7 @@ from batching.detokenizer import IncrementalDetokenizer
 from batching.families.whisper_beams import BeamSearch
 from batching.families.encoder_decoder_cache import EncoderDecoderRows
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
-from batching.families.whisper_runner import SpeechWindow, WhisperRunner, decoded
+from batching.families.whisper_runner import SpeechWindow, WhisperRunner, WindowResult
 from batching.scheduler import Span
 from config import Config
 from models import TranscriptionSegment
@@ -108,6 +108,7 @@ def random_whisper(tiny_en) -> LoadedWhisper:
     model = WhisperForConditionalGeneration(config).eval()
     for parameter in model.parameters():  # biases and norms start at 0/1: make every value distinctive
         torch.nn.init.normal_(parameter.data, std=0.3)
+    model.generation_config.alignment_heads = [[1, 0], [1, 2]]  # word timing needs some
     return LoadedWhisper(model, tiny_en.processor, "random", tiny_en.tokens, tiny_en.rules)
 
 
@@ -115,9 +116,11 @@ def frames(loaded: LoadedWhisper) -> int:
     return 2 * loaded.model.config.max_source_positions
 
 
-def window_sequence(loaded: LoadedWhisper, prompt: list[int], features: torch.Tensor, row: int = -1) -> Sequence:
+def window_sequence(loaded: LoadedWhisper, prompt: list[int], features: torch.Tensor, row: int = -1,
+                    audio_positions: int | None = None) -> Sequence:
+    inputs = dataclasses.replace(window(loaded, prompt, features), audio_positions=audio_positions)
     seq = Sequence(prompt, greedy(16), IncrementalDetokenizer(loaded.processor.tokenizer, prompt),
-                   frozenset({loaded.tokens.end_of_text}), inputs=window(loaded, prompt, features))
+                   frozenset({loaded.tokens.end_of_text}), inputs=inputs)
     seq.row = row
     return seq
 
@@ -168,17 +171,25 @@ def test_runner_matches_transformers_on_tiny_en(tiny_en):
 
 
 def decode_windows(loaded: LoadedWhisper, windows: list[tuple[list[int], torch.Tensor, int]],
-                   batch_size: int = 8, beams: int = 1, audio_positions: int | None = None, **flags) -> list[Sequence]:
+                   batch_size: int = 8, beams: int = 1, audio_positions: int | None = None, **flags
+                   ) -> list[tuple[Sequence, WindowResult]]:
     """Run (prompt, features, max_tokens) windows through the real engine at once; they finish at different
-    steps, so rows are freed and refilled by moving the last row (with its cross-attention K/V)."""
+    steps, so rows are freed and refilled by moving the last row (with its cross-attention K/V). Each window's
+    sequence, and what its last delta reports."""
     async def body(engine):
         seqs = [engine.add(prompt, greedy(limit), inputs=dataclasses.replace(
                     window(loaded, prompt, f), beams=beams, audio_positions=audio_positions))
                 for prompt, f, limit in windows]
-        return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
+        return list(await asyncio.gather(*(decoded(engine, s) for s in seqs)))
     config = Config(serving_type="whisper", continuous_batching_batch_size=batch_size, whisper_beam_size=beams,
                     **flags)
     return run_with_engine(lambda: build_whisper_engine(loaded, config), body)
+
+
+async def decoded(engine, seq: Sequence) -> tuple[Sequence, WindowResult]:
+    async for delta in engine.stream(seq):
+        assert delta.finish_reason != "error", delta.error
+    return seq, delta.window
 
 
 def test_batched_windows_decode_exactly_as_alone(random_whisper):
@@ -187,12 +198,13 @@ def test_batched_windows_decode_exactly_as_alone(random_whisper):
     windows = [(prompt, f, limit) for prompt, f, limit in zip(prompts(random_whisper), features, (5, 30, 12))]
     together = decode_windows(random_whisper, windows)
     alone = [decode_windows(random_whisper, [w])[0] for w in windows]
-    assert [s.output_ids for s in together] == [s.output_ids for s in alone]
-    assert len({len(s.output_ids) for s in together}) > 1, "windows should finish at different steps"
-    for seq in together:
+    assert [s.output_ids for s, _ in together] == [s.output_ids for s, _ in alone]
+    assert len({len(s.output_ids) for s, _ in together}) > 1, "windows should finish at different steps"
+    for seq, result in together:
         assert seq.output_ids[0] >= random_whisper.tokens.timestamp_begin  # every window starts at a timestamp
         assert seq.cumulative_logprob <= 0 and math.isfinite(seq.cumulative_logprob)
-        assert 0 < seq.inputs.no_speech_prob < 1
+        assert 0 < result.no_speech_prob < 1
+        assert result.decoded.tokens == seq.output_ids and result.decoded.logprob == seq.cumulative_logprob
 
 
 def test_a_full_batch_of_long_prompts_is_admitted_in_one_step_each_whole(tiny_en):
@@ -219,7 +231,7 @@ def test_windows_joining_a_running_batch_decode_as_alone(random_whisper):
         return list(await asyncio.gather(*(finish(engine, s) for s in seqs)))
     config = Config(serving_type="whisper", continuous_batching_batch_size=4)
     joined = run_with_engine(lambda: build_whisper_engine(random_whisper, config), staggered)
-    alone = [decode_windows(random_whisper, [w])[0] for w in windows]
+    alone = [decode_windows(random_whisper, [w])[0][0] for w in windows]
     assert [s.output_ids for s in joined] == [s.output_ids for s in alone]
 
 @pytest.mark.parametrize("beams", [1, 3])
@@ -233,10 +245,10 @@ def test_static_cache_decodes_as_the_growing_cache_does(random_whisper, beams):
     growing = decode_windows(random_whisper, windows, batch_size=2, beams=beams, audio_positions=100)
     static = decode_windows(random_whisper, windows, batch_size=2, beams=beams, audio_positions=100,
                             static_cache=True)
-    assert [decoded(seq).tokens for seq in static] == [decoded(seq).tokens for seq in growing]
-    for ours, theirs in zip(static, growing):
-        assert len(ours.inputs.alignment_scores) == len(decoded(ours).tokens)
-        for a, b in zip(ours.inputs.alignment_scores, theirs.inputs.alignment_scores):
+    assert [result.decoded.tokens for _, result in static] == [result.decoded.tokens for _, result in growing]
+    for (_, ours), (_, theirs) in zip(static, growing):
+        assert len(ours.alignment_scores) == len(ours.decoded.tokens)
+        for a, b in zip(ours.alignment_scores, theirs.alignment_scores):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -247,7 +259,7 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles_while_serving(r
     torch.manual_seed(9)
     features = torch.randn(5, 80, frames(random_whisper))
     windows = [(prompt, f, limit) for prompt, f, limit in zip(prompts(random_whisper) * 2, features, (6, 18, 3, 12, 9))]
-    eager = [seq.output_ids for seq in decode_windows(random_whisper, windows, batch_size=3)]
+    eager = [seq.output_ids for seq, _ in decode_windows(random_whisper, windows, batch_size=3)]
     warm_up = WarmUpRecord()
     config = Config(serving_type="whisper", continuous_batching_batch_size=3, torch_compile=True)
     build = warm_up.warmed(lambda: build_whisper_engine(random_whisper, config))
@@ -300,14 +312,14 @@ def test_beam_search_matches_transformers_generate(tiny_en, beams):
     features = [window_features(tiny_en.processor.feature_extractor, decode_audio(clip), 0) for clip in clips]
     prompt = [tiny_en.tokens.start_of_transcript]
     windows = [(prompt, f, limit) for f, limit in zip(features, (100, 100, 12))]
-    seqs = decode_windows(tiny_en, windows, beams=beams)
+    decodings = decode_windows(tiny_en, windows, beams=beams)
     expected = [transformers_beam_search(tiny_en, tiny_en.model.generation_config, *w, beams) for w in windows]
-    assert [decoded(seq).tokens for seq in seqs] == expected
+    assert [result.decoded.tokens for _, result in decodings] == expected
     assert [tokens[-1] == tiny_en.tokens.end_of_text for tokens in expected] == [True, True, False]
-    greedy_tokens = [seq.output_ids for seq in decode_windows(tiny_en, windows)]
+    greedy_tokens = [seq.output_ids for seq, _ in decode_windows(tiny_en, windows)]
     assert greedy_tokens != expected, "beam search should choose differently from greedy somewhere"
-    for seq in seqs:
-        assert decoded(seq).logprob < 0 and seq.inputs.search.done
+    for seq, result in decodings:
+        assert result.decoded.logprob < 0 and seq.window_decoding.search.done
 
 def test_beam_search_keeps_what_transformers_keeps_when_hypotheses_end_at_many_lengths():
     """A random language model over 12 tokens ends often, at varied lengths, so the length-normalised scores,
@@ -483,35 +495,32 @@ def test_windows_without_timestamp_pairs_are_one_segment():
     assert split_window([], T, 3000, final=True) == ([], 3000)
 
 
-def streamed(tiny_en, tokens: list[int], window: SpeechWindow, final: bool) -> tuple[list[str], str]:
+def streamed(tiny_en, tokens: list[int], final: bool, no_speech_prob: float = 0.0, avg_logprob: float = 0.0
+             ) -> tuple[list[str], str]:
     """What a gate releases token by token, and what it releases at the end, given the text the transcript keeps
     (its segments' text, as TranscriptionJob builds it)."""
     decode = TranscriptionService(None, tiny_en, ("tiny.en",)).text_of
-    gate = StreamedText(window, decode, tiny_en.tokens.timestamp_begin, final)
-    released = [gate.feed([token]) for token in tokens]
+    gate = StreamedText(decode, tiny_en.tokens.timestamp_begin, final)
+    released = [gate.feed([token], no_speech_prob) for token in tokens]
     kept = "".join(decode(part.tokens) for part in split_window(tokens, tiny_en.tokens.timestamp_begin, 3000, final)[0])
-    return released, gate.finish("" if is_silent(window) else kept)
-
-
-def speech_window(**scores: float) -> SpeechWindow:
-    return SpeechWindow(torch.zeros(1), 0, **scores)
+    return released, gate.finish("" if is_silent(no_speech_prob, avg_logprob) else kept)
 
 
 def test_streamed_text_waits_for_segments_to_close_in_earlier_windows(tiny_en):
     t = tiny_en.tokens.timestamp_begin
     a, b, c = (tiny_en.processor.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" a", " b", " c"))
-    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, t + 80, c], speech_window(), final=False)
+    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, t + 80, c], final=False)
     assert released == ["", " a", "", "", "", "", " b", ""]
     assert rest == ""  # " c" never closed: the next window decodes it again
     # a lone timestamp inside a segment closes nothing: the transcript cuts at the last pair
-    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, c], speech_window(), final=False)
+    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, c], final=False)
     assert "".join(released) + rest == " a"
 
 
 def test_streamed_text_flows_at_once_in_the_final_window(tiny_en):
     t = tiny_en.tokens.timestamp_begin
     a, b, c = (tiny_en.processor.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" a", " b", " c"))
-    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, t + 80, c], speech_window(), final=True)
+    released, rest = streamed(tiny_en, [t, a, t + 50, t + 50, b, t + 80, t + 80, c], final=True)
     assert released == ["", " a", "", "", " b", "", "", " c"]
     assert rest == ""
 
@@ -520,10 +529,10 @@ def test_a_window_that_may_be_silent_holds_its_text_to_the_end(tiny_en):
     t = tiny_en.tokens.timestamp_begin
     a, b = (tiny_en.processor.tokenizer.encode(word, add_special_tokens=False)[0] for word in (" a", " b"))
     tokens = [t, a, t + 50, t + 50, b]
-    released, rest = streamed(tiny_en, tokens, speech_window(no_speech_prob=0.9, avg_logprob=-0.2), final=True)
+    released, rest = streamed(tiny_en, tokens, final=True, no_speech_prob=0.9, avg_logprob=-0.2)
     assert released == [""] * len(tokens)
     assert rest == " a b"  # confident tokens: it was speech after all
-    released, rest = streamed(tiny_en, tokens, speech_window(no_speech_prob=0.9, avg_logprob=-2.0), final=True)
+    released, rest = streamed(tiny_en, tokens, final=True, no_speech_prob=0.9, avg_logprob=-2.0)
     assert "".join(released) + rest == ""
 
 
@@ -540,7 +549,7 @@ def test_streamed_text_is_always_what_the_transcript_keeps(tiny_en):
         for _ in range(rng.integers(1, 12)):
             tokens += [t + int(rng.integers(1, 1500))] if rng.random() < 0.3 else list(pieces[rng.integers(5)])
         final = bool(rng.random() < 0.3)
-        released, rest = streamed(tiny_en, tokens, speech_window(), final)
+        released, rest = streamed(tiny_en, tokens, final)
         kept = "".join(released) + rest
         expected = "".join(tiny_en.processor.tokenizer.decode(part.tokens, skip_special_tokens=True)
                            for part in split_window(tokens, t, 3000, final)[0])
@@ -664,9 +673,8 @@ def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en)
     torch.manual_seed(3)
     features = torch.randn(2, 80, frames(tiny_en)) * 0.5
     runner = runner_for(tiny_en)
-    seqs = [window_sequence(tiny_en, prompt, f, row) for row, (prompt, f) in enumerate(zip(prompts(tiny_en), features))]
-    for seq in seqs:
-        seq.inputs.audio_positions = model.config.max_source_positions
+    seqs = [window_sequence(tiny_en, prompt, f, row, audio_positions=model.config.max_source_positions)
+            for row, (prompt, f) in enumerate(zip(prompts(tiny_en), features))]
     spans = [Span(seq, 0, len(seq.prompt_ids)) for seq in seqs]
     for _ in range(4):
         for seq, token in zip(seqs, runner.step(spans)):
@@ -676,12 +684,12 @@ def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en)
     model.set_attn_implementation("eager")  # the implementation that returns attention weights
     try:
         for seq, f in zip(seqs, features):
-            assert len(seq.inputs.alignment_scores) == len(seq.output_ids)
+            assert len(seq.window_decoding.alignment_scores) == len(seq.output_ids)
             ids = torch.tensor([seq.prompt_ids + seq.output_ids])
             with torch.inference_mode():
                 output = model(input_features=f[None], decoder_input_ids=ids, output_attentions=True)
             attentions = output.cross_attentions
-            for step, scores in enumerate(seq.inputs.alignment_scores):
+            for step, scores in enumerate(seq.window_decoding.alignment_scores):
                 position = len(seq.prompt_ids) - 1 + step
                 expected = torch.stack([attentions[layer][0, head, position] for layer, head in heads])
                 torch.testing.assert_close(scores.softmax(dim=-1), expected, atol=1e-4, rtol=0)
