@@ -25,7 +25,7 @@ from api.state import ServerState, Service
 from api.text import text_router
 from config import Config
 from models import ModelCard, ModelList
-from serving.generator import start_chat_service
+from serving.text_service import start_chat_service
 from serving.metrics import Metrics
 from serving.responses import ResponseStore
 from serving.transcription import start_transcription_service

@@ -7,11 +7,11 @@ import asyncio
 import time
 
 from serving.errors import APIError
-from serving.generator import Generator
 from serving.startup import StartupProgress
+from serving.text_service import TextService
 from serving.transcription import TranscriptionService
 
-Service = Generator | TranscriptionService
+Service = TextService | TranscriptionService
 
 
 class ServerState:

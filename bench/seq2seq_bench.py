@@ -30,7 +30,7 @@ from bench.report import markdown_table
 from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, process_env
 from bench.stats import Measurement
 from config import Config
-from serving.generator import plain_dialogue
+from serving.template import plain_dialogue
 from tests.helpers.server_process import running_server
 
 MODEL = "flan-t5-small-random"

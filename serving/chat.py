@@ -11,57 +11,56 @@ from typing import AsyncIterator
 from PIL.Image import Image
 
 from batching.torch_thread import on_torch_thread
-from batching.vision import image_inputs
 from models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                     ChatCompletionRequest, ChatDelta, ChatMessage, FunctionCall, FunctionCallDelta, ImagePart,
                     R1Settings, ToolCall, ToolCallDelta, Usage)
 from serving.errors import APIError
-from serving.generator import Choice, Generator, Prompt, usage
 from serving.images import ImageError, load_image
-from serving.reasoning import ReasoningParser, Split, add_math_instruction, apply_few_shot_mode, boxed_answer
+from serving.reasoning import Split, add_math_instruction, apply_few_shot_mode, boxed_answer
+from serving.template import ChatTemplate
+from serving.text_service import Choice, Prompt, TextService, usage
 from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallParser, ToolFormat, tools_system_prompt
 
 
-async def chat_prompt(generator: Generator, request: ChatCompletionRequest) -> list[Prompt]:
+async def chat_prompt(service: TextService, request: ChatCompletionRequest) -> list[Prompt]:
     """The chat as the model's prompt: rendered by its chat template, its images (if the model reads them) fetched
     and prepared by its processor, off the event loop."""
-    if not generator.chat_template and not generator.encoder_decoder:
+    template = service.template
+    if not template.renders_chats:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     images = {(index, part): message.content[part] for index, message in enumerate(request.messages)
               for part in message.image_parts()}
-    if images and generator.processor is None:
+    if images and not template.reads_images:
         index, part = next(iter(images))
-        raise APIError(400, f"{generator.model_name} reads text only: messages[{index}].content[{part}] is an image",
+        raise APIError(400, f"{service.model_name} reads text only: messages[{index}].content[{part}] is an image",
                        param=f"messages[{index}].content[{part}]")
-    text = render_chat(generator, request)
+    text = render_chat(template, request)
     if not images:
-        return [Prompt(generator.prompt_ids(text))]
-    loaded = await asyncio.gather(*(fetched_image(generator, part.image_url.url, where)
+        return [Prompt(template.prompt_ids(text))]
+    loaded = await asyncio.gather(*(fetched_image(service, part.image_url.url, where)
                                     for where, part in images.items()))
     try:
-        processed = await on_torch_thread(generator.processor, text=text, images=loaded, return_tensors="pt",
-                                          add_special_tokens=generator.adds_special_tokens(text))
+        processed = await on_torch_thread(template.process, text, loaded)
     except ValueError as error:  # e.g. a chat template that drops image parts
         raise APIError(400, f"the model's processor rejected these images: {error}", param="messages") from None
-    inputs = image_inputs(processed, generator.image_token_id)
-    return [Prompt(processed["input_ids"][0].tolist(), images=inputs)]
+    return [Prompt(processed["input_ids"][0].tolist(), images=template.image_inputs(processed))]
 
 
-async def fetched_image(generator: Generator, url: str, where: tuple[int, int]) -> Image:
+async def fetched_image(service: TextService, url: str, where: tuple[int, int]) -> Image:
     try:
-        return await load_image(url, generator.image_limits)
+        return await load_image(url, service.image_limits)
     except ImageError as error:
         param = f"messages[{where[0]}].content[{where[1]}]"
         raise APIError(400, f"{param}: {error}", param=param) from None
 
 
-def render_chat(generator: Generator, request: ChatCompletionRequest) -> str:
+def render_chat(template: ChatTemplate, request: ChatCompletionRequest) -> str:
     tools = [tool.function.model_dump(exclude_none=True) for tool in request.callable_tools]
-    with_images = generator.processor is not None
-    if generator.template_renders_tools:
+    with_images = template.reads_images
+    if template.renders_tools:
         messages = [template_message(m, with_images) for m in request.messages]
     else:
-        fmt = generator.tool_format
+        fmt = template.tool_format
         messages = described_tools(tools, [plain_message(m, fmt, with_images) for m in request.messages], fmt)
         tools = []
     if request.r1_settings:
@@ -69,7 +68,7 @@ def render_chat(generator: Generator, request: ChatCompletionRequest) -> str:
         if request.r1_settings.math_mode:
             messages = add_math_instruction(messages)
     try:
-        return generator.render(messages, [{"type": "function", "function": tool} for tool in tools])
+        return template.render(messages, [{"type": "function", "function": tool} for tool in tools])
     except Exception as error:  # templates raise their own errors for dialogues they reject
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
 
@@ -138,11 +137,10 @@ class ChatPiece:
 class ChatOutput:
     """Turns a choice's text into content, reasoning_content and tool calls, in one go or delta by delta."""
 
-    def __init__(self, generator: Generator, request: ChatCompletionRequest) -> None:
-        think_opened = generator.think_opened
-        self.parser = ReasoningParser(think_opened) if think_opened is not None else None
+    def __init__(self, template: ChatTemplate, request: ChatCompletionRequest) -> None:
+        self.parser = template.reasoning_parser()
         self.settings = request.r1_settings or R1Settings()
-        self.tools = ToolCallParser(generator.tool_format, {t.function.name for t in request.callable_tools},
+        self.tools = ToolCallParser(template.tool_format, {t.function.name for t in request.callable_tools},
                                     request.parallel_tool_calls) if request.callable_tools else None
         self.content: list[str] = []
 
@@ -194,10 +192,10 @@ def finish_reason(reason: str | None, called: bool) -> str | None:
     return "tool_calls" if reason == "stop" and called else reason
 
 
-def whole_message(generator: Generator, request: ChatCompletionRequest, choice: Choice
+def whole_message(template: ChatTemplate, request: ChatCompletionRequest, choice: Choice
                   ) -> tuple[AssistantMessage, str | None]:
     """A finished choice's message and finish reason (a malformed tool call makes the whole reply content)."""
-    output = ChatOutput(generator, request)
+    output = ChatOutput(template, request)
     piece = output.feed("".join(choice.text), last=True)
     reasoning, content, calls = piece.reasoning, piece.content, whole_calls(piece.tool_calls)
     if output.tools and not all(call.valid for call in output.tools.started):
@@ -207,12 +205,12 @@ def whole_message(generator: Generator, request: ChatCompletionRequest, choice: 
     return message, finish_reason(choice.seq.finish_reason, bool(calls))
 
 
-def chat_response(generator: Generator, request: ChatCompletionRequest, request_id: str,
+def chat_response(service: TextService, request: ChatCompletionRequest, request_id: str,
                   choices: list[Choice]) -> ChatCompletion:
     def choice_body(choice: Choice) -> ChatChoice:
-        message, reason = whole_message(generator, request, choice)
+        message, reason = whole_message(service.template, request, choice)
         return ChatChoice(index=choice.index, message=message, finish_reason=reason,
-                          logprobs=generator.chat_logprobs(choice.logprobs) if request.logprobs else None)
+                          logprobs=service.chat_logprobs(choice.logprobs) if request.logprobs else None)
 
     return ChatCompletion(id=request_id, model=request.model, usage=usage(choices),
                           choices=[choice_body(c) for c in choices])
@@ -227,18 +225,18 @@ def whole_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:
     return list(calls.values())
 
 
-async def chat_chunks(generator: Generator, request: ChatCompletionRequest, choices: list[Choice],
+async def chat_chunks(service: TextService, request: ChatCompletionRequest, choices: list[Choice],
                       request_id: str) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(*chunk_choices: ChatChunkChoice, usage_: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=request_id, model=request.model, choices=list(chunk_choices), usage=usage_)
 
-    outputs = {c.index: ChatOutput(generator, request) for c in choices}
+    outputs = {c.index: ChatOutput(service.template, request) for c in choices}
     for choice in choices:
         yield chunk(ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content="")))
-    async for choice, delta in generator.deltas(choices):
+    async for choice, delta in service.deltas(choices):
         output = outputs[choice.index]
         piece = output.feed(delta.text, last=delta.finish_reason is not None)
-        logprobs = generator.chat_logprobs(delta.logprobs) if request.logprobs else None
+        logprobs = service.chat_logprobs(delta.logprobs) if request.logprobs else None
         if piece.reasoning or piece.content or piece.tool_calls or logprobs:
             yield chunk(ChatChunkChoice(index=choice.index, logprobs=logprobs, delta=ChatDelta(
                 content=piece.content or None, reasoning_content=piece.reasoning or None,

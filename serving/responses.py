@@ -17,7 +17,7 @@ from models import (AssistantMessage, ChatCompletionRequest, ChatMessage, ErrorB
                     ResponseObject, ResponsesRequest, ResponseUsage, TextConfig, ToolCall, ToolCallDelta)
 from serving.chat import ChatOutput, ChatPiece, finish_reason, whole_message
 from serving.errors import APIError
-from serving.generator import Choice, Generator, usage
+from serving.text_service import Choice, TextService, usage
 
 
 CHAT_TO_RESPONSES_FIELDS = {"messages": "input", "response_format": "text",
@@ -193,8 +193,8 @@ class OutputItems:
 
 
 class ResponsesService:
-    def __init__(self, generator: Generator, store: ResponseStore) -> None:
-        self.generator = generator
+    def __init__(self, text_service: TextService, store: ResponseStore) -> None:
+        self.text_service = text_service
         self.store = store
 
     def prepare(self, request: ResponsesRequest) -> Turn:
@@ -203,7 +203,7 @@ class ResponsesService:
         return Turn(request, chat_request(request, history + said), history, said)
 
     def whole(self, turn: Turn, choices: list[Choice], response_id: str) -> ResponseObject:
-        message, reason = whole_message(self.generator, turn.chat, choices[0])
+        message, reason = whole_message(self.text_service.template, turn.chat, choices[0])
         builder = OutputItems(itertools.count().__next__)
         builder.add(whole_piece(message))
         builder.close(item_status(reason))
@@ -214,10 +214,10 @@ class ResponsesService:
         response = self._shell(turn.request, response_id)
         yield builder.event("response.created", response=response)
         yield builder.event("response.in_progress", response=response)
-        output = ChatOutput(self.generator, turn.chat)
+        output = ChatOutput(self.text_service.template, turn.chat)
         reason = None
         try:
-            async for _, delta in self.generator.deltas(choices):
+            async for _, delta in self.text_service.deltas(choices):
                 piece = output.feed(delta.text, last=delta.finish_reason is not None)
                 if delta.finish_reason:
                     reason = finish_reason(delta.finish_reason, output.called)
@@ -256,7 +256,7 @@ class ResponsesService:
     def _usage(self, choices: list[Choice], items: list[OutputItem]) -> ResponseUsage:
         counted = usage(choices)
         reasoning = "".join(part.text for item in items if isinstance(item, OutputReasoning) for part in item.content)
-        thought = len(self.generator.tokenizer(reasoning, add_special_tokens=False).input_ids) if reasoning else 0
+        thought = len(self.text_service.tokenizer(reasoning, add_special_tokens=False).input_ids) if reasoning else 0
         return ResponseUsage(
             input_tokens=counted.prompt_tokens, output_tokens=counted.completion_tokens,
             total_tokens=counted.total_tokens,

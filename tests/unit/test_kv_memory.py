@@ -12,7 +12,7 @@ from batching.prefix_cache import BLOCK_TOKENS, CachedPrefix, PrefixCache
 from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
-from serving.generator import Generator, ServingOptions
+from serving.text_service import ServingOptions, TextService
 from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
 from tests.helpers.tiny_models import tiny_model
 
@@ -185,10 +185,10 @@ def test_running_out_while_decoding_preempts_the_youngest_and_resumes_it(llama, 
 
 def test_a_request_that_can_never_fit_gets_a_400_with_the_numbers(llama, tokenizer):
     async def check(engine):
-        generator = Generator(engine, LoadedModel(llama, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
+        service = TextService(engine, LoadedModel(llama, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
         with pytest.raises(APIError) as refused:
-            generator.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=150), 100)
-        default = generator.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=None), 100)
+            service.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=150), 100)
+        default = service.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=None), 100)
         return refused.value, default
 
     error, default = run_with_engine(lambda: make_engine(llama, tokenizer, kv_cache_memory=budget(208)), check)

@@ -27,7 +27,7 @@ from converters.packed_linear import PackedLinear, pack_linears
 from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
-from serving.generator import Generator, ServingOptions
+from serving.text_service import ServingOptions, TextService
 from tests.helpers.engine import WarmUpRecord, finish, generate_all, greedy, make_engine, run_with_engine
 from tests.helpers.tiny_models import tiny_model
 
@@ -90,9 +90,9 @@ def test_a_request_longer_than_the_static_length_is_refused(tokenizer):
     model = tiny_model("llama", len(tokenizer))
 
     async def too_long(engine):
-        generator = Generator(engine, LoadedModel(model, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
+        service = TextService(engine, LoadedModel(model, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
         with pytest.raises(APIError) as refused:
-            generator.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=10), 60)
+            service.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=10), 60)
         return refused.value
 
     error = run_with_engine(lambda: make_engine(model, tokenizer, static_cache=True,

@@ -9,7 +9,7 @@ import pytest
 from models import ChatCompletionRequest
 from model_manager import LoadedModel
 from serving.chat import chat_prompt
-from serving.generator import Generator, ServingOptions
+from serving.text_service import ServingOptions, TextService
 from tests.helpers.engine import make_engine
 from tests.helpers.tiny_models import tiny_model
 
@@ -34,33 +34,33 @@ DIALOGUE = [
 ]
 
 
-def generator_for(tokenizer, template=None) -> Generator:
+def service_for(tokenizer, template=None) -> TextService:
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy whose template can change
     if template:
         tokenizer.chat_template = template
     model = tiny_model("llama", len(tokenizer))
     loaded = LoadedModel(model, tokenizer, "tiny", 1024)
-    return Generator(make_engine(model, tokenizer), loaded, ServingOptions(("tiny",)))
+    return TextService(make_engine(model, tokenizer), loaded, ServingOptions(("tiny",)))
 
 
-def prompt_text(generator, **body) -> str:
+def prompt_text(service, **body) -> str:
     request = ChatCompletionRequest(model="tiny", messages=DIALOGUE, **body)
-    [prompt] = asyncio.run(chat_prompt(generator, request))
-    return generator.tokenizer.decode(prompt.ids)
+    [prompt] = asyncio.run(chat_prompt(service, request))
+    return service.tokenizer.decode(prompt.ids)
 
 
 @pytest.mark.parametrize("template", [HERMES_TEMPLATE, None])
 def test_tools_and_tool_turns_reach_the_prompt(tokenizer, template):
-    generator = generator_for(tokenizer, template)
-    assert generator.template_renders_tools == (template is not None)
-    assert generator.tool_format.name == "hermes"
-    text = prompt_text(generator, tools=[WEATHER])
+    service = service_for(tokenizer, template)
+    assert service.template.renders_tools == (template is not None)
+    assert service.template.tool_format.name == "hermes"
+    text = prompt_text(service, tools=[WEATHER])
     assert json.dumps(WEATHER["function"]["parameters"]) in text
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
     assert "<tool_response>\n-3 and snowing\n</tool_response>" in text
 
 
 def test_tool_choice_none_hides_the_tools(tokenizer):
-    generator = generator_for(tokenizer, HERMES_TEMPLATE)
-    assert "<tools>" in prompt_text(generator, tools=[WEATHER])
-    assert "<tools>" not in prompt_text(generator, tools=[WEATHER], tool_choice="none")
+    service = service_for(tokenizer, HERMES_TEMPLATE)
+    assert "<tools>" in prompt_text(service, tools=[WEATHER])
+    assert "<tools>" not in prompt_text(service, tools=[WEATHER], tool_choice="none")

@@ -8,7 +8,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from batching.torch_thread import THREAD_NAME
 from config import parse_config
-from serving.generator import start_chat_service
+from serving.text_service import start_chat_service
 from serving.startup import StartupProgress
 from tests.helpers.engine import finish, greedy
 from tests.helpers.tiny_models import tiny_model
@@ -22,12 +22,12 @@ def test_the_chat_service_runs_every_forward_on_the_one_torch_thread(tokenizer, 
     threads: list[str] = []
 
     async def serve_one_request() -> list[int]:
-        generator = await start_chat_service(config, StartupProgress())
+        service = await start_chat_service(config, StartupProgress())
         try:
-            seq = generator.engine.add(tokenizer("Hello there")["input_ids"], greedy(4))
-            return (await finish(generator.engine, seq)).output_ids
+            seq = service.engine.add(tokenizer("Hello there")["input_ids"], greedy(4))
+            return (await finish(service.engine, seq)).output_ids
         finally:
-            await generator.engine.stop()
+            await service.engine.stop()
 
     hook = register_module_forward_pre_hook(lambda module, args: threads.append(threading.current_thread().name))
     try:

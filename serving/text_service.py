@@ -1,5 +1,6 @@
-"""What chat and completions share on top of the engine: sampling settings checked against the model,
-choices queued together and cancelled together, their deltas merged, logprobs in OpenAI's shapes."""
+"""The text service: what chat, completions and responses share on top of the engine (sampling settings checked
+against the model, the output grammar, choices queued together and cancelled together, their deltas merged,
+logprobs and usage in OpenAI's shapes), and its start-up from the configuration."""
 
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ from serving.errors import APIError, check_error, check_model_name, server_busy,
 from serving.grammars import CompiledGrammar, GrammarCompiler
 from serving.images import ImageLimits
 from serving.metrics import Metrics
-from serving.reasoning import template_opens_think
 from serving.startup import StartupProgress, warm_up
-from serving.tool_parsers import detect_format
+from serving.template import ChatTemplate
 from serving.timeouts import finish_unless_abandoned
 
 logger = logging.getLogger("batchwise.serving")
@@ -69,11 +69,7 @@ class Choice:
             self.token_times.append(time.monotonic())
 
 
-PROBE_DIALOGUE = [{"role": "user", "content": "hi"}]
-PROBE_TOOL = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
-
-
-class Generator:
+class TextService:
     def __init__(self, engine: Engine, loaded: LoadedModel, options: ServingOptions) -> None:
         """Takes a second or so (the grammar engine indexes the vocabulary): build it off the event loop."""
         self.engine = engine
@@ -81,45 +77,17 @@ class Generator:
         vocab_size = loaded.model.get_output_embeddings().out_features  # the logits' width
         self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self.tokenizer = loaded.tokenizer
+        self.template = ChatTemplate(loaded.tokenizer, loaded.processor, loaded.encoder_decoder,
+                                     image_token_id(loaded.model), options.reasoning_parser, options.tool_call_parser)
         self.encoder_decoder = loaded.encoder_decoder
         self.encoder_length = loaded.encoder_length
         self.decoder_prompt = loaded.decoder_prompt if loaded.encoder_decoder else []
-        self.processor = loaded.processor  # a vision-language model's
-        # a vision-language model's template often lives on its processor rather than its tokenizer
-        self.chat_template = getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
-        self.image_token_id = image_token_id(loaded.model)
         self.image_limits = options.image_limits
         self.served_names = options.served_names
         self.model_name = options.served_names[0]
         self.context_length = loaded.context_length
         self.request_timeout = options.request_timeout
-        self.think_opened = self._think_opened(options.reasoning_parser)
-        self.tool_format = detect_format(self.chat_template, options.tool_call_parser)
-        self.template_renders_tools = self._renders_tools()
-        self.tool_marker_tokens = self._special_tokens(self.tool_format.markers)
         self.token_text = lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
-
-    def _think_opened(self, parser: str) -> bool | None:
-        """None: no reasoning parsing; otherwise whether the chat template itself opens the think block."""
-        if parser == "none" or not self.chat_template:
-            return None
-        opened = template_opens_think(self.render([{"role": "user", "content": "hi"}]))
-        return opened if parser == "deepseek_r1" or opened else None
-
-    def _renders_tools(self) -> bool:
-        """Whether the chat template shows tools to the model (if not, the prompt describes them)."""
-        if not self.chat_template:
-            return False
-        try:
-            return self.render(PROBE_DIALOGUE, [PROBE_TOOL]) != self.render(PROBE_DIALOGUE)
-        except Exception:  # a template that fails on tools does not render them
-            return False
-
-    def _special_tokens(self, texts: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
-        """Those texts that are single special tokens (which the detokeniser would otherwise drop)."""
-        special = set(self.tokenizer.all_special_ids)
-        ids = [(self.tokenizer.convert_tokens_to_ids(text), text) for text in texts]
-        return tuple((token_id, text) for token_id, text in ids if token_id in special)
 
     def check_model(self, name: str) -> None:
         check_model_name(name, self.served_names)
@@ -128,24 +96,6 @@ class Generator:
         """KV positions in use, and the budget's."""
         memory = self.engine.scheduler.memory
         return memory.used_tokens, memory.tokens
-
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        if not self.chat_template and self.encoder_decoder:
-            return plain_dialogue(messages)
-        return self.tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.chat_template,
-                                                  add_generation_prompt=True, tokenize=False)
-
-    def prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=self.adds_special_tokens(text)).input_ids
-
-    def adds_special_tokens(self, text: str) -> bool:
-        """Whether a rendered chat takes the tokenizer's special tokens: a decoder's chat template writes its own;
-        an encoder's input takes them (T5's closing </s>, BART's <s> ... </s>); a vision-language model's prompt
-        takes them unless its template began with BOS, as transformers' processors decide."""
-        if self.processor is not None:
-            bos = self.tokenizer.bos_token
-            return not (bos and text.startswith(bos))
-        return self.encoder_decoder
 
     async def output_grammar(self, request: SamplingRequest) -> CompiledGrammar | None:
         """The grammar the reply must follow, compiled off the event loop (and cached); None if free."""
@@ -157,7 +107,7 @@ class Generator:
         if isinstance(request, ChatCompletionRequest) and request.forced_tools:
             tools = [tool.function.model_dump(exclude_none=True) for tool in request.forced_tools]
             parallel = request.parallel_tool_calls and request.tool_choice == "required"
-            return partial(grammars.lark, self.tool_format.forced_grammar(tools, parallel), "tools")
+            return partial(grammars.lark, self.template.tool_format.forced_grammar(tools, parallel), "tools")
         shape = request.response_format
         if shape is not None and shape.type == "json_object":
             return partial(grammars.json_schema, {"type": "object"}, "response_format")
@@ -216,7 +166,7 @@ class Generator:
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             min_tokens=min(request.min_tokens, limit or room), logprobs=request.top_logprob_count,
             prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
-            grammar=grammar, shown_special_tokens=self.tool_marker_tokens if calls_tools else ())
+            grammar=grammar, shown_special_tokens=self.template.tool_marker_tokens if calls_tools else ())
 
     def _decoder_room(self, prompt_tokens: int, limit: int | None, param: str) -> int:
         """How many tokens may follow the prompt in the model's context and the KV memory."""
@@ -341,7 +291,7 @@ class Generator:
         return result
 
 
-async def start_chat_service(config: Config, progress: StartupProgress) -> Generator:
+async def start_chat_service(config: Config, progress: StartupProgress) -> TextService:
     progress.enter("loading the model")
     loaded = await on_torch_thread(load_model, config)
     progress.enter("building the engine")
@@ -354,17 +304,9 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> Gener
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
                              config.reasoning_parser, config.tool_call_parser, limits)
     progress.enter("preparing the tokenizer's grammars and templates")
-    generator = await on_torch_thread(Generator, engine, loaded, options)
+    service = await on_torch_thread(TextService, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
-    return generator
-
-
-def plain_dialogue(messages: list[dict]) -> str:
-    """A chat for an encoder-decoder model without a chat template (T5, BART): a lone user message as it is,
-    as instruction-tuned T5 models take it; otherwise one "Role: text" line per message."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n".join(f"{message['role'].capitalize()}: {message['content']}" for message in messages)
+    return service
 
 
 def json_value(value: dict | str, param: str) -> dict:
