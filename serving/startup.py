@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from batching import Engine
 from batching.static_decode import trust_warm_graphs
 from batching.torch_thread import on_torch_thread
+from config import Config
 
 logger = logging.getLogger("batchwise")
+Loaded = TypeVar("Loaded")
 
 
 @dataclass
@@ -42,3 +44,16 @@ async def warm_up(engine: Engine, progress: StartupProgress, compiled: bool) -> 
     await on_torch_thread(engine.runner.warm_up, progress.counter("warming up the decode step"))
     if compiled:
         trust_warm_graphs()
+
+
+async def started_engine(config: Config, progress: StartupProgress, load: Callable[[Config], Loaded],
+                         build: Callable[[Loaded, Config], Engine]) -> tuple[Loaded, Engine]:
+    """The model loaded and its engine built on the torch thread, warmed up and running, each stage shown on
+    /health."""
+    progress.enter("loading the model")
+    loaded = await on_torch_thread(load, config)
+    progress.enter("building the engine")
+    engine = await on_torch_thread(build, loaded, config)
+    await warm_up(engine, progress, config.torch_compile)
+    engine.start()
+    return loaded, engine

@@ -25,7 +25,7 @@ from serving.errors import APIError, check_error, check_model_name, server_busy,
 from serving.grammars import CompiledGrammar, GrammarCompiler
 from serving.images import ImageLimits
 from serving.metrics import Metrics
-from serving.startup import StartupProgress, warm_up
+from serving.startup import StartupProgress, started_engine
 from serving.template import ChatTemplate
 from serving.timeouts import finish_unless_abandoned
 
@@ -292,12 +292,7 @@ class TextService:
 
 
 async def start_chat_service(config: Config, progress: StartupProgress) -> TextService:
-    progress.enter("loading the model")
-    loaded = await on_torch_thread(load_model, config)
-    progress.enter("building the engine")
-    engine = await on_torch_thread(build_engine, loaded, config)
-    await warm_up(engine, progress, config.torch_compile)
-    engine.start()
+    loaded, engine = await started_engine(config, progress, load_model, build_engine)
     local_root = Path(config.allowed_local_media_path) if config.allowed_local_media_path else None
     limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,
                          config.image_fetch_timeout, local_root)

@@ -22,7 +22,7 @@ from config import Config
 from models import TranscriptionSegment, TranscriptionWord
 from serving.errors import APIError, check_error, check_model_name, server_busy
 from serving.metrics import Metrics
-from serving.startup import StartupProgress, warm_up
+from serving.startup import StartupProgress, started_engine
 from speech.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from speech.loader import LoadedWhisper, build_whisper_engine, load_whisper
 from speech.long_form import (FRAMES_PER_SECOND, StreamedText, decoded_badly, is_silent, split_window,
@@ -336,12 +336,7 @@ class TranscriptionJob:
 
 
 async def start_transcription_service(config: Config, progress: StartupProgress) -> TranscriptionService:
-    progress.enter("loading the model")
-    loaded = await on_torch_thread(load_whisper, config)
-    progress.enter("building the engine")
-    engine = await on_torch_thread(build_whisper_engine, loaded, config)
-    await warm_up(engine, progress, config.torch_compile)
-    engine.start()
+    loaded, engine = await started_engine(config, progress, load_whisper, build_whisper_engine)
     service = TranscriptionService(engine, loaded, config.served_names(loaded.name), config.whisper_beam_size)
     logger.info("serving %s (speech to text) on http://%s:%d", ", ".join(service.served_names), config.host,
                 config.port)
