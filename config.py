@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
@@ -76,6 +77,50 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
             raise ConfigError(f"--max-memory: {device} needs a size such as 20GiB, got {size!r}")
         limits[int(device) if device.isdigit() else device] = limit
     return limits
+
+
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+NGRAM_EXAMPLE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
+
+
+def parse_speculative_config(text: str) -> dict[str, Any]:
+    """vLLM's --speculative-config JSON, checked, with vLLM's defaults: prompt_lookup_min and _max default to each
+    other, or both to 5."""
+    invalid = f"--speculative-config: expected a JSON object such as {NGRAM_EXAMPLE}"
+    try:
+        spec = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"{invalid}, got {text!r} ({error})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{invalid}, got {text!r}")
+    method = spec.get("method")
+    if method == "draft_model":
+        raise ConfigError("--speculative-config: method 'draft_model' is not supported yet; use 'ngram'")
+    if method != "ngram":
+        raise ConfigError(f"--speculative-config: unknown method {method!r}; supported: 'ngram'")
+    unknown = sorted(set(spec) - set(SPECULATIVE_KEYS))
+    if unknown:
+        raise ConfigError(f"--speculative-config: unsupported keys {unknown}; known: {list(SPECULATIVE_KEYS)}")
+    lookup_min, lookup_max = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
+    spec["prompt_lookup_min"] = lookup_min = lookup_min if lookup_min is not None else lookup_max or 5
+    spec["prompt_lookup_max"] = lookup_max if lookup_max is not None else lookup_min
+    for key in SPECULATIVE_KEYS[1:]:
+        value = spec.get(key)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"--speculative-config: {key} must be a whole number of at least 1, got {value!r}")
+    if spec["prompt_lookup_min"] > spec["prompt_lookup_max"]:
+        raise ConfigError(f"--speculative-config: prompt_lookup_min ({spec['prompt_lookup_min']}) is more than "
+                          f"prompt_lookup_max ({spec['prompt_lookup_max']})")
+    return spec
+
+
+def speculative_config(text: str) -> str:
+    """The flag's parser: the JSON as given, once parse_speculative_config accepts it (argparse shows why not)."""
+    try:
+        parse_speculative_config(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def default_device() -> str:
@@ -248,6 +293,12 @@ class Config:
     tool_call_parser: str = option("--tool-call-parser", "TOOL_CALL_PARSER",
                                    "how the model writes tool calls (auto: from the chat template; Hermes when it "
                                    "shows none)", "auto", choices=["auto", "hermes", "llama3_json", "mistral"])
+    speculative_config: str | None = option(
+        "--speculative-config", "SPECULATIVE_CONFIG",
+        f"speculative decoding, as vLLM's JSON: {NGRAM_EXAMPLE} drafts up to num_speculative_tokens tokens by finding "
+        "the sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) earlier in its prompt or "
+        "output, and one forward verifies them, keeping each request's output distribution; decoder models, not in "
+        "batch-invariant mode; unset: off", None, speculative_config, modes=(None, NGRAM_EXAMPLE))
     model_cache_dir: str = option("--model-cache-dir", "BATCHWISE_CACHE_DIR",
                                   "folder for converted model copies (GGUF to safetensors)",
                                   os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))

@@ -19,8 +19,9 @@ from batching.build import EngineSettings, decoder_engine, encoder_decoder_engin
 from batching.failpoints import parse_failpoints
 from batching.families import text_family
 from batching.runner import min_rows
+from batching.speculative import SpeculativeSettings
 from batching.vision import FEATURES as VISION_FEATURES
-from config import EMBEDDED_CHAT_MODEL, Config, parse_memory
+from config import EMBEDDED_CHAT_MODEL, Config, parse_memory, parse_speculative_config
 from converters.gguf import cached_gguf_conversion
 from converters.hqq import quantize_linears
 from converters.int8 import quantize_int8
@@ -226,6 +227,7 @@ def engine_settings(config: Config, device: torch.device) -> EngineSettings:
     static_step = config.static_cache or config.torch_compile
     if static_step and not config.static_cache:
         logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+    step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
     failpoints = parse_failpoints(config.failpoints)
     if failpoints:
         logger.warning("failpoints are set (%s): requests of these users will fail on purpose",
@@ -236,11 +238,30 @@ def engine_settings(config: Config, device: torch.device) -> EngineSettings:
         min_rows=min_rows(config.batch_invariant), static_step=static_step,
         compile_mode=config.torch_compile_mode if config.torch_compile else None,
         static_length=config.static_cache_decoder_max_length,
-        step_tokens=config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"],
+        step_tokens=step_tokens,
         kv_memory=parse_memory(config.kv_cache_memory), prefix_caching=config.prefix_caching,
         beams=config.whisper_beam_size, step_timeout=config.step_timeout or None, failpoints=tuple(failpoints),
         profile_dir=Path(config.torch_profiling_dir) if config.torch_profiling else None,
-        profile_steps=config.torch_profiling_steps)
+        profile_steps=config.torch_profiling_steps, speculative=speculative_settings(config, step_tokens))
+
+
+def speculative_settings(config: Config, step_tokens: int) -> SpeculativeSettings | None:
+    """--speculative-config for a decoder's engine. Rows verify drafts only while their draft tokens fit the prompt
+    tokens a step computes beside decoding rows (rows x (1 + num_speculative_tokens) <= step_tokens): beyond, the
+    batch is busy enough that verifying costs more than it saves. Encoder-decoder and Whisper engines do not draft,
+    nor batch-invariant ones (a row's step would then depend on whether it drafted)."""
+    if not config.speculative_config:
+        return None
+    spec = parse_speculative_config(config.speculative_config)
+    ignored = ("in batch-invariant mode" if config.batch_invariant
+               else "for Whisper" if config.serving_type == "whisper"
+               else "for encoder-decoder models" if config.encoder_decoder else None)
+    if ignored:
+        logger.warning("--speculative-config is ignored %s: no drafts", ignored)
+        return None
+    tokens = spec["num_speculative_tokens"]
+    return SpeculativeSettings(tokens, spec["prompt_lookup_min"], spec["prompt_lookup_max"],
+                               max_rows=max(1, step_tokens // (1 + tokens)))
 
 
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:

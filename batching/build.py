@@ -27,6 +27,7 @@ from batching.kv_arena import KVArena, KVLayout, Slots
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler
+from batching.speculative import SpeculativeSettings
 from batching.static_decode import StaticDecoder
 from kernels import decode_attention, logits
 
@@ -55,6 +56,7 @@ class EngineSettings:
     beams: int  # Whisper's beams at temperature 0
     step_timeout: float | None
     failpoints: tuple[Failpoint, ...] = ()
+    speculative: SpeculativeSettings | None = None  # a decoder's n-gram drafts; None: no speculative decoding
     profile_dir: Path | None = None  # profile the first profile_steps steps into it
     profile_steps: int = 0
 
@@ -82,7 +84,11 @@ def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: fr
     scheduler = Scheduler(arena, max_running=batch_size, max_pending=settings.max_pending,
                           step_tokens=settings.step_tokens, solo_tokens=SOLO_PREFILL_TOKENS,
                           batch_invariant=settings.batch_invariant,
-                          attention_cost=attention_cost(model, layout, weights))
+                          attention_cost=attention_cost(model, layout, weights), speculative=settings.speculative)
+    if settings.speculative is not None:
+        logger.info("speculative decoding: n-gram drafts of up to %d tokens (n-grams of %d to %d tokens), verified "
+                    "while at most %d rows decode", settings.speculative.tokens, settings.speculative.lookup_min,
+                    settings.speculative.lookup_max, settings.speculative.max_rows)
     static = None
     if slots is not None:
         static = StaticDecoder(model, arena, settings.compile_mode, settings.min_rows,

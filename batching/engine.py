@@ -22,6 +22,7 @@ from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler, Span
 from batching.sequence import Delta, SamplingParams, Sequence, SequenceInputs, TokenLogprob
+from batching.speculative import DraftStats
 from batching.torch_thread import on_torch_thread
 
 logger = logging.getLogger("batchwise.engine")
@@ -38,7 +39,7 @@ class EngineWedged(EngineError):
 @dataclass
 class StepOutcome:
     done: list[Span]
-    tokens: list[TokenLogprob]  # one for each span of `done` that samples, in order
+    tokens: list[list[TokenLogprob]]  # what each span of `done` that samples emits, in order
     failed: list[tuple[Sequence, BaseException]]
 
     def __add__(self, other: StepOutcome) -> StepOutcome:
@@ -51,6 +52,7 @@ class EngineStats:
     waiting: int
     steps: int
     alive: bool
+    drafts: DraftStats | None = None  # what speculation did, where the engine drafts
 
 
 class Engine:
@@ -67,6 +69,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.microsleep = microsleep
         self.steps = 0
+        self.drafts = DraftStats() if scheduler.speculative is not None else None
         self.on_step: Callable[[float], None] | None = None  # told each step's seconds (metrics)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -99,7 +102,8 @@ class Engine:
         return self.scheduler.memory.sequence_capacity
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive)
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.steps, self.alive,
+                           self.drafts)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "", inputs: SequenceInputs = None,
             user: str = "") -> Sequence:
@@ -177,7 +181,7 @@ class Engine:
         self.scheduler.finished_step(outcome.done)
         for seq, error in outcome.failed:
             self._fail(seq, error)
-        self._deliver([span.seq for span in outcome.done if span.samples], outcome.tokens)
+        self._deliver([span for span in outcome.done if span.samples], outcome.tokens)
         self.steps += 1
 
     async def _attempt(self, spans: list[Span]) -> StepOutcome:
@@ -213,7 +217,7 @@ class Engine:
                        len(spans), error, sorted({span.seq.request_id for span in newest}), self.scheduler.row_limit)
         return await self._attempt(kept)
 
-    async def _run_within_timeout(self, spans: list[Span]) -> list[TokenLogprob]:
+    async def _run_within_timeout(self, spans: list[Span]) -> list[list[TokenLogprob]]:
         step = asyncio.ensure_future(on_torch_thread(self._run_step, spans))
         try:
             return await asyncio.wait_for(asyncio.shield(step), self.step_timeout)
@@ -221,7 +225,7 @@ class Engine:
             raise EngineWedged(f"a step of {len(spans)} rows ran for more than the step timeout of "
                                f"{self.step_timeout:g} s") from None
 
-    def _run_step(self, spans: list[Span]) -> list[TokenLogprob]:
+    def _run_step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
         """On the torch thread (batching.torch_thread), as all of the process's torch work."""
         self.scheduler.memory.apply_pending()
         if self.failpoints:
@@ -230,20 +234,36 @@ class Engine:
             return self.profiler.run(spans, self.runner.step)
         return self.runner.step(spans)
 
-    def _deliver(self, seqs: list[Sequence], tokens: list[TokenLogprob]) -> None:
+    def _deliver(self, spans: list[Span], emitted: list[list[TokenLogprob]]) -> None:
         broken = []
-        for seq, token in zip(seqs, tokens):
-            if not seq.cancelled:
-                try:
-                    seq.outputs.put_nowait(seq.append_token(token))
-                except Exception as error:  # e.g. its detokeniser or stop strings: that request alone fails
-                    broken.append((seq, error))
+        for span, tokens in zip(spans, emitted):
+            seq = span.seq
+            if span.draft:
+                self.drafts.count(span.draft, len(tokens))
+            if seq.cancelled:
+                continue
+            try:
+                appended = self._append(seq, tokens)
+            except Exception as error:  # e.g. its detokeniser or stop strings: that request alone fails
+                broken.append((seq, error))
+                continue
+            if span.draft:  # the tokens emitted are the accepted drafts, then one more
+                self.scheduler.keep_draft(span, min(appended, len(tokens) - 1))
         # only once every row has its token: moving a row copies its cached length
         for seq, error in broken:
             self._fail(seq, error)
-        for seq in seqs:
+        for span in spans:
+            if span.seq.finished:
+                self.scheduler.remove(span.seq)
+
+    @staticmethod
+    def _append(seq: Sequence, tokens: list[TokenLogprob]) -> int:
+        """Append the tokens one by one until the sequence finishes (the rest are dropped); how many it took."""
+        for count, token in enumerate(tokens, 1):
+            seq.outputs.put_nowait(seq.append_token(token))
             if seq.finished:
-                self.scheduler.remove(seq)
+                return count
+        return len(tokens)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         """Fail one sequence; its K/V are dropped (a failed step may have half written them)."""

@@ -42,7 +42,7 @@ class StepProfiler:
         self.profiled += 1
         with profile(activities=self.activities, record_shapes=True) as profiler:
             result = step(spans)
-        tokens = sum(span.end - span.start for span in spans)
+        tokens = sum(span.stop - span.start for span in spans)
         profiler.export_chrome_trace(str(self.folder / f"step-{self.profiled:03d}-{step_kind(spans)}-"
                                                          f"{len(spans)}seq-{tokens}tok.json"))
         for event in profiler.key_averages():

@@ -1,5 +1,6 @@
-"""Model forwards for one engine step: every sequence's span (a prompt chunk, or one decoding token) packed
-into a single [1, tokens] forward, then a token sampled for each span that reached its sequence's end.
+"""Model forwards for one engine step: every sequence's span (a prompt chunk, or one decoding token and perhaps a
+draft of the tokens after it) packed into a single [1, tokens] forward, then a token sampled for each span that
+reached its sequence's end (with a draft, the draft verified: batching.speculative).
 With a static cache, a step the static-shape decode step takes (decoding rows, and on CPU prompt chunks
 beside them: batching.static_decode) runs there instead; in batch-invariant mode the decoding rows of every
 step do."""
@@ -16,6 +17,7 @@ from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
 from batching.sequence import TokenLogprob
+from batching.speculative import verify
 from batching.static_decode import StaticDecoder
 from batching.vision import ImageInputs, PicturedSpan, embed_with_images, encode_images
 
@@ -44,11 +46,30 @@ class ModelRunner:
         self.head_device = model.get_output_embeddings().weight.device
 
     @torch.inference_mode()
-    def step(self, spans: list[Span]) -> list[TokenLogprob]:
-        """One token for each span that samples, in span order."""
+    def step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+        """The tokens each span that samples emits, in span order: one, or for a span with a draft, the draft tokens
+        the model accepts and one more (batching.speculative)."""
+        if any(span.draft for span in spans):
+            return self._verify_drafts(spans)
         logits = self._next_token_logits(spans)
         seqs = [span.seq for span in spans if span.samples]
-        return sample(logits.float(), seqs) if seqs else []
+        return [[token] for token in sample(logits.float(), seqs)] if seqs else []
+
+    def _verify_drafts(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+        """A step with drafts runs packed (the static step computes one token per row): rows without a draft sample
+        together as in any step, rows with one verify it from the logits at each of its positions."""
+        logits = self._packed_logits(spans)
+        sampling = [span for span in spans if span.samples]
+        plain = [index for index, span in enumerate(sampling) if not span.draft]
+        emitted: dict[int, list[TokenLogprob]] = {}
+        if plain:
+            tokens = sample(torch.stack([logits[index][-1] for index in plain]).float(),
+                            [sampling[index].seq for index in plain])
+            emitted.update((index, [token]) for index, token in zip(plain, tokens))
+        for index, span in enumerate(sampling):
+            if span.draft:
+                emitted[index] = verify(logits[index].float(), span.seq, span.draft)
+        return [emitted[index] for index in range(len(sampling))]
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;
@@ -66,23 +87,26 @@ class ModelRunner:
         static = [i for i, span in enumerate(spans) if span.seq.decoding] if invariant else []
         packed = sorted(set(range(len(spans))) - set(static))
         next_token_logits: dict[int, torch.Tensor] = dict(zip(
-            [i for i in packed if spans[i].samples], self._packed_logits([spans[i] for i in packed])))
+            [i for i in packed if spans[i].samples], (logits[-1] for logits in self._packed_logits(
+                [spans[i] for i in packed]))))
         if static:
             next_token_logits.update(zip(static, self.static.logits([spans[i] for i in static])))
         sampling = [next_token_logits[i] for i, span in enumerate(spans) if span.samples]
         return torch.stack(sampling) if sampling else torch.empty(0)
 
     def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
-        """One [1, tokens] forward over the spans; next-token logits of those that sample, in order."""
+        """One [1, tokens] forward over the spans (and their drafts); for each span that samples, in order, the
+        logits at its last token and at each of its draft tokens ([1 + draft, vocab])."""
         ids, positions, slots, attention_spans, kept, pictured = [], [], [], [], [], []
         for span in spans:
             seq, start = span.seq, len(ids)
             if isinstance(seq.inputs, ImageInputs):
                 pictured.append(PicturedSpan(seq, start, span.start, span.end))
             ids.extend(seq.all_ids[span.start:span.end])
-            positions.extend(range(span.start, span.end))
-            slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.end))
-            attention_spans.append(PackedSpan(start, len(ids), seq.kv.start, span.end))
+            ids.extend(span.draft)
+            positions.extend(range(span.start, span.stop))
+            slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.stop))
+            attention_spans.append(PackedSpan(start, len(ids), seq.kv.start, span.stop))
             kept.extend(start + p - span.start for p in self._logit_positions(span))
         self._pad(ids, positions, slots, attention_spans, kept)
         token_inputs = self._token_inputs(self._tensor(ids), pictured)
@@ -98,7 +122,7 @@ class ModelRunner:
             if span.seq.params.prompt_logprobs:
                 self._record_prompt_logprobs(span, span_logits)
             if span.samples:
-                next_token_logits.append(span_logits[-1])
+                next_token_logits.append(span_logits[-1 - len(span.draft):])
         return next_token_logits
 
     def _token_inputs(self, ids: torch.Tensor, pictured: list[PicturedSpan]) -> dict:
@@ -146,7 +170,7 @@ class ModelRunner:
     def _logit_positions(self, span: Span) -> list[int]:
         positions = list(self._prompt_targets(span))
         if span.samples:
-            positions.append(span.end - 1)
+            positions.extend(range(span.end - 1, span.stop))
         return positions
 
     def _record_prompt_logprobs(self, span: Span, span_logits: torch.Tensor) -> None:

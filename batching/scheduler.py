@@ -21,10 +21,11 @@ import itertools
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from batching.sequence import Sequence, Status
+from batching.speculative import SpeculativeSettings, drafts_allowed, propose
 
 logger = logging.getLogger("batchwise.scheduler")
 
@@ -49,10 +50,17 @@ class KVMemory(Protocol):
 
 @dataclass
 class Span:
-    """The tokens seq.all_ids[start:end] that one step computes for a sequence."""
+    """The tokens seq.all_ids[start:end] that one step computes for a sequence, then its draft's, if any: tokens
+    proposed to follow the sequence's last one, which the step verifies (batching.speculative)."""
     seq: Sequence
     start: int
     end: int
+    draft: tuple[int, ...] = ()
+
+    @property
+    def stop(self) -> int:
+        """The position after the last one the step computes."""
+        return self.end + len(self.draft)
 
     @property
     def samples(self) -> bool:
@@ -62,8 +70,10 @@ class Span:
 
 class Scheduler:
     def __init__(self, memory: KVMemory, max_running: int, max_pending: int, step_tokens: int,
-                 solo_tokens: int | None = None, batch_invariant: bool = False, attention_cost: float = 0.0) -> None:
+                 solo_tokens: int | None = None, batch_invariant: bool = False, attention_cost: float = 0.0,
+                 speculative: SpeculativeSettings | None = None) -> None:
         self.memory = memory
+        self.speculative = speculative
         self.max_running = max_running
         self.max_pending = max_pending
         self.step_tokens = step_tokens
@@ -92,6 +102,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.decoding]:
             if seq.status is Status.RUNNING and self._reserve(seq, seq.length):  # else preempted for an older one
                 spans.append(Span(seq, seq.computed, seq.length))
+        if self.speculative is not None and len(spans) <= self.speculative.max_rows:
+            spans = [self._drafted(span) for span in spans]
         budget, finishing_only = self._prompt_budget(len(spans))
         for seq in [s for s in self.running if not s.decoding]:
             budget = self._plan_span(seq, spans, budget, finishing_only)
@@ -109,6 +121,17 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 break
         return spans
+
+    def _drafted(self, span: Span) -> Span:
+        """The decoding span with a draft, where the sequence has one and KV memory holds it without preempting
+        anyone; a draft never reaches past max_tokens (its verification emits one token more than it holds)."""
+        seq = span.seq
+        limit = min(self.speculative.tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
+                    self.memory.sequence_capacity - seq.length)
+        draft = propose(seq.all_ids, self.speculative, limit) if drafts_allowed(seq) else ()
+        if draft and self.memory.reserve(seq, seq.length + len(draft)):
+            return replace(span, draft=draft)
+        return span
 
     def _prompt_budget(self, decoding_rows: int) -> tuple[int, int]:
         """The step's prompt tokens, and the share of them that only prompts finishing in the step may take.
@@ -188,6 +211,15 @@ class Scheduler:
             if self._steps_at_limit >= ROW_RECOVERY_STEPS:
                 self.row_limit += 1
                 self._steps_at_limit = 0
+
+    def keep_draft(self, span: Span, kept: int) -> None:
+        """After a verified draft's tokens are delivered: the K/V of the first `kept` draft tokens, which the
+        sequence appended, are its own (up to its last token, as without a draft); the rest's are rolled back, never
+        counted nor cached, and written over by later steps."""
+        seq = span.seq
+        seq.computed = min(span.end + kept, seq.length - 1)
+        if seq.status is Status.RUNNING:
+            self.memory.record(seq)
 
     def limit_rows(self, rows: int) -> None:
         """Run at most `rows` sequences (at least one) until steps have gone well for a while."""

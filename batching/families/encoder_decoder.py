@@ -153,8 +153,9 @@ class EncoderDecoderRunner:
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
 
     @torch.inference_mode()
-    def step(self, spans: list[Span]) -> list[TokenLogprob]:
-        """One token per span, in span order: new sequences are prefilled whole, running ones decode."""
+    def step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+        """One token per span (as a list: the engine's runners may emit several), in span order: new sequences
+        are prefilled whole, running ones decode."""
         prefilling = [span.seq for span in spans if span.start == 0]
         decoding = [span.seq for span in spans if span.start > 0]
         logits = []
@@ -166,7 +167,7 @@ class EncoderDecoderRunner:
             logits.append(self.static_decode(rows)[0] if self.static else
                           self.head(self.decode(rows), list(range(len(decoding)))))
         chosen = dict(zip(prefilling + decoding, sample(torch.cat(logits).float(), prefilling + decoding)))
-        return [chosen[span.seq] for span in spans]
+        return [[chosen[span.seq]] for span in spans]
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;

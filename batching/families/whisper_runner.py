@@ -121,10 +121,10 @@ class WhisperRunner(EncoderDecoderRunner):
         self.alignment_heads = alignment_heads(model)
 
     @torch.inference_mode()
-    def step(self, spans: list[Span]) -> list[TokenLogprob]:
-        """One token per span, in span order: new windows' prompts are prefilled whole, running ones decode
-        (rows 0..B-1, in row order). No window changes until every window's token is chosen, so a step that
-        fails can be run again (on fewer rows) as it was."""
+    def step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+        """One token per span (as a list: the engine's runners may emit several), in span order: new windows'
+        prompts are prefilled whole, running ones decode (rows 0..B-1, in row order). No window changes until every
+        window's token is chosen, so a step that fails can be run again (on fewer rows) as it was."""
         prefilling = [span.seq for span in spans if span.start == 0]
         decoding = [span.seq for span in spans if span.start > 0]
         if any(seq.output_ids for seq in prefilling):
@@ -147,7 +147,7 @@ class WhisperRunner(EncoderDecoderRunner):
             chosen[seq] = token
             if index in alignment:
                 seq.window_decoding.alignment_scores.append(alignment[index])
-        return [chosen[span.seq] for span in spans]
+        return [[chosen[span.seq]] for span in spans]
 
     @torch.inference_mode()
     def logits(self, prefilling: list[Sequence], decoding: list[Sequence]) -> torch.Tensor:

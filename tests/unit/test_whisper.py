@@ -677,7 +677,7 @@ def test_alignment_scores_are_the_cross_attention_transformers_computes(tiny_en)
             for row, (prompt, f) in enumerate(zip(prompts(tiny_en), features))]
     spans = [Span(seq, 0, len(seq.prompt_ids)) for seq in seqs]
     for _ in range(4):
-        for seq, token in zip(seqs, runner.step(spans)):
+        for seq, (token,) in zip(seqs, runner.step(spans)):
             seq.output_ids.append(token.token_id)
         spans = [Span(seq, seq.length - 1, seq.length) for seq in seqs]
     served = model.config._attn_implementation
