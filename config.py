@@ -101,13 +101,13 @@ def parse_speculative_config(text: str) -> dict[str, Any]:
     unknown = sorted(set(spec) - set(SPECULATIVE_KEYS))
     if unknown:
         raise ConfigError(f"--speculative-config: unsupported keys {unknown}; known: {list(SPECULATIVE_KEYS)}")
-    lookup_min, lookup_max = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
-    spec["prompt_lookup_min"] = lookup_min = lookup_min if lookup_min is not None else lookup_max or 5
-    spec["prompt_lookup_max"] = lookup_max if lookup_max is not None else lookup_min
     for key in SPECULATIVE_KEYS[1:]:
         value = spec.get(key)
-        if type(value) is not int or value < 1:
+        if (value is not None or key == "num_speculative_tokens") and (type(value) is not int or value < 1):
             raise ConfigError(f"--speculative-config: {key} must be a whole number of at least 1, got {value!r}")
+    lookup_min, lookup_max = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
+    spec["prompt_lookup_min"] = lookup_min = lookup_min or lookup_max or 5
+    spec["prompt_lookup_max"] = lookup_max or lookup_min
     if spec["prompt_lookup_min"] > spec["prompt_lookup_max"]:
         raise ConfigError(f"--speculative-config: prompt_lookup_min ({spec['prompt_lookup_min']}) is more than "
                           f"prompt_lookup_max ({spec['prompt_lookup_max']})")
@@ -118,8 +118,8 @@ def speculative_config(text: str) -> str:
     """The flag's parser: the JSON as given, once parse_speculative_config accepts it (argparse shows why not)."""
     try:
         parse_speculative_config(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    except ConfigError as error:  # argparse names the flag itself
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--speculative-config: ")) from None
     return text
 
 

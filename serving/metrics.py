@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from batching import Engine
@@ -17,30 +17,40 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 
 class EngineGauges(Collector):
-    """Running and waiting sequences and KV memory, as they are at scrape time."""
+    """Running and waiting sequences and KV memory, as they are at scrape time; and where the engine drafts, what
+    speculative decoding did: the acceptance rate is accepted / draft tokens, the tokens a verified row emits per
+    step 1 + accepted / verification steps."""
 
     def __init__(self, model: Callable[[], str], engine: Callable[[], Engine | None],
                  kv_tokens: Callable[[], tuple[int, int] | None]) -> None:
         self.model, self.engine, self.kv_tokens = model, engine, kv_tokens
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engine = self.engine()
         if engine is None:
             return
         stats = engine.stats()
         for name, help_text, value in [("running", "sequences in the running batch", stats.running),
                                        ("waiting", "sequences queued for admission", stats.waiting)]:
-            yield gauge(f"batchwise_sequences_{name}", help_text, self.model(), value)
+            yield labelled(f"batchwise_sequences_{name}", help_text, self.model(), value)
         kv = self.kv_tokens()
         if kv is not None:
             used, budget = kv
-            yield gauge("batchwise_kv_tokens_used", "KV positions held by sequences and the prefix cache",
+            yield labelled("batchwise_kv_tokens_used", "KV positions held by sequences and the prefix cache",
                         self.model(), used)
-            yield gauge("batchwise_kv_tokens_budget", "KV positions the budget holds", self.model(), budget)
+            yield labelled("batchwise_kv_tokens_budget", "KV positions the budget holds", self.model(), budget)
+        if stats.drafts is not None:
+            for name, help_text, value in [
+                    ("draft_tokens", "draft tokens proposed for verification", stats.drafts.proposed),
+                    ("accepted_tokens", "draft tokens the model accepted", stats.drafts.accepted),
+                    ("verification_steps", "rows that verified a draft, one per row and step",
+                     stats.drafts.verifications)]:
+                yield labelled(f"batchwise_spec_decode_{name}", help_text, self.model(), value, CounterMetricFamily)
 
 
-def gauge(name: str, help_text: str, model: str, value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, help_text, labels=["model"])
+def labelled(name: str, help_text: str, model: str, value: float,
+          kind: type[GaugeMetricFamily | CounterMetricFamily] = GaugeMetricFamily) -> GaugeMetricFamily:
+    family = kind(name, help_text, labels=["model"])
     family.add_metric([model], value)
     return family
 
