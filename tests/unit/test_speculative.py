@@ -20,6 +20,7 @@ from config import Config, ConfigError, parse_config, parse_speculative_config
 from model_manager import engine_settings
 from serving.metrics import Metrics
 from tests.helpers.engine import make_engine, run_with_engine
+from tests.helpers import quality
 from tests.helpers.quality import scale_weights
 from tests.helpers.tiny_models import byte_tokenizer, tiny_model
 
@@ -31,13 +32,17 @@ def tokenizer():
     return byte_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def repeating_model(tokenizer, dtype: torch.dtype = torch.float32):
     """A GPT-2 whose greedy answers repeat runs of tokens, but not always the same ones: drafts are accepted and
     rejected."""
     model = tiny_model("gpt2", len(tokenizer), seed=11)
     scale_weights(model, 2.0)
-    return model
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return repeating_model(tokenizer)
 
 
 @dataclass
@@ -123,6 +128,38 @@ def test_greedy_tokens_and_logprobs_are_those_without_drafts(model, tokenizer):
     assert penalised and not any(span.draft for span in penalised)
     assert any(any(span.draft for span in spans) and any(span.seq.decoding and not span.draft for span in spans)
                for spans in steps), "a step should hold rows with and without drafts"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_token_verified_is_transformers_choice(tokenizer, dtype):
+    """The quality matrix's check (tests/helpers/quality.py) on a model whose drafts are accepted (the matrix's
+    models are built not to repeat themselves, so there its drafts are rejected): each served token is the token
+    transformers' forward chooses after the same tokens, with its log-probability, within the dtype's bound."""
+    model = repeating_model(tokenizer, dtype)
+    references = {}
+    for reference_dtype in dict.fromkeys([dtype, torch.float32]):
+        references[reference_dtype] = repeating_model(tokenizer, reference_dtype)
+        references[reference_dtype].set_attn_implementation("sdpa")
+    requests = [(prompt, greedy(30)) for prompt in prompts(4, seed=5)]
+    served, engine = serve_all(model, tokenizer, requests, NGRAM)
+    assert engine.stats().drafts.accepted > 0
+    for (prompt, _), answer in zip(requests, served):
+        ids = torch.tensor([prompt + answer.tokens[:-1]])
+        same, float32 = (quality.forward_logprobs(references[d], input_ids=ids)[len(prompt) - 1:]
+                         for d in (dtype, torch.float32))
+        tokens = quality.Served(answer.tokens, [token.logprob for token in answer.logprobs])
+        assert quality.divergence(tokens, same, quality.BOUNDS[dtype], float32) is None
+
+
+def test_drafts_beside_a_static_cache(model, tokenizer):
+    """Steps with drafts take the packed forward over the static cache's slots (the static step computes one token
+    per row), and steps without them the static step: the same tokens as without drafts."""
+    requests = [(prompt, greedy(30)) for prompt in prompts(4, seed=6)]
+    settings = dict(static_cache=True, static_cache_decoder_max_length=96)
+    without, _ = serve_all(model, tokenizer, requests, None, **settings)
+    with_drafts, engine = serve_all(model, tokenizer, requests, NGRAM, **settings)
+    assert [s.tokens for s in with_drafts] == [s.tokens for s in without]
+    assert engine.stats().drafts.accepted > 0
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
