@@ -11,6 +11,10 @@ layers), and the late chunks of a long prompt take fewer tokens than its first. 
 every prompt is cut at fixed multiples of `step_tokens` instead, so how it is cut (and so every
 floating-point sum) never depends on what else is running.
 
+With speculative decoding, while few rows decode (SpeculativeSettings.max_rows), a decoding row may also verify
+a draft of the tokens after its last one (batching.speculative), in KV memory reserved without preempting anyone;
+after the step only the K/V of the draft tokens it accepted count as computed.
+
 KV memory is asked before a sequence is admitted or grows; when it runs out, the most recently admitted
 sequence is preempted: its K/V are freed and its tokens recomputed when it is admitted again (its output so
 far is kept and streaming simply pauses)."""
@@ -102,8 +106,6 @@ class Scheduler:
         for seq in [s for s in self.running if s.decoding]:
             if seq.status is Status.RUNNING and self._reserve(seq, seq.length):  # else preempted for an older one
                 spans.append(Span(seq, seq.computed, seq.length))
-        if self.speculative is not None and len(spans) <= self.speculative.max_rows:
-            spans = [self._drafted(span) for span in spans]
         budget, finishing_only = self._prompt_budget(len(spans))
         for seq in [s for s in self.running if not s.decoding]:
             budget = self._plan_span(seq, spans, budget, finishing_only)
@@ -120,11 +122,14 @@ class Scheduler:
             budget = self._plan_span(seq, spans, budget, finishing_only)
             if seq.status is not Status.RUNNING:
                 break
+        if self.speculative is not None and sum(span.seq.decoding for span in spans) <= self.speculative.max_rows:
+            spans = [self._drafted(span) if span.seq.decoding else span for span in spans]
         return spans
 
     def _drafted(self, span: Span) -> Span:
-        """The decoding span with a draft, where the sequence has one and KV memory holds it without preempting
-        anyone; a draft never reaches past max_tokens (its verification emits one token more than it holds)."""
+        """The decoding span with a draft, where the sequence has one and the KV memory left once the step's prompts
+        have theirs holds it, without preempting anyone; a draft never reaches past max_tokens (its verification emits
+        one token more than it holds)."""
         seq = span.seq
         limit = min(self.speculative.tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
                     self.memory.sequence_capacity - seq.length)

@@ -1,0 +1,26 @@
+"""The real server with --speculative-config: a streamed chat completion through the openai SDK reads as the same
+request answered whole, and /metrics counts the drafts."""
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.server_process import running_server
+
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
+
+
+def test_a_streamed_chat_with_drafts_reads_as_the_whole_answer(embedded_model_dir):
+    with running_server("--speculative-config", NGRAM) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        request = dict(model=model, max_tokens=48, temperature=0, messages=[
+            {"role": "user", "content": "Repeat after me three times: the cat sat on the mat."}])
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                           client.chat.completions.create(stream=True, **request) if chunk.choices)
+        whole = client.chat.completions.create(**request)
+        metrics = {sample.name: sample.value for family in text_string_to_metric_families(
+            httpx.get(f"{url}/metrics").text) for sample in family.samples}
+    assert streamed == whole.choices[0].message.content and streamed
+    assert metrics["batchwise_spec_decode_accepted_tokens_total"] > 0
+    assert metrics["batchwise_spec_decode_draft_tokens_total"] >= metrics["batchwise_spec_decode_accepted_tokens_total"]
