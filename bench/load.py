@@ -68,15 +68,17 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tok
 
 
 async def run_level(client: httpx.AsyncClient, model: str, concurrency: int, requests: int, max_tokens: int,
-                    label: str, extra_for: Callable[[int], dict | None] = lambda index: None) -> Measurement:
-    """`extra_for(index)`: fields added to that request's body (e.g. a response_format)."""
+                    label: str, extra_for: Callable[[int], dict | None] = lambda index: None,
+                    prompt_of: Callable[[int], str] = prompt_for) -> Measurement:
+    """`extra_for(index)`: fields added to that request's body (e.g. a response_format); `prompt_of(index)`: its
+    prompt."""
     request_indices = iter(range(requests))
     results: list[RequestResult] = []
 
     async def worker() -> None:
         # workers share one iterator, so a finished request is replaced at once and `concurrency` stay in flight
         for index in request_indices:
-            results.append(await stream_one(client, model, prompt_for(index), max_tokens, extra_for(index)))
+            results.append(await stream_one(client, model, prompt_of(index), max_tokens, extra_for(index)))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
