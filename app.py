@@ -23,8 +23,9 @@ from api.middleware import RequestCountMiddleware, RequestIdMiddleware
 from api.responses import responses_router
 from api.state import ServerState, Service
 from api.text import text_router
+from api.tokenize import tokenizer_router
 from config import Config
-from models import ModelCard, ModelList
+from models import ModelCard, ModelList, VersionInfo
 from serving.text_service import start_chat_service
 from serving.metrics import Metrics
 from serving.responses import ResponseStore
@@ -36,7 +37,8 @@ PLAYGROUND = Path(__file__).resolve().parent / "playground"
 
 logger = logging.getLogger("batchwise")
 
-CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health"]
+CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/tokenize",
+                  "/detokenize", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
 
@@ -101,6 +103,11 @@ def create_app(config: Config) -> FastAPI:
         return {"name": "Batchwise", "version": __version__, "model": service.model_name if service else None,
                 "serving_type": config.serving_type, "endpoints": WHISPER_ENDPOINTS if whisper else CHAT_ENDPOINTS}
 
+    @app.get("/version")
+    async def version() -> VersionInfo:
+        """vLLM's; open like / (which shows the version too)."""
+        return VersionInfo(version=__version__)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         status_code, body = state.health()
@@ -116,12 +123,13 @@ def create_app(config: Config) -> FastAPI:
 
     @api.get("/models")
     async def list_models(service: Service = Depends(state.ready)) -> ModelList:
-        return ModelList(data=[ModelCard(id=name) for name in service.served_names])
+        return ModelList(data=[ModelCard(id=name, max_model_len=service.context_length)
+                               for name in service.served_names])
 
     @api.get("/models/{model_id:path}")
     async def get_model(model_id: str, service: Service = Depends(state.ready)) -> ModelCard:
         service.check_model(model_id)
-        return ModelCard(id=model_id)
+        return ModelCard(id=model_id, max_model_len=service.context_length)
 
     if whisper:
         api.include_router(audio_router(state.ready, config.max_audio_mb, config.request_timeout or None))
@@ -129,4 +137,5 @@ def create_app(config: Config) -> FastAPI:
         api.include_router(text_router(state.ready))
         api.include_router(responses_router(state.ready, ResponseStore(config.responses_store_size)))
     app.include_router(api)
+    app.include_router(tokenizer_router(state.ready), dependencies=[require_key])
     return app

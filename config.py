@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import socket
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
@@ -28,17 +31,33 @@ def parse_bool(text: str | bool) -> bool:
         return True
     if lowered in ("false", "0"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r} (a model goes before bare flags)")
 
 
 def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None,
-           negative: str | None = None, modes: tuple = ()) -> Any:
-    """A Config field: its flag, env var, help, parser and choices; `negative` names a flag that sets it false.
-    `modes`: the values the quality matrix serves it at (the default first), for a flag that selects how the engine
-    computes (tests/unit/test_quality_matrix.py): every flag is either a serving mode or says there why it cannot
-    change a model's answers."""
+           negative: str | None = None, modes: tuple = (), aliases: tuple[str, ...] = (), several: bool = False,
+           env_applies: Callable[[str], bool] | None = None) -> Any:
+    """A Config field: its flag, env var, help, parser and choices; `negative` names a flag that sets it false (each
+    alias gets its own --no- form). `modes`: the values the quality matrix serves it at (the default first), for a
+    flag that selects how the engine computes (tests/unit/test_quality_matrix.py): every flag is either a serving
+    mode or says there why it cannot change a model's answers. `aliases`: other spellings of the flag (vLLM's);
+    `several`: the flag takes several values, kept comma-separated as the env var gives them; `env_applies`: whether
+    the env var's value is meant for this server (False: it is ignored)."""
     return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": type, "choices": choices,
-                                            "negative": negative, "modes": modes})
+                                            "negative": negative, "modes": modes, "aliases": aliases,
+                                            "several": several, "env_applies": env_applies})
+
+
+def dtype_name(text: str) -> str:
+    """vLLM's spellings of the dtypes too: half is float16, float is float32."""
+    lowered = text.strip().lower()
+    return {"half": "float16", "float": "float32"}.get(lowered, lowered)
+
+
+def not_the_machine_name(text: str) -> bool:
+    """HOSTNAME is exported by Docker (the container id) and by shells (the machine's name): only an address the
+    user chose is one to bind."""
+    return text != socket.gethostname()
 
 
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
@@ -151,10 +170,14 @@ def auto_dtype(device: str, flags: set[str]) -> tuple[str, str]:
 
 @dataclass
 class Config:
-    host: str = option("--host", "HOSTNAME", "address to bind", "0.0.0.0")
+    host: str = option("--host", "HOSTNAME", "address to bind (HOSTNAME counts only when it is not just this "
+                       "machine's name, which Docker and shells export)", "0.0.0.0", env_applies=not_the_machine_name)
     port: int = option("--port", "PORT", "port to listen on", 7088, int)
-    loglevel: str = option("--loglevel", "LOGLEVEL", "logging level", "INFO",
+    loglevel: str = option("--loglevel", "LOGLEVEL", "logging level (any case)", "INFO", str.upper,
                            choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
+    uvicorn_log_level: str | None = option("--uvicorn-log-level", "UVICORN_LOG_LEVEL", "uvicorn's logging level "
+                                           "(any case); unset: --loglevel's", None, str.lower,
+                                           choices=["critical", "error", "warning", "info", "debug", "trace"])
     log_format: str = option("--log-format", "LOG_FORMAT", "text: human-readable lines; json: one JSON object per "
                              "line (time, level, logger, message, request fields), for log shippers", "text",
                              choices=["text", "json"])
@@ -168,12 +191,21 @@ class Config:
     processor_type: str = option("--processor-type", "PROCESSOR_TYPE", "transformers Auto class for the processor",
                                  "AutoTokenizer")
     hf_model: str = option("--hf-model", "HF_MODEL",
-                           "Hugging Face model id, local folder or .gguf file; the default is the built-in model",
-                           EMBEDDED_CHAT_MODEL)
+                           "Hugging Face model id, local folder or .gguf file (also the first positional argument, as "
+                           "`vllm serve MODEL`); the default is the built-in model", EMBEDDED_CHAT_MODEL,
+                           aliases=("--model",))
+    tokenizer: str | None = option("--tokenizer", "BATCHWISE_TOKENIZER", "Hugging Face id or folder of the "
+                                   "tokenizer, when it is not the model's (chat models without images)", None)
+    revision: str | None = option("--revision", "BATCHWISE_REVISION", "the model's branch, tag or commit on the "
+                                  "Hugging Face hub", None)
+    trust_remote_code: bool = option("--trust-remote-code", "TRUST_REMOTE_CODE", "run the Python code a hub model "
+                                     "ships with its weights (its own model classes)", False, parse_bool)
+    download_dir: str | None = option("--download-dir", "BATCHWISE_DOWNLOAD_DIR", "folder for models downloaded "
+                                      "from the hub; unset: Hugging Face's cache", None)
     torch_dtype: str = option("--torch-dtype", "TORCH_DTYPE",
-                              "model dtype; auto: bfloat16 on CUDA and on CPUs with bfloat16 matrix instructions "
-                              "(AMX, AVX512-BF16), else float32", "auto",
-                              choices=["auto", "float32", "bfloat16", "float16"])
+                              "model dtype (half: float16, float: float32); auto: bfloat16 on CUDA and on CPUs with "
+                              "bfloat16 matrix instructions (AMX, AVX512-BF16), else float32", "auto", dtype_name,
+                              choices=["auto", "float32", "bfloat16", "float16"], aliases=("--dtype",))
     architecture_type: str = option("--architecture-type", "ARCHITECTURE_TYPE", "model architecture", "decoder",
                                     choices=["decoder", "encoder-decoder"])
     serving_type: str = option("--serving-type", "SERVING_TYPE", "what the server serves", "chat",
@@ -199,7 +231,7 @@ class Config:
         "seconds the scheduler yields between steps so new requests can join", 0.001, float)
     continuous_batching_batch_size: int = option(
         "--continuous-batching-batch-size", "CONTINUOUS_BATCHING_BATCH_SIZE",
-        "most sequences decoded together in one step", 20, int)
+        "most sequences decoded together in one step", 20, int, aliases=("--max-num-seqs",))
     static_cache: bool = option("--static-cache", "STATIC_CACHE",
                                 "give every batch row a fixed K/V slot of --static-cache-decoder-max-length tokens and "
                                 "decode in one static-shape step (what --torch-compile compiles)", False, parse_bool,
@@ -237,6 +269,8 @@ class Config:
                                  choices=[32, 64, 128, 256])
     int8: bool = option("--int8", "INT8", "int8 weights and per-token int8 activations for every linear layer and "
                         "the LM head (W8A8): integer products, on CPU", False, parse_bool, modes=(False, True))
+    quantization: str | None = option("--quantization", "QUANTIZATION", "vLLM's spelling: int8 sets --int8, hqq "
+                                      "sets --hqq", None, choices=["int8", "hqq"])
     torch_compile: bool = option("--torch-compile", "TORCH_COMPILE", "torch.compile the decode step", False,
                                  parse_bool, modes=(False, True))
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE",
@@ -247,9 +281,14 @@ class Config:
                                   "KV memory budget, fixed at start-up: a size (4GiB, 512MB), a fraction of the free "
                                   "memory after loading (0.5), or auto (0.25 of free RAM on CPU, 0.6 of free GPU "
                                   "memory on CUDA; never more than the running batch can use)", "auto")
+    gpu_memory_utilization: float | None = option(
+        "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION",
+        "vLLM's KV budget instead of --kv-cache-memory: the fraction of the GPU's whole memory this server may hold; "
+        "the KV cache gets what the loaded weights leave of it (chat models on one GPU)", None, float)
     prefix_caching: bool = option("--prefix-caching", "PREFIX_CACHING",
                                   "reuse the K/V of prompt prefixes already computed", True, parse_bool,
-                                  negative="--no-prefix-caching", modes=(True, False))
+                                  negative="--no-prefix-caching", modes=(True, False),
+                                  aliases=("--enable-prefix-caching",))
     max_num_batched_tokens: int | None = option(
         "--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
         "prompt tokens one step computes while other requests are decoding, so their streams keep flowing "
@@ -263,8 +302,14 @@ class Config:
                                        "longest prompt plus completion in tokens; unset: the model's context",
                                        None, int)
     served_model_name: str | None = option("--served-model-name", "SERVED_MODEL_NAME",
-                                           "name(s) clients use for the model, comma-separated; unset: the model id",
-                                           None)
+                                           "name(s) clients use for the model, space- or comma-separated, the first "
+                                           "one shown in /health and the logs; unset: the model id", None,
+                                           several=True)
+    max_logprobs: int | None = option("--max-logprobs", "MAX_LOGPROBS", "most alternatives per token a request may "
+                                      "ask for (top_logprobs, a completion's logprobs); unset: OpenAI's limits, 20 "
+                                      "on chat and 5 on completions", None, int)
+    seed: int | None = option("--seed", "BATCHWISE_SEED", "the seed of requests that give none (each such request "
+                              "is then sampled alike); unset: a random one per request", None, int)
     api_key: str | None = option("--api-key", "API_KEY",
                                  "require 'Authorization: Bearer <key>' on /v1: one key, a comma-separated list, "
                                  "or a file with one key per line", None)
@@ -299,9 +344,16 @@ class Config:
         "the sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) earlier in its prompt or "
         "output, and one forward verifies them, keeping each request's output distribution; decoder models, not in "
         "batch-invariant mode; unset: off", None, speculative_config, modes=(None, NGRAM_EXAMPLE))
+    enable_auto_tool_choice: bool = option("--enable-auto-tool-choice", "ENABLE_AUTO_TOOL_CHOICE",
+                                           "accepted for vLLM's command lines: tools and tool_choice auto are always "
+                                           "on here", False, parse_bool)
     model_cache_dir: str = option("--model-cache-dir", "BATCHWISE_CACHE_DIR",
                                   "folder for converted model copies (GGUF to safetensors)",
                                   os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))
+
+    def __post_init__(self) -> None:
+        if self.quantization:
+            setattr(self, self.quantization, True)
 
     def validate(self) -> None:
         if self.accelerator_type == "cuda" and not torch.cuda.is_available():
@@ -312,6 +364,8 @@ class Config:
             "--whisper-beam-size": self.whisper_beam_size,
             "--torch-profiling-steps": self.torch_profiling_steps, "--max-image-pixels": self.max_image_pixels,
         }
+        if self.max_logprobs is not None and self.max_logprobs < 0:
+            raise ConfigError("--max-logprobs must not be negative")
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
@@ -345,7 +399,50 @@ class Config:
             raise ConfigError("--device-map spreads a model over GPUs; with --accelerator-type cpu leave it unset")
         if self.max_memory and not self.device_map:
             raise ConfigError("--max-memory limits what --device-map places on each device: give --device-map too")
+        if self.tokenizer and (self.vision or self.serving_type == "whisper"):
+            raise ConfigError("--tokenizer replaces a chat model's tokenizer; vision-language and Whisper models "
+                              "take theirs from their processor")
+        if self.gpu_memory_utilization is not None:
+            self._check_gpu_memory_utilization()
         self.weight_memory()
+
+    def _check_gpu_memory_utilization(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization is a fraction in (0, 1], got {self.gpu_memory_utilization:g}")
+        if self.kv_cache_memory.strip().lower() != "auto":
+            raise ConfigError("--gpu-memory-utilization and --kv-cache-memory both size the KV cache: give one")
+        if self.device != "cuda":
+            raise ConfigError("--gpu-memory-utilization sizes the KV cache from a GPU's memory; on the CPU give "
+                              "--kv-cache-memory")
+        if self.device_map or self.serving_type == "whisper":
+            raise ConfigError("--gpu-memory-utilization sizes a chat model's KV cache on one GPU; with --device-map "
+                              "give --kv-cache-memory (Whisper models keep no KV budget)")
+
+    def sized_after_loading(self) -> Config:
+        """The configuration an engine is built with once the weights are loaded: --gpu-memory-utilization as a KV
+        budget in bytes. vLLM's meaning: this process may hold that fraction of the GPU's whole memory, and what
+        its weights and buffers hold already comes out of it; unlike vLLM, the step's activations are not measured
+        first, so they come out of the rest of the GPU's memory."""
+        if self.gpu_memory_utilization is None:
+            return self
+        free, total = torch.cuda.mem_get_info()
+        budget = int(self.gpu_memory_utilization * total) - torch.cuda.memory_reserved()
+        if budget <= 0:
+            raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization:g} allows "
+                              f"{self.gpu_memory_utilization * total / 2**30:.1f} GiB, which the loaded model already "
+                              "holds: raise it")
+        if budget > free:
+            raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization:g} leaves a KV cache of "
+                              f"{budget / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB of the GPU are free (other "
+                              "processes hold the rest): lower it")
+        return dataclasses.replace(self, kv_cache_memory=str(budget), gpu_memory_utilization=None)
+
+    def hub_options(self) -> dict[str, Any]:
+        """from_pretrained's keywords for where a model's files come from: only those given, so that without them
+        loading is what transformers does by default."""
+        options = {"revision": self.revision, "cache_dir": self.download_dir,
+                   "trust_remote_code": self.trust_remote_code or None}
+        return {name: value for name, value in options.items() if value is not None}
 
     def served_names(self, model_name: str) -> tuple[str, ...]:
         """The names clients may use for the model: --served-model-name's list, else the model's own name."""
@@ -410,22 +507,31 @@ class Config:
         return auto_dtype(self.device, cpu_flags())
 
 
+POSITIONAL_MODEL = "model"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="main.py", description="Batchwise: an OpenAI-compatible server for Hugging Face models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="main.py", description="Batchwise: an OpenAI-compatible server for Hugging Face models. Boolean flags "
+        "take true/false/1/0, or nothing for true.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(POSITIONAL_MODEL, nargs="?", default=None, help="the model, as --hf-model (vLLM's `vllm "
+                        "serve MODEL`)")
     for f in fields(Config):
         meta = f.metadata
-        parser.add_argument(meta["flag"], dest=f.name, type=meta["type"], default=f.default, choices=meta["choices"],
-                            help=f"{meta['help']} [env {meta['env']}]")
+        boolean = meta["type"] is parse_bool  # given bare (--int8), as vLLM's are, it means true
+        parser.add_argument(meta["flag"], *meta["aliases"], dest=f.name, type=meta["type"], default=f.default,
+                            choices=meta["choices"], nargs="+" if meta["several"] else "?" if boolean else None,
+                            const=True if boolean else None, help=f"{meta['help']} [env {meta['env']}]")
         if meta["negative"]:
-            parser.add_argument(meta["negative"], dest=f.name, action="store_false", help=f"set {meta['flag']} false")
+            negatives = [meta["negative"], *(f"--no-{alias.removeprefix('--')}" for alias in meta["aliases"])]
+            parser.add_argument(*negatives, dest=f.name, action="store_false", help=f"set {meta['flag']} false")
     return parser
 
 
 def env_default(f) -> Any:
     text = os.environ.get(f.metadata["env"], "")
-    if text == "":
+    applies = f.metadata["env_applies"]
+    if text == "" or (applies and not applies(text)):
         return f.default
     try:
         return f.metadata["type"](text)
@@ -433,11 +539,26 @@ def env_default(f) -> Any:
         raise ConfigError(f"environment variable {f.metadata['env']}={text!r} is invalid: {error}") from None
 
 
+def command_line_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The parsed flags by field: several values joined by commas, a positional model as --hf-model."""
+    values = vars(parser.parse_args(argv))
+    for f in fields(Config):
+        if f.metadata["several"] and isinstance(values[f.name], list):
+            values[f.name] = ",".join(values[f.name])
+    model = values.pop(POSITIONAL_MODEL)
+    if model is not None:
+        if values["hf_model"] not in (parser.get_default("hf_model"), model):
+            raise ConfigError(f"the model is given twice ({model} and --hf-model/--model {values['hf_model']}): "
+                              "give it once")
+        values["hf_model"] = model
+    return values
+
+
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     try:
         parser.set_defaults(**{f.name: env_default(f) for f in fields(Config)})
-        config = Config(**vars(parser.parse_args(argv)))
+        config = Config(**command_line_values(parser, sys.argv[1:] if argv is None else argv))
         config.validate()
     except ConfigError as error:
         parser.error(str(error))

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     uvicorn_logging = configure_logging(config.loglevel, config.log_format)
     app = create_app(config)
-    server_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.loglevel.lower(),
+    server_config = uvicorn.Config(app, host=config.host, port=config.port,
+                                   log_level=config.uvicorn_log_level or config.loglevel.lower(),
                                    log_config=uvicorn_logging, timeout_graceful_shutdown=5)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         DrainingServer(server_config, app.state.server, config.shutdown_grace).run()

@@ -117,13 +117,15 @@ def load_model(config: Config) -> LoadedModel:
     logger.info("loading %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
     model_class = getattr(transformers, config.model_class)
+    hub = config.hub_options()
     if config.vision:
-        check_vision_family(source)
-    processor = vision_processor(source) if config.vision else None
+        check_vision_family(source, hub)
+    processor = vision_processor(source, hub) if config.vision else None
     tokenizer = processor.tokenizer if processor else getattr(transformers, config.tokenizer_type).from_pretrained(
-        source, use_fast=config.tokenizer_use_fast)
+        config.tokenizer or source, use_fast=config.tokenizer_use_fast, **hub)
     placement = {"device_map": config.device_map, "max_memory": config.weight_memory()} if config.device_map else {}
-    model = model_class.from_pretrained(source, dtype=config.dtype, **attention_choice(source, config), **placement)
+    model = model_class.from_pretrained(source, dtype=config.dtype, **attention_choice(source, config), **placement,
+                                        **hub)
     if config.encoder_decoder != model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source} is {'an encoder-decoder' if model.config.is_encoder_decoder else 'a decoder'} "
                              f"model: give --architecture-type "
@@ -148,32 +150,32 @@ def load_model(config: Config) -> LoadedModel:
     return LoadedModel(model, tokenizer, name, context_length, processor=processor)
 
 
-def check_vision_family(source: Path | str) -> None:
+def check_vision_family(source: Path | str, hub: dict[str, Any]) -> None:
     """Before anything loads: only families whose images enter as features over placeholder tokens are served."""
-    model_type = transformers.AutoConfig.from_pretrained(source).model_type
+    model_type = transformers.AutoConfig.from_pretrained(source, **hub).model_type
     if model_type not in VISION_FEATURES:
         raise ModelLoadError(f"vision-language models of type {model_type!r} are not served; these are: "
                              f"{', '.join(VISION_FEATURES)} (not yet: Gemma 3's bidirectional attention over images, "
                              "Qwen3-VL's image features fed to several decoder layers)")
 
 
-def vision_processor(source: Path | str) -> transformers.ProcessorMixin:
+def vision_processor(source: Path | str, hub: dict[str, Any]) -> transformers.ProcessorMixin:
     """The model's own processor. Qwen2-VL's and SmolVLM2's also build a video processor, which needs
     torchvision; without it, the same processor class is built without one: chat requests carry no videos."""
     try:
-        return transformers.AutoProcessor.from_pretrained(source)
+        return transformers.AutoProcessor.from_pretrained(source, **hub)
     except ImportError:
         if importlib.util.find_spec("torchvision"):
             raise
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES[transformers.AutoConfig.from_pretrained(
-        source).model_type])
+        source, **hub).model_type])
     logger.info("torchvision is not installed: %s without its video processor", processor_class.__name__)
-    settings, _ = processor_class.get_processor_dict(source)  # e.g. its chat template, SmolVLM's image_seq_len
+    settings, _ = processor_class.get_processor_dict(source, **hub)  # e.g. its chat template, SmolVLM's image_seq_len
     settings.pop("processor_class", None)
     return without_videos(processor_class)(
-        image_processor=transformers.AutoImageProcessor.from_pretrained(source),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(source), video_processor=None, **settings)
+        image_processor=transformers.AutoImageProcessor.from_pretrained(source, **hub),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(source, **hub), video_processor=None, **settings)
 
 
 def without_videos(processor_class: type[transformers.ProcessorMixin]) -> type[transformers.ProcessorMixin]:
@@ -193,7 +195,7 @@ def attention_choice(source: Path | str, config: Config) -> dict[str, Any]:
     if config.encoder_decoder:
         return {}
     if config.vision:
-        parts = transformers.AutoConfig.from_pretrained(source).sub_configs
+        parts = transformers.AutoConfig.from_pretrained(source, **config.hub_options()).sub_configs
         return {"attn_implementation": {"": "sdpa", **{part: ATTENTION_NAME if part == "text_config" else "sdpa"
                                                        for part in parts}}}
     return {"attn_implementation": ATTENTION_NAME}

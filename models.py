@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
@@ -204,12 +204,16 @@ class SamplingRequest(BaseModel):
         """How many alternatives to report per token; None when logprobs are not wanted."""
         return None
 
+    # the field that asks for alternatives, and OpenAI's limit on it (the server's --max-logprobs replaces it)
+    LOGPROBS_FIELD: ClassVar[str] = "top_logprobs"
+    OPENAI_MAX_LOGPROBS: ClassVar[int] = 20
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0)
     parallel_tool_calls: bool = True
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -270,7 +274,7 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
@@ -296,6 +300,9 @@ class CompletionRequest(SamplingRequest):
         if self.best_of is not None and self.best_of > self.n and self.stream:
             raise ValueError("best_of greater than n cannot be streamed")
         return self
+
+    LOGPROBS_FIELD: ClassVar[str] = "logprobs"
+    OPENAI_MAX_LOGPROBS: ClassVar[int] = 5
 
     @property
     def candidates(self) -> int:
@@ -439,6 +446,58 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "batchwise"
+    max_model_len: int | None = None  # vLLM's: the most tokens one sequence holds
+
+
+# vLLM's tokenizer endpoints and /version.
+
+class TokenizeRequest(BaseModel):
+    """vLLM's TokenizeCompletionRequest (a prompt) or TokenizeChatRequest (messages, rendered as chat completions
+    render them), in one schema."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # unset: true for a prompt; for messages false, the template writes them
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        asked = self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set
+        if asked and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def omit_unset(self, handler) -> dict:
+        return drop_none(handler, self, ("token_strs",))
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionInfo(BaseModel):
+    version: str
 
 
 class ModelList(BaseModel):

@@ -17,12 +17,13 @@ from models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletio
 from serving.errors import APIError
 from serving.images import ImageError, load_image
 from serving.reasoning import Split, add_math_instruction, apply_few_shot_mode, boxed_answer
-from serving.template import ChatTemplate
+from serving.template import ChatTemplate, PromptEnding
 from serving.text_service import Choice, Prompt, TextService, usage
 from serving.tool_parsers import ArgumentsAdded, CallStarted, Event, ToolCallParser, ToolFormat, tools_system_prompt
 
 
-async def chat_prompt(service: TextService, request: ChatCompletionRequest) -> list[Prompt]:
+async def chat_prompt(service: TextService, request: ChatCompletionRequest, ending: PromptEnding = PromptEnding()
+                      ) -> list[Prompt]:
     """The chat as the model's prompt: rendered by its chat template, its images (if the model reads them) fetched
     and prepared by its processor, off the event loop."""
     template = service.template
@@ -34,13 +35,13 @@ async def chat_prompt(service: TextService, request: ChatCompletionRequest) -> l
         index, part = next(iter(images))
         raise APIError(400, f"{service.model_name} reads text only: messages[{index}].content[{part}] is an image",
                        param=f"messages[{index}].content[{part}]")
-    text = render_chat(template, request)
+    text = render_chat(template, request, ending)
     if not images:
-        return [Prompt(template.prompt_ids(text))]
+        return [Prompt(template.prompt_ids(text, ending))]
     loaded = await asyncio.gather(*(fetched_image(service, part.image_url.url, where)
                                     for where, part in images.items()))
     try:
-        processed = await on_torch_thread(template.process, text, loaded)
+        processed = await on_torch_thread(template.process, text, loaded, ending)
     except ValueError as error:  # e.g. a chat template that drops image parts
         raise APIError(400, f"the model's processor rejected these images: {error}", param="messages") from None
     return [Prompt(processed["input_ids"][0].tolist(), images=template.image_inputs(processed))]
@@ -54,7 +55,7 @@ async def fetched_image(service: TextService, url: str, where: tuple[int, int]) 
         raise APIError(400, f"{param}: {error}", param=param) from None
 
 
-def render_chat(template: ChatTemplate, request: ChatCompletionRequest) -> str:
+def render_chat(template: ChatTemplate, request: ChatCompletionRequest, ending: PromptEnding = PromptEnding()) -> str:
     tools = [tool.function.model_dump(exclude_none=True) for tool in request.callable_tools]
     with_images = template.reads_images
     if template.renders_tools:
@@ -68,7 +69,7 @@ def render_chat(template: ChatTemplate, request: ChatCompletionRequest) -> str:
         if request.r1_settings.math_mode:
             messages = add_math_instruction(messages)
     try:
-        return template.render(messages, [{"type": "function", "function": tool} for tool in tools])
+        return template.render(messages, [{"type": "function", "function": tool} for tool in tools], ending)
     except Exception as error:  # templates raise their own errors for dialogues they reject
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
 

@@ -53,7 +53,7 @@ async def started_engine(config: Config, progress: StartupProgress, load: Callab
     progress.enter("loading the model")
     loaded = await on_torch_thread(load, config)
     progress.enter("building the engine")
-    engine = await on_torch_thread(build, loaded, config)
+    engine = await on_torch_thread(build, loaded, config.sized_after_loading())  # what the weights left
     await warm_up(engine, progress, config.torch_compile)
     engine.start()
     return loaded, engine

@@ -3,6 +3,7 @@ which tool-call format and think markers the model writes, and, for a vision-lan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from PIL.Image import Image
@@ -13,6 +14,15 @@ from serving.tool_parsers import ToolFormat, detect_format
 
 PROBE_DIALOGUE = [{"role": "user", "content": "hi"}]
 PROBE_TOOL = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
+
+
+@dataclass(frozen=True)
+class PromptEnding:
+    """How a rendered chat ends, and whether the tokenizer's special tokens go on top of what the template writes:
+    chat completions' defaults; /tokenize lets a client choose (vLLM's fields)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
 
 
 class ChatTemplate:
@@ -42,14 +52,17 @@ class ChatTemplate:
         """A parser for one reply's think block; None when reasoning is not split off."""
         return ReasoningParser(self.think_opened) if self.think_opened is not None else None
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None, ending: PromptEnding = PromptEnding()
+               ) -> str:
         if not self.source and self.encoder_decoder:
             return plain_dialogue(messages)
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.source,
-                                                  add_generation_prompt=True, tokenize=False)
+                                                  add_generation_prompt=ending.add_generation_prompt,
+                                                  continue_final_message=ending.continue_final_message, tokenize=False)
 
-    def prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=self.adds_special_tokens(text)).input_ids
+    def prompt_ids(self, text: str, ending: PromptEnding = PromptEnding()) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=ending.add_special_tokens or self.adds_special_tokens(text)
+                              ).input_ids
 
     def adds_special_tokens(self, text: str) -> bool:
         """Whether a rendered chat takes the tokenizer's special tokens: a decoder's chat template writes its own;
@@ -60,11 +73,11 @@ class ChatTemplate:
             return not (bos and text.startswith(bos))
         return self.encoder_decoder
 
-    def process(self, text: str, images: list[Image]) -> Mapping[str, Any]:
+    def process(self, text: str, images: list[Image], ending: PromptEnding = PromptEnding()) -> Mapping[str, Any]:
         """A rendered chat and its images through the model's processor; it makes tensors: call it on the torch
         thread."""
         return self.processor(text=text, images=images, return_tensors="pt",
-                              add_special_tokens=self.adds_special_tokens(text))
+                              add_special_tokens=ending.add_special_tokens or self.adds_special_tokens(text))
 
     def image_inputs(self, processed: Mapping[str, Any]) -> ImageInputs:
         return image_inputs(processed, self.image_token_id)

@@ -39,6 +39,8 @@ class ServingOptions:
     reasoning_parser: str = "auto"
     tool_call_parser: str = "auto"
     image_limits: ImageLimits | None = None
+    default_seed: int | None = None  # for requests without a seed
+    max_logprobs: int | None = None  # alternatives per token; None: OpenAI's limit for the endpoint
 
 
 class Prompt(NamedTuple):
@@ -87,6 +89,8 @@ class TextService:
         self.model_name = options.served_names[0]
         self.context_length = loaded.context_length
         self.request_timeout = options.request_timeout
+        self.default_seed = options.default_seed
+        self.max_logprobs = options.max_logprobs
         self.token_text = lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
 
     def check_model(self, name: str) -> None:
@@ -156,13 +160,15 @@ class TextService:
         room = self._encoder_decoder_room(request, prompt_tokens, limit, param) if self.encoder_decoder \
             else self._decoder_room(prompt_tokens, limit, param)
         calls_tools = isinstance(request, ChatCompletionRequest) and bool(request.callable_tools)
-        self._check_token_ids(request.logit_bias or {}, "logit_bias")
-        self._check_token_ids(request.stop_token_ids or [], "stop_token_ids")
+        self.check_token_ids(request.logit_bias or {}, "logit_bias")
+        self.check_token_ids(request.stop_token_ids or [], "stop_token_ids")
+        self._check_logprobs(request)
         return SamplingParams(
             max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
-            logit_bias=tuple((request.logit_bias or {}).items()), seed=request.seed, stop=request.stop_strings,
+            logit_bias=tuple((request.logit_bias or {}).items()),
+            seed=self.default_seed if request.seed is None else request.seed, stop=request.stop_strings,
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             min_tokens=min(request.min_tokens, limit or room), logprobs=request.top_logprob_count,
             prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
@@ -199,11 +205,17 @@ class TextService:
                                 "input, which it neither continues nor scores", param="echo")
         return room
 
-    def _check_token_ids(self, token_ids, param: str) -> None:
+    def check_token_ids(self, token_ids, param: str) -> None:
         vocab = len(self.tokenizer)
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
+
+    def _check_logprobs(self, request: SamplingRequest) -> None:
+        limit = request.OPENAI_MAX_LOGPROBS if self.max_logprobs is None else self.max_logprobs
+        if (request.top_logprob_count or 0) > limit:
+            raise APIError(400, f"{request.LOGPROBS_FIELD} may be at most {limit} on this server (--max-logprobs)",
+                           param=request.LOGPROBS_FIELD)
 
     async def collect(self, choices: list[Choice], disconnected: Callable[[], Awaitable[bool]]) -> None:
         """Wait for every choice to finish; if the client goes away or time runs out, cancel them all."""
@@ -297,7 +309,7 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> TextS
     limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,
                          config.image_fetch_timeout, local_root)
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
-                             config.reasoning_parser, config.tool_call_parser, limits)
+                             config.reasoning_parser, config.tool_call_parser, limits, config.seed, config.max_logprobs)
     progress.enter("preparing the tokenizer's grammars and templates")
     service = await on_torch_thread(TextService, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)

@@ -84,7 +84,7 @@ class TranscriptionService:
         self.tokens = loaded.tokens
         self.tokenizer = loaded.processor.tokenizer
         self.feature_extractor = loaded.processor.feature_extractor
-        self.max_positions = loaded.model.config.max_target_positions
+        self.context_length = loaded.model.config.max_target_positions  # the decoder's positions
         self.speech_detector = SpeechDetector()
         self.aligns_words = bool(getattr(loaded.model.generation_config, "alignment_heads", None))
         self.seconds: defaultdict[str, float] = defaultdict(float)  # cumulative time per phase, for benchmarks
@@ -140,7 +140,7 @@ class TranscriptionService:
         tokens = self.tokens
         context = []
         if previous and tokens.start_of_previous is not None:
-            context = [tokens.start_of_previous, *previous[-(self.max_positions // 2 - 1):]]
+            context = [tokens.start_of_previous, *previous[-(self.context_length // 2 - 1):]]
         start = [tokens.start_of_transcript]
         if self.multilingual:
             start += [tokens.languages[language], tokens.translate if task == "translate" else tokens.transcribe]
@@ -148,7 +148,7 @@ class TranscriptionService:
 
     def add(self, prompt: list[int], window: SpeechWindow, temperature: float, request_id: str,
             max_tokens: int | None = None) -> Sequence:
-        limit = max_tokens or min(self.max_positions // 2, self.max_positions - len(prompt))
+        limit = max_tokens or min(self.context_length // 2, self.context_length - len(prompt))
         try:
             return self.engine.add(prompt, SamplingParams(max_tokens=limit, temperature=temperature), request_id,
                                    inputs=window)

@@ -76,11 +76,12 @@ def load_whisper(config: Config) -> LoadedWhisper:
     source = whisper_source(config)
     logger.info("loading Whisper %s on %s as %s (%s)", source, config.device, *config.dtype_choice())
     started = time.perf_counter()
-    processor = WhisperProcessor.from_pretrained(source)
+    processor = WhisperProcessor.from_pretrained(source, **config.hub_options())
     # the encoder's attention: query blocks on the CPU, SDPA on CUDA (batching.families.encoder_attention); the
     # decoder is driven by the runner with the engine's own attention whatever this says
     attention = ENCODER_ATTENTION if config.device == "cpu" else "sdpa"
-    model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype, attn_implementation=attention)
+    model = WhisperForConditionalGeneration.from_pretrained(source, dtype=config.dtype, attn_implementation=attention,
+                                                            **config.hub_options())
     model.to(config.device).eval()
     convert_linears(model, config)  # the encoder's and decoder's linear layers; --int8 the output projection too
     generation = model.generation_config

@@ -1,10 +1,11 @@
+import socket
 import subprocess
 import sys
 from dataclasses import fields
 
 import pytest
 
-from config import Config, parse_config
+from config import Config, build_parser, parse_config
 from tests.helpers.server_process import ROOT
 
 
@@ -84,3 +85,78 @@ def test_help_lists_every_flag_with_env_and_default():
     for f in fields(Config):
         assert f.metadata["flag"] in help_text and f"env {f.metadata['env']}" in help_text
     assert "(default: 7088)" in help_text
+
+
+def test_vllm_spellings_set_the_same_fields_as_ours():
+    config = parse_config(["some/model", "--dtype", "half", "--max-num-seqs", "4", "--enable-prefix-caching",
+                           "--served-model-name", "a", "b", "--quantization", "hqq", "--uvicorn-log-level", "WARNING"])
+    assert (config.hf_model, config.torch_dtype, config.continuous_batching_batch_size) == ("some/model", "float16", 4)
+    assert config.prefix_caching is True and config.served_names("ignored") == ("a", "b") and config.hqq is True
+    assert config.uvicorn_log_level == "warning"
+    assert parse_config(["--model", "m", "--dtype", "float"]).hf_model == "m"
+    assert parse_config(["--dtype", "float"]).torch_dtype == "float32"
+    assert parse_config(["--no-enable-prefix-caching"]).prefix_caching is False
+    assert parse_config(["--quantization", "int8"]).int8 is True
+    assert parse_config(["--served-model-name", "a,b"]).served_names("x") == ("a", "b")
+
+
+def test_boolean_flags_work_bare_or_with_a_value():
+    assert parse_config(["--int8"]).int8 is True
+    assert parse_config(["--int8", "true", "--static-cache", "0"]).static_cache is False
+    config = parse_config(["m", "--trust-remote-code", "--enable-auto-tool-choice"])
+    assert config.trust_remote_code is True and config.enable_auto_tool_choice is True and config.hf_model == "m"
+    assert parse_config(["--int8", "--prefix-caching", "false"]).prefix_caching is False
+
+
+def test_log_levels_and_dtypes_in_any_case(monkeypatch):
+    assert parse_config(["--loglevel", "debug"]).loglevel == "DEBUG"
+    monkeypatch.setenv("LOGLEVEL", "warning")
+    assert parse_config([]).loglevel == "WARNING"
+    assert parse_config(["--torch-dtype", "BFloat16"]).torch_dtype == "bfloat16"
+
+
+def test_hostname_counts_only_when_it_is_not_the_machine_name(monkeypatch):
+    monkeypatch.setenv("HOSTNAME", socket.gethostname())
+    assert parse_config([]).host == "0.0.0.0"
+    monkeypatch.setenv("HOSTNAME", "127.0.0.1")
+    assert parse_config([]).host == "127.0.0.1"
+    assert parse_config(["--host", "::1"]).host == "::1"
+
+
+def test_hub_flags_reach_from_pretrained_only_when_given():
+    assert Config().hub_options() == {}
+    config = parse_config(["--revision", "v2", "--download-dir", "/models", "--trust-remote-code"])
+    assert config.hub_options() == {"revision": "v2", "cache_dir": "/models", "trust_remote_code": True}
+
+
+def test_the_seed_and_logprobs_limit_are_unset_by_default(monkeypatch):
+    for f in fields(Config):
+        monkeypatch.delenv(f.metadata["env"], raising=False)
+    config = parse_config([])
+    assert config.seed is None and config.max_logprobs is None and config.gpu_memory_utilization is None
+    assert parse_config(["--seed", "3", "--max-logprobs", "50"]).max_logprobs == 50
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--int8", "maybe"], "a model goes before bare flags"),
+    (["one-model", "--model", "another"], "give it once"),
+    (["--quantization", "awq"], "--quantization"),
+    (["--max-logprobs", "-1"], "--max-logprobs"),
+    (["--gpu-memory-utilization", "1.5"], "(0, 1]"),
+    (["--gpu-memory-utilization", "0.9", "--kv-cache-memory", "4GiB"], "give one"),
+    (["--gpu-memory-utilization", "0.9", "--accelerator-type", "cpu"], "on the CPU give --kv-cache-memory"),
+    (["--tokenizer", "t", "--serving-type", "whisper"], "take theirs from their processor"),
+    (["--loglevel", "loud"], "--loglevel"),
+])
+def test_vllm_flags_refused_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_shows_the_aliases_and_the_hostname_rule():
+    help_text = " ".join(build_parser().format_help().split())
+    for alias in ("--model", "--dtype", "--max-num-seqs", "--enable-prefix-caching", "--no-enable-prefix-caching"):
+        assert alias in help_text
+    assert "not just this machine's name" in help_text and "always on" in help_text

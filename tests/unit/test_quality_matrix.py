@@ -30,7 +30,12 @@ FAMILIES = families()
 # Every other flag, and why it cannot change what a model answers (or where else that is tested).
 NOT_MODES = {
     **dict.fromkeys(["hf_model", "model_type", "architecture_type", "serving_type", "tokenizer_type",
-                     "tokenizer_use_fast", "processor_type"], "selects the model and its family: the matrix's rows"),
+                     "tokenizer_use_fast", "processor_type", "tokenizer", "revision", "trust_remote_code",
+                     "download_dir"], "selects the model and its family: the matrix's rows"),
+    "quantization": "vLLM's spelling of --int8 and --hqq, which are modes",
+    **dict.fromkeys(["seed", "max_logprobs"], "a default and a limit of requests' fields: greedy requests are "
+                    "served alike whatever the seed"),
+    "enable_auto_tool_choice": "accepted and ignored: tools are always on",
     "torch_dtype": "the matrix's dtypes",
     "accelerator_type": "the device: the matrix runs on the device the machine has",
     **dict.fromkeys(["device_map", "max_memory"], "spreads layers over GPUs, each computing as on one "
@@ -39,14 +44,14 @@ NOT_MODES = {
     "torch_compile_mode": "which inductor options compile the same graph (CUDA graphs, autotuning)",
     "whisper_beam_size": "beam search, against transformers' generate(num_beams) in tests/unit/test_whisper.py",
     **dict.fromkeys(["continuous_batching_batch_size", "continuous_batching_microsleep", "max_concurrent",
-                     "kv_cache_memory", "max_model_len", "static_cache_encoder_max_length",
+                     "kv_cache_memory", "gpu_memory_utilization", "max_model_len", "static_cache_encoder_max_length",
                      "static_cache_decoder_max_length", "request_timeout", "shutdown_grace", "step_timeout"],
                     "what fits and when: limits, refused with their numbers when exceeded"),
     **dict.fromkeys(["max_audio_mb", "max_image_mb", "max_image_pixels", "allow_remote_images",
                      "image_fetch_timeout", "allowed_local_media_path"], "which uploads are accepted"),
     **dict.fromkeys(["reasoning_parser", "tool_call_parser"], "reads the text after it is generated"),
-    **dict.fromkeys(["host", "port", "loglevel", "log_format", "served_model_name", "api_key", "allowed_origins",
-                     "metrics_public", "responses_store_size", "model_cache_dir", "torch_profiling",
+    **dict.fromkeys(["host", "port", "loglevel", "uvicorn_log_level", "log_format", "served_model_name", "api_key",
+                     "allowed_origins", "metrics_public", "responses_store_size", "model_cache_dir", "torch_profiling",
                      "torch_profiling_dir", "torch_profiling_steps", "failpoints"],
                     "transport, access, logging, profiling and chaos testing"),
 }
