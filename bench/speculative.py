@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import make_client, run_level, served_model, stream_one
 from bench.prompts import chat_messages, prompt_for
@@ -69,12 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def counters(client: httpx.AsyncClient) -> dict[str, float]:
     """The speculation counters in /metrics (zero where the server has none)."""
-    text = (await client.get("/metrics")).text
     values = {name: 0.0 for name in (DRAFTED, ACCEPTED, VERIFIED)}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in values:
-            values[name] = float(value)
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        for sample in family.samples:
+            if sample.name in values:
+                values[sample.name] += sample.value
     return values
 
 
