@@ -183,6 +183,30 @@ def test_running_out_while_decoding_preempts_the_youngest_and_resumes_it(llama, 
     assert b.output_ids == alone(llama, tokenizer, second, greedy(100)).output_ids
 
 
+def test_long_rows_of_a_static_cache_grow_and_preempt_as_without_one_and_free_their_memory(llama, tokenizer):
+    """Rows that may outgrow a slot of the static cache hold extents of the budget beside the slots, as every row
+    does without one; a row in a slot decodes beside them."""
+    first, second = prompts(2, len(tokenizer), 20, seed=7)
+    short = prompts(1, len(tokenizer), 5, seed=8)[0]
+
+    def engine():
+        slots = 5 * 32  # 4 rows and the padding slot
+        return make_engine(llama, tokenizer, batch_size=4, static_cache=True, static_cache_decoder_max_length=32,
+                           kv_cache_memory=budget(slots + 200), prefix_caching=False)
+
+    async def three(engine):
+        seqs = [engine.add(first, greedy(100)), engine.add(second, greedy(100)), engine.add(short, greedy(20))]
+        done = [await finish(engine, seq) for seq in seqs]
+        return done, engine.scheduler.preemptions, engine.scheduler.memory
+
+    (a, b, c), preemptions, arena = run_with_engine(engine, three)
+    assert preemptions >= 1
+    assert a.output_ids == alone(llama, tokenizer, first, greedy(100)).output_ids
+    assert b.output_ids == alone(llama, tokenizer, second, greedy(100)).output_ids
+    assert c.output_ids == alone(llama, tokenizer, short, greedy(20)).output_ids
+    assert arena.used_tokens == 0 and arena.allocator.free == arena.tokens - arena.reserved.size
+
+
 def test_a_request_that_can_never_fit_gets_a_400_with_the_numbers(llama, tokenizer):
     async def check(engine):
         service = TextService(engine, LoadedModel(llama, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
