@@ -28,7 +28,8 @@ from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.text_service import ServingOptions, TextService
-from tests.helpers.engine import WarmUpRecord, finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.engine import (WarmUpRecord, finish, generate_all, greedy, make_engine, record_rows_leaving_slots,
+                                  run_with_engine)
 from tests.helpers.tiny_models import tiny_model
 
 
@@ -112,8 +113,9 @@ def test_the_slot_length_limits_no_request_the_context_and_the_kv_budget_do(toke
     assert "300 prompt tokens plus 200" in budget.message
 
 
-# prompts and max_tokens: a slot of 32 holds rows 0, 4 and 6; the others are long rows (141 + 160, issue 36's)
-LONG_AND_SHORT = ((5, 20), (141, 160), (9, 24), (70, 30), (12, 16), (40, 40), (7, 25), (100, 12))
+# prompts and max_tokens, in slots of 96: 1 (issue 36's 141 + 160), 3 and 7 are long rows from the start (their first
+# extent exceeds a slot), 8 outgrows its slot for an extent; the others stay in their slots
+LONG_AND_SHORT = ((5, 20), (141, 160), (9, 24), (70, 30), (12, 16), (40, 40), (7, 25), (100, 12), (10, 100))
 ATTENTION = {"attend_rows": True, "slots, as on CUDA": False}
 
 
@@ -133,18 +135,19 @@ def test_requests_longer_than_a_slot_run_as_long_rows_beside_short_ones_with_the
     rng = random.Random(14)
     prompts = [[rng.randrange(3, len(tokenizer)) for _ in range(length)] for length, _ in LONG_AND_SHORT]
     eager = outputs(model, tokenizer, prompts, max_tokens=160, batch_size=4)
-    static_steps, built = [], []
+    static_steps, built, leaving_slots = [], [], []
     warm_up = WarmUpRecord()
 
     @warm_up.warmed
     def build():
         engine = make_engine(model, tokenizer, batch_size=4, batch_invariant=batch_invariant,
-                             static_cache_decoder_max_length=32, max_num_batched_tokens=16, **{mode: True})
+                             static_cache_decoder_max_length=96, max_num_batched_tokens=16, **{mode: True})
         static, arena = engine.runner.static, engine.scheduler.memory
         static_logits = static.logits
         static.logits = lambda spans: static_steps.append({arena.has_slot(s.seq) for s in spans}) \
             or static_logits(spans)
         built.append(engine)
+        leaving_slots.append(record_rows_leaving_slots(engine))
         return engine
 
     async def all_at_once(engine):
@@ -160,6 +163,7 @@ def test_requests_longer_than_a_slot_run_as_long_rows_beside_short_ones_with_the
     else:
         assert all(kinds == {True} for kinds in static_steps)  # a step holding a long row runs packed...
         assert static_steps or not batch_invariant  # ...but for the rows in slots in batch-invariant mode
+    assert [len(seq.prompt_ids) for seq in leaving_slots[0]] == [10]
     arena = built[0].scheduler.memory
     assert arena.rows_used == arena.rows_in_slots == 0 and arena.used_tokens == arena.cached_tokens > 0
 
