@@ -241,7 +241,8 @@ class Config:
         "static cache: longest encoder input (encoder-decoder models)", 256, int)
     static_cache_decoder_max_length: int = option(
         "--static-cache-decoder-max-length", "STATIC_CACHE_DECODER_MAX_LENGTH",
-        "static cache: tokens per row (prompt plus completion)", 256, int)
+        "static cache: tokens per row's slot (prompt plus completion); a decoder's request that outgrows its slot "
+        "runs as a long row in the KV budget beside the slots", 256, int)
     accelerator_type: str = option("--accelerator-type", "ACCELERATOR_TYPE",
                                    "device to run on; unset: cuda when available, else cpu", None,
                                    choices=["cuda", "cpu"])

@@ -28,7 +28,7 @@ from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler
 from batching.speculative import SpeculativeSettings
-from batching.static_decode import StaticDecoder
+from batching.static_decode import StaticDecoder, rows_attend_anywhere
 from kernels import decode_attention, logits
 
 logger = logging.getLogger("batchwise.model")
@@ -195,7 +195,6 @@ def static_prompt_tokens(layout: KVLayout, settings: EngineSettings) -> int:
     attention, the prompt tokens a step may add beside decoding rows, unless they are more than
     STATIC_PROMPT_TOKENS (the static step computes logits for every row, the packed step only where one is
     sampled); none in batch-invariant mode, where a prompt is cut the same way whoever runs beside it."""
-    if (settings.batch_invariant or settings.step_tokens > STATIC_PROMPT_TOKENS
-            or not all(decode_attention.serves(device, layout.dtype, layout.head_dim) for device in layout.devices)):
+    if settings.batch_invariant or settings.step_tokens > STATIC_PROMPT_TOKENS or not rows_attend_anywhere(layout):
         return 0
     return settings.step_tokens

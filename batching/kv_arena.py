@@ -6,7 +6,9 @@ of their K/V instead of computing them.
 
 With a static cache (`slots`), the arena starts with one fixed extent per batch row, all of one length, so
 the running rows' K/V form one [rows, kv_heads, length, head_dim] view that a decode step of static shape
-attends over; the rest of the budget holds prefix-cache entries.
+attends over; the rest of the budget holds prefix-cache entries, and the extents of long rows: a sequence whose first
+extent would not fit a slot, or that outgrows its slot, still holds its batch row, but its K/V lie in an extent of
+their own, grown and moved as without slots, so the slot length is a tuning knob rather than a limit on requests.
 
 Bookkeeping runs on the event loop while a step is planned; the tensor copies it implies (prefix reuse,
 growth, defragmentation) are queued and carried out, in order, on the torch thread before the forward."""
@@ -84,7 +86,8 @@ class KVArena:
         if slots is not None:  # a static step reads whole slots, masked: unwritten positions must not hold NaNs
             for tensor in (*self.keys, *self.values):
                 tensor[:, :slots.tokens].zero_()
-        self.rows_used = 0
+        self.rows_used = 0  # running rows: a new row's index, and so its slot
+        self.rows_in_slots = 0
         # the slots (the rest holds cache entries), or a few positions where padding tokens write
         self.reserved = self.allocator.allocate(slots.tokens if slots else SCRATCH_TOKENS)
         self.live.add(self.reserved)
@@ -92,28 +95,35 @@ class KVArena:
 
     @property
     def sequence_capacity(self) -> int:
-        """The most tokens one sequence can hold."""
-        return self.slots.length if self.slots else self.tokens - SCRATCH_TOKENS
+        """The most tokens one sequence can hold: a long row's extent beside the slots, or the slot, if longer."""
+        return max(self.slots.length, self.tokens - self.slots.tokens) if self.slots else self.tokens - SCRATCH_TOKENS
 
     @property
     def used_tokens(self) -> int:
         """Positions that hold K/V of running sequences or cache entries."""
         held = self.tokens - self.allocator.free - self.reserved.size
-        return held + (self.rows_used * self.slots.length if self.slots else 0)
+        return held + (self.rows_in_slots * self.slots.length if self.slots else 0)
 
     @property
     def cached_tokens(self) -> int:
         return sum(entry.extent.size for entry in self.prefix_cache.entries) if self.prefix_cache else 0
 
+    def has_slot(self, seq: Sequence) -> bool:
+        """Whether the running sequence's K/V lie in its row's slot (else it is a long row, or there are no slots)."""
+        return self._in_slots(seq.kv)
+
     def admit(self, seq: Sequence) -> bool:
         """Give a waiting sequence its extent, filled with whatever prefix of its tokens is already computed
         (its siblings' prompt, or the prefix cache); False when it does not fit yet."""
         holder, matched = self._reusable(seq)
-        if self.slots is not None:
-            extent = self.slots.extent(self.rows_used) if self.rows_used < self.slots.rows else None
+        if self.slots is not None and self.rows_used == self.slots.rows:
+            return False
+        size = min(round_up(seq.length + FIRST_DECODE_ROOM), seq.max_length)
+        if self.slots is not None and size <= self.slots.length:
+            extent = self.slots.extent(self.rows_used)
+            self.rows_in_slots += 1
         else:
-            protect = holder if isinstance(holder, CachedPrefix) else None
-            extent = self._allocate(min(round_up(seq.length + FIRST_DECODE_ROOM), seq.max_length), protect)
+            extent = self._allocate(size, holder if isinstance(holder, CachedPrefix) else None)
         if extent is None:
             return False
         self.rows_used += 1
@@ -126,20 +136,19 @@ class KVArena:
         return True
 
     def reserve(self, seq: Sequence, tokens: int) -> bool:
-        """Make room for the sequence's first `tokens` positions; False when even that is impossible."""
+        """Make room for the sequence's first `tokens` positions, a row outgrowing its slot leaving it for an extent
+        of its own; False when even that is impossible."""
         extent = seq.kv
         if tokens <= extent.size:
             return True
-        if self.slots is not None:
-            return False
         generous = min(max(round_up(tokens), 2 * extent.size), max(seq.max_length, tokens))
         for size in dict.fromkeys((generous, tokens)):
-            if self.allocator.extend(extent, size):
+            if not self._in_slots(extent) and self.allocator.extend(extent, size):
                 return True
             moved = self._allocate(size)
             if moved is not None:
                 self.pending.append(ExtentCopy(extent.start, moved.start, seq.computed))
-                self._free(extent)
+                self._vacate(extent)
                 seq.kv = moved
                 return True
         return False
@@ -165,16 +174,17 @@ class KVArena:
                 cache.keep(entry)
                 for orphan in cache.register(entry, seq.computed):
                     self._free(orphan.extent)
+                if entry_extent is not extent:  # copied out of its slot
+                    self._vacate(extent)
                 return
         if cache is not None:
             cache.drop(seq)
-        if self.slots is None:
-            self._free(extent)
+        self._vacate(extent)
 
     def _keep_extent(self, extent: Extent, tokens: int) -> Extent | None:
         """Where a leaving sequence's first `tokens` positions stay cached: its own extent, trimmed; a copy out
-        of its slot with a static cache (None when there is no room)."""
-        if self.slots is None:
+        of its slot (None when there is no room)."""
+        if not self._in_slots(extent):
             self.allocator.shrink(extent, tokens)
             return extent
         kept = self._allocate(tokens)
@@ -182,9 +192,19 @@ class KVArena:
             self.pending.append(ExtentCopy(extent.start, kept.start, tokens))
         return kept
 
+    def _in_slots(self, extent: Extent) -> bool:
+        return self.slots is not None and extent.start < self.slots.tokens
+
+    def _vacate(self, extent: Extent) -> None:
+        """A sequence leaves the extent: a slot stays its row's, unused; any other is freed."""
+        if self._in_slots(extent):
+            self.rows_in_slots -= 1
+        else:
+            self._free(extent)
+
     def move_row(self, seq: Sequence, target: int) -> None:
-        """With a static cache a row's K/V move to its new slot; otherwise they stay where they are."""
-        if self.slots is not None:
+        """A row's K/V in a slot move to its new row's slot; others stay where they are."""
+        if self.has_slot(seq):
             slot = self.slots.extent(target)
             self.pending.append(ExtentCopy(seq.kv.start, slot.start, seq.computed))
             seq.kv = slot

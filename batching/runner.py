@@ -3,7 +3,7 @@ draft of the tokens after it) packed into a single [1, tokens] forward, then a t
 reached its sequence's end (with a draft, the draft verified: batching.speculative).
 With a static cache, a step the static-shape decode step takes (decoding rows, and on CPU prompt chunks
 beside them: batching.static_decode) runs there instead; in batch-invariant mode the decoding rows of every
-step do."""
+step that it takes do."""
 
 from __future__ import annotations
 
@@ -80,11 +80,12 @@ class ModelRunner:
     def _next_token_logits(self, spans: list[Span]) -> torch.Tensor:
         """[spans that sample, vocab], in span order: from the static step when it takes the whole step, else from
         the packed forward, but for the decoding rows in batch-invariant mode, which the static step takes (batch
-        invariance needs every decode to attend the same way)."""
+        invariance needs every decode to attend the same way) unless they are long rows it declines."""
         if self.static is not None and self.static.takes(spans):
             return self.static.logits(spans)
         invariant = self.static is not None and self.batch_invariant
-        static = [i for i, span in enumerate(spans) if span.seq.decoding] if invariant else []
+        static = [i for i, span in enumerate(spans) if span.seq.decoding and self.static.takes([span])] \
+            if invariant else []
         packed = sorted(set(range(len(spans))) - set(static))
         next_token_logits: dict[int, torch.Tensor] = dict(zip(
             [i for i in packed if spans[i].samples], (logits[-1] for logits in self._packed_logits(

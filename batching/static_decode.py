@@ -5,7 +5,9 @@ on CUDA with mode reduce-overhead) and never while serving.
 
 Where attend_rows serves the attention (CPU), prompt chunks join the step too, one token per row: a step of
 decoding rows beside prompt chunks then runs compiled instead of eagerly, in one more bucket sized for the
-most such a step holds (the batch plus the prompt tokens a step may add beside it)."""
+most such a step holds (the batch plus the prompt tokens a step may add beside it). There long rows (whose K/V
+lie outside the slots: batching.kv_arena) join the step as well; elsewhere a row attends over its slot, so steps
+holding a long row run packed."""
 
 from __future__ import annotations
 
@@ -17,11 +19,18 @@ import torch
 from transformers import PreTrainedModel
 
 from batching.attention import StaticDecodeStep
-from batching.kv_arena import KVArena
+from batching.kv_arena import KVArena, KVLayout
 from batching.scheduler import Span
 from batching.vision import ImageInputs, text_position
+from kernels import decode_attention
 
 logger = logging.getLogger("batchwise.compile")
+
+
+def rows_attend_anywhere(layout: KVLayout) -> bool:
+    """Whether the static step's attention (attend_rows) gives each row its own keys wherever they lie in the
+    arena, rather than its row's slot."""
+    return all(decode_attention.serves(device, layout.dtype, layout.head_dim) for device in layout.devices)
 
 
 def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
@@ -139,6 +148,8 @@ class StaticDecoder(BucketedDecoder):
         self.slots = arena.slots
         self.padding = arena.scratch.start  # where rows of a bucket that hold no token write their K/V
         self.takes_prompts = prompt_tokens > 0
+        self.takes_long_rows = rows_attend_anywhere(arena.layout)
+        self.has_slot = arena.has_slot
         buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
         if prompt_tokens:
             buckets.append(self.slots.rows + prompt_tokens)
@@ -146,7 +157,10 @@ class StaticDecoder(BucketedDecoder):
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text
-        (without prompt logprobs, which need every position's logits) if all their tokens fit the largest bucket."""
+        (without prompt logprobs, which need every position's logits) if all their tokens fit the largest bucket;
+        long rows only where rows attend anywhere."""
+        if not self.takes_long_rows and not all(self.has_slot(span.seq) for span in spans):
+            return False
         if all(span.seq.decoding for span in spans):
             return True
         return (self.takes_prompts and sum(span.end - span.start for span in spans) <= self.buckets[-1]

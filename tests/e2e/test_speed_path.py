@@ -66,13 +66,17 @@ def test_chat_stream_and_completions_work_in_every_mode(served):
     assert many.choices[0].text == many.choices[1].text, "greedy siblings agree"
 
 
-def test_the_static_length_bounds_a_request(served):
+def test_a_request_longer_than_a_static_slot_is_served_and_the_context_bounds_it(served):
+    """Issue 36: the slot length is a tuning knob; a longer request runs as a long row beside the slots."""
     mode, model, client = served
     if mode != "static cache":
         pytest.skip("only the static cache has a fixed length per row")
+    reply = client.chat.completions.create(model=model, messages=PARIS, temperature=0, max_tokens=200,
+                                           extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 200 and reply.usage.total_tokens > 128
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=model, messages=PARIS, max_tokens=200)
-    assert "at most 128 tokens" in error.value.body["message"]
+        client.chat.completions.create(model=model, messages=PARIS, max_tokens=10**6)
+    assert "maximum context length" in error.value.body["message"]
 
 
 def test_health_reports_loading_progress_until_the_compiled_step_is_warm(tiny_folder, tmp_path):

@@ -71,3 +71,18 @@ class WarmUpRecord:
         assert len(self.buckets) > 1
         assert self.progress == [(ready, len(self.buckets)) for ready in range(len(self.buckets) + 1)]
         assert dict(counters["frames"]) == self.frames_when_warm, "a recompilation happened while serving"
+
+
+def record_rows_leaving_slots(engine: Engine) -> list[Sequence]:
+    """A list to which the engine's static cache appends each sequence that outgrows its slot for an extent."""
+    arena, left = engine.scheduler.memory, []
+    reserve = arena.reserve
+
+    def recording(seq: Sequence, tokens: int) -> bool:
+        in_slot = arena.has_slot(seq)
+        granted = reserve(seq, tokens)
+        if in_slot and not arena.has_slot(seq):
+            left.append(seq)
+        return granted
+    arena.reserve = recording
+    return left

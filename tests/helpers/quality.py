@@ -155,6 +155,7 @@ class Request:
 
 # Every family's four requests: the second ends first, and the fourth joins then, beside the two still decoding.
 MAX_TOKENS, LATE, JOINS_AFTER = (14, 3, 12, 10), 3, 1
+DECODER_SLOT = 40  # two of decoder_requests' four fit a static slot, the other two run as long rows
 
 
 def scheduled(parts: list[tuple[list[int], Any, dict[str, torch.Tensor]]]) -> list[Request]:
@@ -220,12 +221,14 @@ class Family:
     reference_logprobs: Callable[[Any, Request, list[int]], torch.Tensor]  # (reference model, request, tokens)
     reference_class: type = transformers.AutoModelForCausalLM
     whisper: bool = False
+    # a static cache's rows: an encoder-decoder's as long as the tiny models' context (there they limit requests);
+    # a decoder's shorter than some requests, which then run as long rows beside the slots
+    static_length: int = 1024
 
     def config(self, folder: Path, dtype: str, modes: dict[str, Any]) -> Config:
-        """The server's configuration; static rows as long as the tiny models' context (a prompt of two pictures
-        cut into tiles is long)."""
+        """The server's configuration."""
         return Config(hf_model=str(folder), torch_dtype=dtype, continuous_batching_batch_size=BATCH,
-                      static_cache_decoder_max_length=1024, **self.settings, **modes)
+                      static_cache_decoder_max_length=self.static_length, **self.settings, **modes)
 
     def load(self, config: Config) -> Any:
         return load_whisper(config) if self.whisper else load_model(config)
@@ -458,11 +461,13 @@ def families() -> dict[str, Family]:
     seq2seq = dict(settings={"architecture_type": "encoder-decoder"}, requests=seq2seq_requests,
                    reference_logprobs=seq2seq_logprobs, reference_class=transformers.AutoModelForSeq2SeqLM)
     vision = dict(settings={"model_type": "AutoModelForImageTextToText"}, requests=vision_requests,
-                  reference_logprobs=vision_logprobs, reference_class=transformers.AutoModelForImageTextToText)
+                  reference_logprobs=vision_logprobs, reference_class=transformers.AutoModelForImageTextToText,
+                  static_length=DECODER_SLOT)
     return {
-        "decoder": Family("decoder", {}, save_decoder, decoder_requests, decoder_logprobs),
+        "decoder": Family("decoder", {}, save_decoder, decoder_requests, decoder_logprobs,
+                          static_length=DECODER_SLOT),
         "decoder-torch-attention": Family("decoder-torch-attention", {}, save_decoder_with_torch_attention,
-                                          decoder_requests, decoder_logprobs),
+                                          decoder_requests, decoder_logprobs, static_length=DECODER_SLOT),
         **{name: Family(name, save=seq2seq_saver(name), **seq2seq) for name in TEXT_FAMILIES},
         "whisper": Family("whisper", {"serving_type": "whisper"}, save_whisper, whisper_requests, whisper_logprobs,
                           transformers.WhisperForConditionalGeneration, whisper=True),

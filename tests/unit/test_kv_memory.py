@@ -13,7 +13,7 @@ from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.text_service import ServingOptions, TextService
-from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.engine import finish, generate_all, greedy, make_engine, record_rows_leaving_slots, run_with_engine
 from tests.helpers.tiny_models import tiny_model
 
 TOKEN_BYTES = {"llama": 2 * 2 * 2 * 16 * 4}  # layers x (K, V) x kv heads x head dim x float32
@@ -181,6 +181,32 @@ def test_running_out_while_decoding_preempts_the_youngest_and_resumes_it(llama, 
     assert len(a.output_ids) == len(b.output_ids) == 100
     assert a.output_ids == alone(llama, tokenizer, first, greedy(100)).output_ids
     assert b.output_ids == alone(llama, tokenizer, second, greedy(100)).output_ids
+
+
+def test_rows_outgrowing_a_static_slot_grow_and_preempt_as_without_one_and_free_their_memory(llama, tokenizer):
+    """Rows that outgrow their slot of the static cache move to extents of the budget beside the slots, grown and
+    preempted as every row is without one; a row that stays in its slot decodes beside them."""
+    first, second = prompts(2, len(tokenizer), 20, seed=7)
+    short = prompts(1, len(tokenizer), 5, seed=8)[0]
+
+    def engine():
+        slots = 5 * 96  # 4 rows and the padding slot
+        return make_engine(llama, tokenizer, batch_size=4, static_cache=True, static_cache_decoder_max_length=96,
+                           kv_cache_memory=budget(slots + 200), prefix_caching=False)
+
+    async def three(engine):
+        leaving_slots = record_rows_leaving_slots(engine)
+        seqs = [engine.add(first, greedy(100)), engine.add(second, greedy(100)), engine.add(short, greedy(20))]
+        done = [await finish(engine, seq) for seq in seqs]
+        return done, leaving_slots, engine.scheduler.preemptions, engine.scheduler.memory
+
+    (a, b, c), leaving_slots, preemptions, arena = run_with_engine(engine, three)
+    # the second, preempted as it outgrew its slot, comes back as a long row: its first extent exceeds a slot
+    assert leaving_slots == [a] and preemptions >= 1
+    assert a.output_ids == alone(llama, tokenizer, first, greedy(100)).output_ids
+    assert b.output_ids == alone(llama, tokenizer, second, greedy(100)).output_ids
+    assert c.output_ids == alone(llama, tokenizer, short, greedy(20)).output_ids
+    assert arena.used_tokens == 0 and arena.allocator.free == arena.tokens - arena.reserved.size
 
 
 def test_a_request_that_can_never_fit_gets_a_400_with_the_numbers(llama, tokenizer):

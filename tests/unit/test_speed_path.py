@@ -28,7 +28,8 @@ from model_manager import LoadedModel
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.text_service import ServingOptions, TextService
-from tests.helpers.engine import WarmUpRecord, finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.engine import (WarmUpRecord, finish, generate_all, greedy, make_engine, record_rows_leaving_slots,
+                                  run_with_engine)
 from tests.helpers.tiny_models import tiny_model
 
 
@@ -86,18 +87,85 @@ def test_prompt_chunks_join_decoding_rows_in_the_static_step_and_keep_the_eager_
     assert {True, False} in kinds  # prompt chunks beside decoding rows
 
 
-def test_a_request_longer_than_the_static_length_is_refused(tokenizer):
+def test_the_slot_length_limits_no_request_the_context_and_the_kv_budget_do(tokenizer):
+    """Issue 36: a 141-token prompt asking for 160 tokens was a 400 with static slots of 256 tokens."""
     model = tiny_model("llama", len(tokenizer))
 
-    async def too_long(engine):
+    async def limits(engine):
         service = TextService(engine, LoadedModel(model, tokenizer, "tiny", 1024), ServingOptions(("tiny",)))
-        with pytest.raises(APIError) as refused:
-            service.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=10), 60)
-        return refused.value
+        served = service.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=160), 141)
+        refused = []
+        for prompt_tokens, max_tokens in ((1000, 100), (300, 200)):
+            with pytest.raises(APIError) as error:
+                service.sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=max_tokens),
+                                        prompt_tokens)
+            refused.append(error.value)
+        return served, refused
 
-    error = run_with_engine(lambda: make_engine(model, tokenizer, static_cache=True,
-                                                static_cache_decoder_max_length=64), too_long)
-    assert error.status == 400 and "at most 64 tokens" in error.message
+    slots = 5 * 64  # 4 rows and the padding slot
+    served, (context, budget) = run_with_engine(lambda: make_engine(
+        model, tokenizer, batch_size=4, static_cache=True, static_cache_decoder_max_length=64,
+        kv_cache_memory=str((slots + 400) * 2 * 2 * 2 * 16 * 4)), limits)
+    assert served.max_tokens == 160
+    assert context.status == 400 and "maximum context length is 1024" in context.message
+    assert "1000 prompt tokens plus 100" in context.message
+    assert budget.status == 400 and "at most 400 tokens" in budget.message
+    assert "300 prompt tokens plus 200" in budget.message
+
+
+# prompts and max_tokens, in slots of 96: 1 (issue 36's 141 + 160), 3 and 7 are long rows from the start (their first
+# extent exceeds a slot), 8 outgrows its slot for an extent; the others stay in their slots
+LONG_AND_SHORT = ((5, 20), (141, 160), (9, 24), (70, 30), (12, 16), (40, 40), (7, 25), (100, 12), (10, 100))
+ATTENTION = {"attend_rows": True, "slots, as on CUDA": False}
+
+
+@pytest.mark.parametrize("mode, attention, batch_invariant", [
+    ("static_cache", "attend_rows", False), ("static_cache", "slots, as on CUDA", True),
+    ("static_cache", "slots, as on CUDA", False), ("torch_compile", "attend_rows", False)])
+def test_requests_longer_than_a_slot_run_as_long_rows_beside_short_ones_with_the_eager_tokens(
+        tokenizer, monkeypatch, mode, attention, batch_invariant):
+    """Where the step's attention reads each row's keys wherever they lie (attend_rows), long rows join the static
+    step beside rows in slots; where it reads rows by slot, steps holding long rows run packed. Their memory is
+    freed after (but for prefix-cache entries)."""
+    if ATTENTION[attention] and decode_attention.library() is None:
+        pytest.skip("no C compiler: attend_rows does not serve")
+    if not ATTENTION[attention]:
+        monkeypatch.setattr(decode_attention, "serves", lambda *args: False)
+    model = tiny_model("llama", len(tokenizer), seed=13)
+    rng = random.Random(14)
+    prompts = [[rng.randrange(3, len(tokenizer)) for _ in range(length)] for length, _ in LONG_AND_SHORT]
+    eager = outputs(model, tokenizer, prompts, max_tokens=160, batch_size=4)
+    static_steps, built, leaving_slots = [], [], []
+    warm_up = WarmUpRecord()
+
+    @warm_up.warmed
+    def build():
+        engine = make_engine(model, tokenizer, batch_size=4, batch_invariant=batch_invariant,
+                             static_cache_decoder_max_length=96, max_num_batched_tokens=16, **{mode: True})
+        static, arena = engine.runner.static, engine.scheduler.memory
+        static_logits = static.logits
+        static.logits = lambda spans: static_steps.append({arena.has_slot(s.seq) for s in spans}) \
+            or static_logits(spans)
+        built.append(engine)
+        leaving_slots.append(record_rows_leaving_slots(engine))
+        return engine
+
+    async def all_at_once(engine):
+        return await asyncio.gather(*(finish(engine, engine.add(p, greedy(n)))
+                                      for p, (_, n) in zip(prompts, LONG_AND_SHORT)))
+
+    served = run_with_engine(build, all_at_once)
+    assert [s.output_ids for s in served] == [tokens[:n] for tokens, (_, n) in zip(eager, LONG_AND_SHORT)]
+    if mode == "torch_compile":
+        warm_up.assert_complete_and_never_recompiled()
+    if ATTENTION[attention]:
+        assert {True, False} in static_steps  # long rows beside rows in slots in one static step
+    else:
+        assert all(kinds == {True} for kinds in static_steps)  # a step holding a long row runs packed...
+        assert static_steps or not batch_invariant  # ...but for the rows in slots in batch-invariant mode
+    assert [len(seq.prompt_ids) for seq in leaving_slots[0]] == [10]
+    arena = built[0].scheduler.memory
+    assert arena.rows_used == arena.rows_in_slots == 0 and arena.used_tokens == arena.cached_tokens > 0
 
 
 @pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "prompts-join-the-static-step"])
