@@ -1,6 +1,6 @@
 """Server-sent events: each event a `data:` line of JSON, errors mid-stream in OpenAI's shape, then
 `data: [DONE]` (or, for the Responses API's typed events, an `event:` line before each and no [DONE]);
-generation stops the moment the client disconnects."""
+a comment line whenever the stream is silent a while; generation stops the moment the client disconnects."""
 
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ from serving.errors import APIError
 
 logger = logging.getLogger("batchwise.api")
 
+# proxies cut a connection idle for tens of seconds, and a long prompt's prefill on a CPU can take that long
+KEEPALIVE_SECONDS = 5.0
+KEEPALIVE = ": keep-alive\n\n"
+
 
 class EventStream(StreamingResponse):
     """SSE that stops the moment the client disconnects, whatever ASGI version the server speaks
     (from ASGI 2.4 Starlette only notices on the next failed send, which uvicorn never fails)."""
 
     def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # nginx: pass at once
         self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -38,7 +43,28 @@ class EventStream(StreamingResponse):
             await self.events.aclose()
 
 
-def sse(events: AsyncIterator[BaseModel], rid: str, typed: bool = False) -> EventStream:
+async def with_keepalive(lines: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """`lines`, with a comment (which SSE clients skip) after every `interval` seconds without one."""
+    next_line = asyncio.ensure_future(anext(lines, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait([next_line], timeout=interval)
+            if not done:
+                yield KEEPALIVE
+                continue
+            line = next_line.result()
+            if line is None:
+                return
+            yield line
+            next_line = asyncio.ensure_future(anext(lines, None))
+    finally:
+        next_line.cancel()
+        await asyncio.gather(next_line, return_exceptions=True)
+        await lines.aclose()
+
+
+def sse(events: AsyncIterator[BaseModel], rid: str, typed: bool = False,
+        keepalive: float = KEEPALIVE_SECONDS) -> EventStream:
     async def lines() -> AsyncIterator[str]:
         try:
             async for event in events:
@@ -51,4 +77,4 @@ def sse(events: AsyncIterator[BaseModel], rid: str, typed: bool = False) -> Even
             yield f"{name}data: {body.model_dump_json()}\n\n"
         if not typed:
             yield "data: [DONE]\n\n"
-    return EventStream(lines())
+    return EventStream(with_keepalive(lines(), keepalive))
