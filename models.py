@@ -122,6 +122,33 @@ def not_supported(what: str) -> ValueError:
     return ValueError(f"{what} is not supported yet by this server")
 
 
+GUIDED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's newer spelling of the guided_* fields, as one object; its backend options are ignored."""
+    model_config = ConfigDict(populate_by_name=True)
+    json_: dict | str | None = Field(default=None, alias="json")  # `json` would shadow BaseModel.json
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict | None = None
+
+    @field_validator("structural_tag")
+    @classmethod
+    def structural_tag_refused(cls, tag: str | dict | None) -> None:
+        if tag is not None:
+            raise not_supported("structural_tag")
+
+    def constraints(self) -> list[tuple[str, str, object]]:
+        given = [(kind, f"structured_outputs.{kind}", getattr(self, "json_" if kind == "json" else kind))
+                 for kind in GUIDED_KINDS]
+        if self.json_object:
+            given.append(("json", "structured_outputs.json_object", {"type": "object"}))
+        return [constraint for constraint in given if constraint[2] is not None]
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by chat and completions. Unknown fields that cannot change the output are ignored;
     known ones this server cannot honour are refused."""
@@ -153,11 +180,17 @@ class SamplingRequest(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(default=None, min_length=1)
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def output_constraints(self) -> list[tuple[str, str, object]]:
+        """The vLLM structured-output fields given, each as (kind, field name, value)."""
+        given = [(kind, f"guided_{kind}", getattr(self, f"guided_{kind}")) for kind in GUIDED_KINDS]
+        given = [constraint for constraint in given if constraint[2] is not None]
+        return given + (self.structured_outputs.constraints() if self.structured_outputs else [])
 
     @model_validator(mode="after")
     def one_output_constraint(self) -> SamplingRequest:
-        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                 if getattr(self, name) is not None]
+        given = [name for _, name, _ in self.output_constraints()]
         if self.response_format is not None and self.response_format.type != "text":
             given.append("response_format")
         if len(given) > 1:
@@ -328,6 +361,13 @@ def drop_none(handler, model: BaseModel, keys: tuple[str, ...]) -> dict:
     return {key: value for key, value in handler(model).items() if value is not None or key not in keys}
 
 
+def with_reasoning(body: dict) -> dict:
+    """reasoning_content again as `reasoning`, vLLM's newer name, so clients of either spelling find it."""
+    if "reasoning_content" in body:
+        body["reasoning"] = body["reasoning_content"]
+    return body
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -336,7 +376,7 @@ class AssistantMessage(BaseModel):
 
     @model_serializer(mode="wrap")
     def omit_unset(self, handler) -> dict:
-        return drop_none(handler, self, ("reasoning_content", "tool_calls"))
+        return with_reasoning(drop_none(handler, self, ("reasoning_content", "tool_calls")))
 
 
 class TopLogprob(BaseModel):
@@ -399,7 +439,7 @@ class ChatDelta(BaseModel):
 
     @model_serializer(mode="wrap")
     def omit_unset(self, handler) -> dict:
-        return drop_none(handler, self, ("role", "content", "reasoning_content", "tool_calls"))
+        return with_reasoning(drop_none(handler, self, ("role", "content", "reasoning_content", "tool_calls")))
 
 
 class ChatChunkChoice(BaseModel):

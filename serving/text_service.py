@@ -117,15 +117,14 @@ class TextService:
             return partial(grammars.json_schema, {"type": "object"}, "response_format")
         if shape is not None and shape.type == "json_schema":
             return partial(grammars.json_schema, shape.json_schema.json_schema, "response_format")
-        if request.guided_json is not None:
-            return partial(grammars.json_schema, json_value(request.guided_json, "guided_json"), "guided_json")
-        if request.guided_regex is not None:
-            return partial(grammars.regex, request.guided_regex, "guided_regex")
-        if request.guided_choice is not None:
-            return partial(grammars.choice, request.guided_choice, "guided_choice")
-        if request.guided_grammar is not None:
-            return partial(grammars.lark, request.guided_grammar, "guided_grammar")
-        return None
+        constraints = request.output_constraints()
+        if not constraints:
+            return None
+        kind, field_name, value = constraints[0]  # the request's validator lets through one at most
+        if kind == "json":
+            return partial(grammars.json_schema, json_value(value, field_name), field_name)
+        compile_kind = {"regex": grammars.regex, "choice": grammars.choice, "grammar": grammars.lark}[kind]
+        return partial(compile_kind, value, field_name)
 
     def start(self, request: SamplingRequest, prompts: list[Prompt], request_id: str, per_prompt: int,
               grammar: CompiledGrammar | None = None) -> list[Choice]:

@@ -32,12 +32,21 @@ def test_text_after_a_template_opened_think_is_reasoning(client, thinking_model)
     assert "</think>" not in raw and raw
     response = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=12)
     message = response.choices[0].message
-    assert message.reasoning_content == raw and message.content == ""
+    assert message.reasoning_content == raw and message.reasoning == raw and message.content == ""
     chunks = list(client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=12,
                                                  stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == raw
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == raw
     assert "".join(d.content or "" for d in deltas) == ""
+
+
+@pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])
+def test_an_earlier_reply_may_send_its_reasoning_back_in_either_spelling(client, spelling):
+    earlier = {"role": "assistant", "content": "2", spelling: "One plus one."}
+    response = client.chat.completions.create(model="thinker", max_tokens=2,
+                                              messages=MESSAGES + [earlier, {"role": "user", "content": "And 2+2?"}])
+    assert response.choices[0].finish_reason == "length"
 
 
 def test_closing_tag_moves_the_rest_to_content(client, thinking_model):
@@ -45,7 +54,7 @@ def test_closing_tag_moves_the_rest_to_content(client, thinking_model):
     response = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=3,
                                               logit_bias={str(close_id): 100})
     message = response.choices[0].message
-    assert getattr(message, "reasoning_content", None) is None
+    assert getattr(message, "reasoning_content", None) is None and getattr(message, "reasoning", None) is None
     assert message.content == "</think></think>"
 
 

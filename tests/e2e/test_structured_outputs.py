@@ -102,6 +102,11 @@ def test_sdk_stream_helper_assembles_the_pydantic_model(client):
      lambda text: jsonschema.validate(json.loads(text), SCHEMAS["person"]) is None),
     ({"guided_grammar": 'start: "A" ("B" | "C")'}, lambda text: text in ("AB", "AC")),
     ({"guided_grammar": 'root ::= "x" [0-9]'}, lambda text: len(text) == 2 and text[0] == "x" and text[1].isdigit()),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda text: text in ("yes", "no")),
+    ({"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}}, lambda text: len(text) == 8 and text[3] == "-"),
+    ({"structured_outputs": {"json": SCHEMAS["verdict"]}}, lambda text: isinstance(json.loads(text)["ok"], bool)),
+    ({"structured_outputs": {"grammar": 'start: "A" ("B" | "C")'}}, lambda text: text in ("AB", "AC")),
+    ({"structured_outputs": {"json_object": True}}, lambda text: isinstance(json.loads(text), dict)),
 ])
 def test_completions_follow_guided_fields(client, extra, check):
     reply = client.completions.create(model=model(client), prompt="The answer:", max_tokens=120, n=2,
@@ -117,6 +122,11 @@ def test_completions_follow_guided_fields(client, extra, check):
     ({"extra_body": {"guided_regex": "(unclosed"}}, "guided_regex", ""),
     ({"extra_body": {"guided_json": "{not json"}}, "guided_json", "not valid JSON"),
     ({"extra_body": {"guided_regex": "a", "guided_choice": ["b"]}}, None, "only one of"),
+    ({"extra_body": {"structured_outputs": {"json": "{not json"}}}, "structured_outputs.json", "not valid JSON"),
+    ({"extra_body": {"guided_regex": "a", "structured_outputs": {"choice": ["b"]}}}, None,
+     "only one of guided_regex, structured_outputs.choice"),
+    ({"extra_body": {"structured_outputs": {"structural_tag": "{}"}}}, "structured_outputs.structural_tag",
+     "not supported"),
 ])
 def test_constraints_that_cannot_be_enforced_are_refused(client, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as error:
