@@ -44,22 +44,36 @@ class EventStream(StreamingResponse):
 
 
 async def with_keepalive(lines: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
-    """`lines`, with a comment (which SSE clients skip) after every `interval` seconds without one."""
-    next_line = asyncio.ensure_future(anext(lines, None))
+    """`lines`, with a comment (which SSE clients skip) after every `interval` seconds without one. A pump task
+    reads `lines` into a one-line queue, so waiting on the queue can time out without disturbing the source (a
+    task per line cost ~25 us a line; this costs a few)."""
+    queue: asyncio.Queue[str | Exception | None] = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            async for line in lines:
+                await queue.put(line)
+            await queue.put(None)
+        except Exception as error:  # raised where the consumer reads it, as without the pump
+            await queue.put(error)
+
+    pumping = asyncio.create_task(pump())
     try:
         while True:
-            done, _ = await asyncio.wait([next_line], timeout=interval)
-            if not done:
+            try:
+                async with asyncio.timeout(interval):
+                    item = await queue.get()
+            except TimeoutError:
                 yield KEEPALIVE
                 continue
-            line = next_line.result()
-            if line is None:
+            if item is None:
                 return
-            yield line
-            next_line = asyncio.ensure_future(anext(lines, None))
+            if isinstance(item, Exception):
+                raise item
+            yield item
     finally:
-        next_line.cancel()
-        await asyncio.gather(next_line, return_exceptions=True)
+        pumping.cancel()
+        await asyncio.gather(pumping, return_exceptions=True)
         await lines.aclose()
 
 
