@@ -44,8 +44,9 @@ def test_text_after_a_template_opened_think_is_reasoning(client, thinking_model)
 @pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])
 def test_an_earlier_reply_may_send_its_reasoning_back_in_either_spelling(client, spelling):
     earlier = {"role": "assistant", "content": "2", spelling: "One plus one."}
-    response = client.chat.completions.create(model="thinker", max_tokens=2,
-                                              messages=MESSAGES + [earlier, {"role": "user", "content": "And 2+2?"}])
+    response = client.chat.completions.create(model="thinker", max_tokens=2, temperature=0,
+                                              messages=MESSAGES + [earlier, {"role": "user", "content": "And 2+2?"}],
+                                              extra_body={"ignore_eos": True})
     assert response.choices[0].finish_reason == "length"
 
 
