@@ -133,15 +133,6 @@ def parse_speculative_config(text: str) -> dict[str, Any]:
     return spec
 
 
-def speculative_config(text: str) -> str:
-    """The flag's parser: the JSON as given, once parse_speculative_config accepts it (argparse shows why not)."""
-    try:
-        parse_speculative_config(text)
-    except ConfigError as error:  # argparse names the flag itself
-        raise argparse.ArgumentTypeError(str(error).removeprefix("--speculative-config: ")) from None
-    return text
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -344,7 +335,7 @@ class Config:
         f"speculative decoding, as vLLM's JSON: {NGRAM_EXAMPLE} drafts up to num_speculative_tokens tokens by finding "
         "the sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) earlier in its prompt or "
         "output, and one forward verifies them, keeping each request's output distribution; decoder models, not in "
-        "batch-invariant mode; unset: off", None, speculative_config, modes=(None, NGRAM_EXAMPLE))
+        "batch-invariant mode; unset: off", None, modes=(None, NGRAM_EXAMPLE))
     enable_auto_tool_choice: bool = option("--enable-auto-tool-choice", "ENABLE_AUTO_TOOL_CHOICE",
                                            "accepted for vLLM's command lines: tools and tool_choice auto are always "
                                            "on here", False, parse_bool)
@@ -385,6 +376,8 @@ class Config:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 16:
             raise ConfigError("--max-num-batched-tokens must be at least 16")
         parse_memory(self.kv_cache_memory)
+        if self.speculative_config:
+            parse_speculative_config(self.speculative_config)
         if self.encoder_decoder:
             self._check_encoder_decoder()
         if self.device_map and self.serving_type == "whisper":
