@@ -243,12 +243,12 @@ class Engine:
             if seq.cancelled:
                 continue
             try:
-                appended = self._append(seq, tokens)
+                self._append(seq, tokens)
             except Exception as error:  # e.g. its detokeniser or stop strings: that request alone fails
                 broken.append((seq, error))
                 continue
-            if span.draft:  # the tokens emitted are the accepted drafts, then one more
-                self.scheduler.keep_draft(span, min(appended, len(tokens) - 1))
+            if span.draft:
+                self.scheduler.keep_draft(seq)
         # only once every row has its token: moving a row copies its cached length
         for seq, error in broken:
             self._fail(seq, error)
@@ -257,13 +257,12 @@ class Engine:
                 self.scheduler.remove(span.seq)
 
     @staticmethod
-    def _append(seq: Sequence, tokens: list[TokenLogprob]) -> int:
-        """Append the tokens one by one until the sequence finishes (the rest are dropped); how many it took."""
-        for count, token in enumerate(tokens, 1):
+    def _append(seq: Sequence, tokens: list[TokenLogprob]) -> None:
+        """Append the tokens one by one until the sequence finishes (the rest are dropped)."""
+        for token in tokens:
             seq.outputs.put_nowait(seq.append_token(token))
             if seq.finished:
-                return count
-        return len(tokens)
+                return
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         """Fail one sequence; its K/V are dropped (a failed step may have half written them)."""

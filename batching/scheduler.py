@@ -217,12 +217,11 @@ class Scheduler:
                 self.row_limit += 1
                 self._steps_at_limit = 0
 
-    def keep_draft(self, span: Span, kept: int) -> None:
-        """After a verified draft's tokens are delivered: the K/V of the first `kept` draft tokens, which the
-        sequence appended, are its own (up to its last token, as without a draft); the rest's are rolled back, never
-        counted nor cached, and written over by later steps."""
-        seq = span.seq
-        seq.computed = min(span.end + kept, seq.length - 1)
+    def keep_draft(self, seq: Sequence) -> None:
+        """After a verified draft's tokens are appended: the tokens it appended but the last are draft tokens the
+        step computed, so the sequence's K/V are its tokens but the last, as after any step; the K/V of the draft
+        tokens it did not append are rolled back, never counted nor cached, and written over by later steps."""
+        seq.computed = seq.length - 1
         if seq.status is Status.RUNNING:
             self.memory.record(seq)
 
