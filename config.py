@@ -133,6 +133,29 @@ def parse_speculative_config(text: str) -> dict[str, Any]:
     return spec
 
 
+# generation_config.json's sampling fields and the request fields they are defaults of (vLLM's list)
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def parse_generation_overrides(text: str) -> dict[str, float]:
+    """--override-generation-config's JSON object, under the request fields it sets defaults for."""
+    invalid = '--override-generation-config: expected a JSON object such as {"temperature": 0.5, "top_p": 0.9}'
+    try:
+        overrides = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"{invalid}, got {text!r} ({error})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{invalid}, got {text!r}")
+    unknown = sorted(set(overrides) - set(GENERATION_FIELDS))
+    if unknown:
+        raise ConfigError(f"--override-generation-config: unsupported keys {unknown}; known: {list(GENERATION_FIELDS)}")
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"--override-generation-config: {key} must be a number, got {value!r}")
+    return {GENERATION_FIELDS[key]: value for key, value in overrides.items()}
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -336,6 +359,18 @@ class Config:
         "the sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) earlier in its prompt or "
         "output, and one forward verifies them, keeping each request's output distribution; decoder models, not in "
         "batch-invariant mode; unset: off", None, modes=(None, NGRAM_EXAMPLE))
+    chat_template: str | None = option("--chat-template", "CHAT_TEMPLATE",
+                                       "the chat template in place of the model's own (or for a model that has "
+                                       "none): a Jinja file, or the template's text inline", None)
+    generation_config: str = option("--generation-config", "GENERATION_CONFIG",
+                                    "where chat and completions requests' sampling defaults come from: auto: the "
+                                    "model's generation_config.json (temperature, top_p, top_k, min_p, "
+                                    "repetition_penalty; max_new_tokens as the max_tokens of a request that gives "
+                                    "none) for the fields a request leaves unset; none (or vllm): OpenAI's defaults; "
+                                    "a folder: the generation_config.json in it", "auto")
+    override_generation_config: str | None = option("--override-generation-config", "OVERRIDE_GENERATION_CONFIG",
+                                                    "sampling defaults over --generation-config's, as JSON: "
+                                                    '{"temperature": 0.5, "max_new_tokens": 200}', None)
     enable_auto_tool_choice: bool = option("--enable-auto-tool-choice", "ENABLE_AUTO_TOOL_CHOICE",
                                            "accepted for vLLM's command lines: tools and tool_choice auto are always "
                                            "on here", False, parse_bool)
@@ -378,6 +413,7 @@ class Config:
         parse_memory(self.kv_cache_memory)
         if self.speculative_config:
             parse_speculative_config(self.speculative_config)
+        self._check_generation_defaults()
         if self.encoder_decoder:
             self._check_encoder_decoder()
         if self.device_map and self.serving_type == "whisper":
@@ -399,6 +435,32 @@ class Config:
         if self.gpu_memory_utilization is not None:
             self._check_gpu_memory_utilization()
         self.weight_memory()
+
+    def _check_generation_defaults(self) -> None:
+        if self.serving_type == "whisper" and (self.chat_template or self.override_generation_config):
+            raise ConfigError("--chat-template and --override-generation-config shape chat requests; a Whisper "
+                              "server's prompts are audio")
+        self.chat_template_text()
+        self.generation_overrides()
+        source = self.generation_config
+        if source not in ("auto", "none", "vllm") and not os.path.isfile(os.path.join(source,
+                                                                                        "generation_config.json")):
+            raise ConfigError(f"--generation-config is auto, none, or a folder with a generation_config.json; "
+                              f"{source!r} is none of these")
+
+    def chat_template_text(self) -> str | None:
+        """--chat-template's Jinja text: a file's content, or the flag's value when it is a template itself."""
+        value = self.chat_template
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        try:
+            with open(value, encoding="utf-8") as file:
+                return file.read()
+        except OSError as error:
+            raise ConfigError(f"--chat-template is neither a readable file nor a Jinja template: {error}") from None
+
+    def generation_overrides(self) -> dict[str, float]:
+        return parse_generation_overrides(self.override_generation_config) if self.override_generation_config else {}
 
     def _check_gpu_memory_utilization(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:

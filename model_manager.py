@@ -21,7 +21,7 @@ from batching.families import text_family
 from batching.runner import min_rows
 from batching.speculative import SpeculativeSettings
 from batching.vision import FEATURES as VISION_FEATURES
-from config import EMBEDDED_CHAT_MODEL, Config, parse_memory, parse_speculative_config
+from config import EMBEDDED_CHAT_MODEL, GENERATION_FIELDS, Config, parse_memory, parse_speculative_config
 from converters.gguf import cached_gguf_conversion
 from converters.hqq import quantize_linears
 from converters.int8 import quantize_int8
@@ -148,6 +148,24 @@ def load_model(config: Config) -> LoadedModel:
     logger.info("loaded %s in %.1f s (context %d tokens%s)", source, time.perf_counter() - started, context_length,
                 ", images" if processor else "")
     return LoadedModel(model, tokenizer, name, context_length, processor=processor)
+
+
+def sampling_defaults(config: Config, model: PreTrainedModel) -> dict[str, float]:
+    """The defaults of the sampling fields a request leaves unset, under the request's field names: what the
+    model's generation config sets (vLLM's rule: only what it sets, not transformers' defaults; do_sample is not
+    read, a request's temperature decides), then --override-generation-config."""
+    source = config.generation_config
+    if source in ("none", "vllm"):
+        chosen = {}
+    else:
+        generation = model.generation_config if source == "auto" else transformers.GenerationConfig.from_pretrained(
+            source)
+        chosen = generation.to_diff_dict()
+    defaults = {GENERATION_FIELDS[key]: value for key, value in chosen.items()
+                if key in GENERATION_FIELDS and value is not None}
+    if defaults.get("top_k") == 0:  # generation config's "no top-k" is the request's -1
+        defaults["top_k"] = -1
+    return {**defaults, **config.generation_overrides()}
 
 
 def check_vision_family(source: Path | str, hub: dict[str, Any]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 MAX_STOP_STRINGS = 4
 
@@ -36,6 +37,22 @@ class ImagePart(BaseModel):
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+# what the server passes to a chat template itself: a request's template variables may not set them
+TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "chat_template", "tokenize",
+                                "add_generation_prompt", "continue_final_message", "return_dict", "tokenizer_kwargs"})
+
+
+def template_variables(variables: dict[str, Any] | None) -> dict[str, Any] | None:
+    taken = sorted(TEMPLATE_ARGUMENTS & set(variables or ()))
+    if taken:
+        raise ValueError(f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the server, not by "
+                         "chat_template_kwargs")
+    return variables
+
+
+# vLLM's chat_template_kwargs: variables for the chat template (Qwen3's enable_thinking, ...)
+TemplateVariables = Annotated[dict[str, Any] | None, AfterValidator(template_variables)]
 
 
 class FunctionCall(BaseModel):
@@ -250,6 +267,7 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool = True
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: TemplateVariables = None
     r1_settings: R1Settings | None = None
 
     @model_validator(mode="after")
@@ -500,6 +518,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = None
+    chat_template_kwargs: TemplateVariables = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool | None = None  # unset: true for a prompt; for messages false, the template writes them

@@ -69,7 +69,8 @@ def render_chat(template: ChatTemplate, request: ChatCompletionRequest, ending: 
         if request.r1_settings.math_mode:
             messages = add_math_instruction(messages)
     try:
-        return template.render(messages, [{"type": "function", "function": tool} for tool in tools], ending)
+        return template.render(messages, [{"type": "function", "function": tool} for tool in tools], ending,
+                               request.chat_template_kwargs)
     except Exception as error:  # templates raise their own errors for dialogues they reject
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
 
@@ -139,7 +140,7 @@ class ChatOutput:
     """Turns a choice's text into content, reasoning_content and tool calls, in one go or delta by delta."""
 
     def __init__(self, template: ChatTemplate, request: ChatCompletionRequest) -> None:
-        self.parser = template.reasoning_parser()
+        self.parser = template.reasoning_parser(request.chat_template_kwargs)
         self.settings = request.r1_settings or R1Settings()
         self.tools = ToolCallParser(template.tool_format, {t.function.name for t in request.callable_tools},
                                     request.parallel_tool_calls) if request.callable_tools else None

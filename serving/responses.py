@@ -72,7 +72,8 @@ def chat_request(request: ResponsesRequest, messages: list[ChatMessage]) -> Chat
     try:
         return ChatCompletionRequest(
             model=request.model, messages=instructions + messages,
-            max_completion_tokens=request.max_output_tokens, temperature=request.temperature, top_p=request.top_p,
+            max_completion_tokens=request.max_output_tokens,
+            **request.model_dump(include={"temperature", "top_p"} & request.model_fields_set),  # else the model's
             parallel_tool_calls=request.parallel_tool_calls, user=request.user, metadata=request.metadata,
             stream=request.stream,
             tools=[{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}

@@ -27,13 +27,14 @@ class PromptEnding:
 
 class ChatTemplate:
     def __init__(self, tokenizer, processor, encoder_decoder: bool, image_token_id: int | None,
-                 reasoning_parser: str = "auto", tool_call_parser: str = "auto") -> None:
+                 reasoning_parser: str = "auto", tool_call_parser: str = "auto", chat_template: str | None = None
+                 ) -> None:
         self.tokenizer = tokenizer
         self.processor = processor  # a vision-language model's
         self.encoder_decoder = encoder_decoder
         self.image_token_id = image_token_id
         # a vision-language model's template often lives on its processor rather than its tokenizer
-        self.source = getattr(processor, "chat_template", None) or tokenizer.chat_template
+        self.source = chat_template or getattr(processor, "chat_template", None) or tokenizer.chat_template
         self.think_opened = self._think_opened(reasoning_parser)
         self.tool_format: ToolFormat = detect_format(self.source, tool_call_parser)
         self.renders_tools = self._renders_tools()
@@ -48,17 +49,22 @@ class ChatTemplate:
     def reads_images(self) -> bool:
         return self.processor is not None
 
-    def reasoning_parser(self) -> ReasoningParser | None:
-        """A parser for one reply's think block; None when reasoning is not split off."""
-        return ReasoningParser(self.think_opened) if self.think_opened is not None else None
+    def reasoning_parser(self, template_kwargs: Mapping[str, Any] | None = None) -> ReasoningParser | None:
+        """A parser for one reply's think block; None when reasoning is not split off. A request's template
+        variables may switch the think block (Qwen3's enable_thinking): the template is asked again with them."""
+        if self.think_opened is None:
+            return None
+        return ReasoningParser(self._opens_think(template_kwargs) if template_kwargs else self.think_opened)
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None, ending: PromptEnding = PromptEnding()
-               ) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None, ending: PromptEnding = PromptEnding(),
+               template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """The dialogue as the template writes it; template_kwargs: a request's variables for the template."""
         if not self.source and self.encoder_decoder:
             return plain_dialogue(messages)
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.source,
                                                   add_generation_prompt=ending.add_generation_prompt,
-                                                  continue_final_message=ending.continue_final_message, tokenize=False)
+                                                  continue_final_message=ending.continue_final_message, tokenize=False,
+                                                  **(template_kwargs or {}))
 
     def prompt_ids(self, text: str, ending: PromptEnding = PromptEnding()) -> list[int]:
         return self.tokenizer(text, add_special_tokens=ending.add_special_tokens or self.adds_special_tokens(text)
@@ -81,6 +87,12 @@ class ChatTemplate:
 
     def image_inputs(self, processed: Mapping[str, Any]) -> ImageInputs:
         return image_inputs(processed, self.image_token_id)
+
+    def _opens_think(self, template_kwargs: Mapping[str, Any]) -> bool:
+        try:
+            return template_opens_think(self.render(PROBE_DIALOGUE, template_kwargs=template_kwargs))
+        except Exception:  # a template that takes the request's dialogue but not the probe's: as without variables
+            return bool(self.think_opened)
 
     def _think_opened(self, parser: str) -> bool | None:
         """None: no reasoning parsing; otherwise whether the chat template itself opens the think block."""

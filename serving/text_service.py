@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, NamedTuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
 from batching.families.encoder_decoder import TextInput
 from batching.torch_thread import on_torch_thread
 from batching.vision import ImageInputs, image_token_id
 from config import Config
-from model_manager import LoadedModel, build_engine, load_model
+from model_manager import LoadedModel, build_engine, load_model, sampling_defaults
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
                     PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
@@ -41,6 +41,8 @@ class ServingOptions:
     image_limits: ImageLimits | None = None
     default_seed: int | None = None  # for requests without a seed
     max_logprobs: int | None = None  # alternatives per token; None: OpenAI's limit for the endpoint
+    chat_template: str | None = None  # in place of the model's own
+    sampling_defaults: Mapping[str, float] = field(default_factory=dict)  # for the fields a request leaves unset
 
 
 class Prompt(NamedTuple):
@@ -80,7 +82,9 @@ class TextService:
         self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self.tokenizer = loaded.tokenizer
         self.template = ChatTemplate(loaded.tokenizer, loaded.processor, loaded.encoder_decoder,
-                                     image_token_id(loaded.model), options.reasoning_parser, options.tool_call_parser)
+                                     image_token_id(loaded.model), options.reasoning_parser, options.tool_call_parser,
+                                     options.chat_template)
+        self.sampling_defaults = checked_defaults(options.sampling_defaults)
         self.encoder_decoder = loaded.encoder_decoder
         self.encoder_length = loaded.encoder_length
         self.decoder_prompt = loaded.decoder_prompt if loaded.encoder_decoder else []
@@ -154,6 +158,7 @@ class TextService:
                         grammar: CompiledGrammar | None = None) -> SamplingParams:
         if prompt_tokens == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
+        request = self.with_sampling_defaults(request)
         limit = request.completion_limit
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         room = self._encoder_decoder_room(request, prompt_tokens, limit, param) if self.encoder_decoder \
@@ -162,16 +167,25 @@ class TextService:
         self.check_token_ids(request.logit_bias or {}, "logit_bias")
         self.check_token_ids(request.stop_token_ids or [], "stop_token_ids")
         self._check_logprobs(request)
+        # completions' max_tokens defaults to 16, as OpenAI's and vLLM's do: a limit the model's defaults leave alone
+        max_tokens = limit or min(room, self.sampling_defaults.get("max_tokens", room))
         return SamplingParams(
-            max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
             logit_bias=tuple((request.logit_bias or {}).items()),
             seed=self.default_seed if request.seed is None else request.seed, stop=request.stop_strings,
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
-            min_tokens=min(request.min_tokens, limit or room), logprobs=request.top_logprob_count,
+            min_tokens=min(request.min_tokens, max_tokens), logprobs=request.top_logprob_count,
             prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
             grammar=grammar, shown_special_tokens=self.template.tool_marker_tokens if calls_tools else ())
+
+    def with_sampling_defaults(self, request: SamplingRequest) -> SamplingRequest:
+        """The request with the model's sampling defaults in the fields it left unset (max_tokens aside: a default
+        limit only caps the room a request without one gets)."""
+        unset = {name: value for name, value in self.sampling_defaults.items()
+                 if name != "max_tokens" and name not in request.model_fields_set}
+        return request.model_copy(update=unset) if unset else request
 
     def _decoder_room(self, prompt_tokens: int, limit: int | None, param: str) -> int:
         """How many tokens may follow the prompt in the model's context and the KV memory."""
@@ -308,11 +322,25 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> TextS
     limits = ImageLimits(int(config.max_image_mb * 1e6), config.max_image_pixels, config.allow_remote_images,
                          config.image_fetch_timeout, local_root)
     options = ServingOptions(config.served_names(loaded.name), config.request_timeout or None,
-                             config.reasoning_parser, config.tool_call_parser, limits, config.seed, config.max_logprobs)
+                             config.reasoning_parser, config.tool_call_parser, limits, config.seed, config.max_logprobs,
+                             config.chat_template_text(), sampling_defaults(config, loaded.model))
+    if options.sampling_defaults:
+        logger.info("sampling defaults for the fields a request leaves unset: %s", options.sampling_defaults)
     progress.enter("preparing the tokenizer's grammars and templates")
     service = await on_torch_thread(TextService, engine, loaded, options)
     logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
     return service
+
+
+def checked_defaults(defaults: Mapping[str, float]) -> dict[str, Any]:
+    """Sampling defaults that a request could give itself: a model's generation config may hold values no request
+    may (a top_p of 0), which would fail every request that leaves the field unset."""
+    try:
+        ChatCompletionRequest(model="-", messages=[{"role": "user", "content": "-"}], **defaults)
+    except ValueError as error:
+        raise ValueError(f"the sampling defaults {dict(defaults)} (--generation-config, --override-generation-config) "
+                         f"are not valid request values: {error}") from None
+    return dict(defaults)
 
 
 def json_value(value: dict | str, param: str) -> dict:

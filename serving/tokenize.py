@@ -16,7 +16,8 @@ async def tokenize(service: TextService, request: TokenizeRequest) -> TokenizeRe
     else:
         ending = PromptEnding(request.add_generation_prompt and not request.continue_final_message,
                               request.continue_final_message, bool(request.add_special_tokens))
-        chat = ChatCompletionRequest(model=service.model_name, messages=request.messages, tools=request.tools)
+        chat = ChatCompletionRequest(model=service.model_name, messages=request.messages, tools=request.tools,
+                                     chat_template_kwargs=request.chat_template_kwargs)
         ids = (await chat_prompt(service, chat, ending))[0].ids
     strings = service.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=service.context_length, tokens=ids, token_strs=strings)

@@ -53,13 +53,16 @@ def tokenizer(embedded_model_dir):
 
 THINKING_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
+    "{% endif %}"
 )
 
 
 @pytest.fixture(scope="session")
 def thinking_model(embedded_model_dir, tmp_path_factory):
-    """A tiny random model whose chat template opens a think block, saved to a folder; and its </think> id."""
+    """A tiny random model whose chat template opens a think block (unless enable_thinking is false, as Qwen3's),
+    saved to a folder; and its </think> id."""
     folder = tmp_path_factory.mktemp("thinking-model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_dir)
     tokenizer.add_tokens(["</think>"])

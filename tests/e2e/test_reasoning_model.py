@@ -18,13 +18,18 @@ def client(thinking_model):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
 
 
-def raw_completion(client, thinking_model, **kwargs) -> str:
-    """The same generation without reasoning parsing: the rendered chat prompt sent as a completion."""
+def chat_prompt_ids(thinking_model, template_kwargs=None) -> list[int]:
     folder, _ = thinking_model
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(ids, add_special_tokens=False).input_ids
-    return client.completions.create(model="thinker", prompt=prompt_ids, temperature=0, **kwargs).choices[0].text
+    variables = template_kwargs or {}
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False, **variables)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def raw_completion(client, thinking_model, template_kwargs=None, **kwargs) -> str:
+    """The same generation without reasoning parsing: the rendered chat prompt sent as a completion."""
+    prompt = chat_prompt_ids(thinking_model, template_kwargs)
+    return client.completions.create(model="thinker", prompt=prompt, temperature=0, **kwargs).choices[0].text
 
 
 def test_text_after_a_template_opened_think_is_reasoning(client, thinking_model):
@@ -39,6 +44,17 @@ def test_text_after_a_template_opened_think_is_reasoning(client, thinking_model)
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == raw
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == raw
     assert "".join(d.content or "" for d in deltas) == ""
+
+
+def test_a_template_variable_can_switch_thinking_off(client, thinking_model):
+    off = {"enable_thinking": False}
+    raw = raw_completion(client, thinking_model, template_kwargs=off, max_tokens=12)
+    response = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=12,
+                                              extra_body={"chat_template_kwargs": off})
+    assert response.usage.prompt_tokens == len(chat_prompt_ids(thinking_model, off))
+    assert response.usage.prompt_tokens != len(chat_prompt_ids(thinking_model))
+    message = response.choices[0].message
+    assert message.content == raw and getattr(message, "reasoning_content", None) is None
 
 
 @pytest.mark.parametrize("spelling", ["reasoning_content", "reasoning"])

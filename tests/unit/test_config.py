@@ -60,6 +60,12 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
     (["--gpu-memory-utilization", "0.9", "--accelerator-type", "cpu"], "on the CPU give --kv-cache-memory"),
     (["--tokenizer", "t", "--serving-type", "whisper"], "take theirs from their processor"),
     (["--loglevel", "loud"], "--loglevel"),
+    (["--chat-template", "/no/such/template.jinja"], "neither a readable file nor a Jinja template"),
+    (["--chat-template", "{{ messages }}", "--serving-type", "whisper"], "prompts are audio"),
+    (["--generation-config", "/no/such/folder"], "--generation-config is auto, none, or a folder"),
+    (["--override-generation-config", "temperature=0.5"], "expected a JSON object"),
+    (["--override-generation-config", '{"do_sample": true}'], "unsupported keys ['do_sample']"),
+    (["--override-generation-config", '{"temperature": "hot"}'], "temperature must be a number"),
 ])
 def test_unsupported_or_invalid_flags_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -152,3 +158,11 @@ def test_help_shows_the_aliases_and_the_hostname_rule():
     for alias in ("--model", "--dtype", "--max-num-seqs", "--enable-prefix-caching", "--no-enable-prefix-caching"):
         assert alias in help_text
     assert "not just this machine's name" in help_text and "always on" in help_text
+
+
+def test_a_chat_template_is_a_file_or_inline_jinja(tmp_path):
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat.jinja").write_text(inline)
+    assert parse_config(["--chat-template", inline]).chat_template_text() == inline
+    assert parse_config(["--chat-template", str(tmp_path / "chat.jinja")]).chat_template_text() == inline
+    assert parse_config([]).chat_template_text() is None

@@ -36,6 +36,9 @@ NOT_MODES = {
     **dict.fromkeys(["seed", "max_logprobs"], "a default and a limit of requests' fields: greedy requests are "
                     "served alike whatever the seed"),
     "enable_auto_tool_choice": "accepted and ignored: tools are always on",
+    **dict.fromkeys(["chat_template", "generation_config", "override_generation_config"], "the prompt a chat renders "
+                    "and the defaults of fields a request leaves unset: the matrix gives the engine token ids and "
+                    "every sampling field (tests/e2e/test_chat_template.py)"),
     "torch_dtype": "the matrix's dtypes",
     "accelerator_type": "the device: the matrix runs on the device the machine has",
     **dict.fromkeys(["device_map", "max_memory"], "spreads layers over GPUs, each computing as on one "
