@@ -292,7 +292,7 @@ class TextService:
             first_sibling = choice.seq.prefix_source is None  # siblings share one prompt: it counts once
             self.metrics.choice_finished(len(choice.prompt_ids) if first_sibling else 0,
                                          choice.seq.cached_tokens if first_sibling else 0, choice.started,
-                                         choice.token_times, len(choice.seq.output_ids))
+                                         choice.token_times, len(choice.seq.output_ids), seq.finish_reason or "abort")
 
     def chat_logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

@@ -53,6 +53,29 @@ def test_counters_and_histograms_move_by_what_requests_did(base_url, client):
     assert moved("batchwise_engine_step_seconds_count") >= max(u.completion_tokens for u in usages)
     assert value(after, "batchwise_sequences_running", model=model) >= 0
     assert 0 < value(after, "batchwise_kv_tokens_used") <= value(after, "batchwise_kv_tokens_budget")
+    # the same measures under vLLM's names and labels, for dashboards, autoscalers and gateways made for vLLM
+    for ours, vllms in VLLM_TWINS.items():
+        assert moved(vllms, model_name=model, engine=0) == moved(ours, model=model), vllms
+    assert moved("vllm:prefix_cache_queries_total", model_name=model) == moved("batchwise_prompt_tokens_total")
+    assert moved("vllm:request_success_total", model_name=model, finished_reason="length") == 4
+    assert moved("vllm:request_prompt_tokens_count", model_name=model) == 4
+    assert moved("vllm:request_generation_tokens_sum", model_name=model) == completion
+    kv_usage = value(after, "vllm:kv_cache_usage_perc", model_name=model, engine=0)
+    assert kv_usage == value(after, "batchwise_kv_tokens_used") / value(after, "batchwise_kv_tokens_budget")
+
+
+# what vLLM's Grafana dashboard, KEDA's examples and the Gateway API inference extension read
+VLLM_TWINS = {
+    "batchwise_prompt_tokens_total": "vllm:prompt_tokens_total",
+    "batchwise_generation_tokens_total": "vllm:generation_tokens_total",
+    "batchwise_prefix_cache_hit_tokens_total": "vllm:prefix_cache_hits_total",
+    "batchwise_time_to_first_token_seconds_count": "vllm:time_to_first_token_seconds_count",
+    "batchwise_time_to_first_token_seconds_bucket": "vllm:time_to_first_token_seconds_bucket",
+    "batchwise_inter_token_latency_seconds_sum": "vllm:inter_token_latency_seconds_sum",
+    "batchwise_request_latency_seconds_count": "vllm:e2e_request_latency_seconds_count",
+    "batchwise_sequences_running": "vllm:num_requests_running",
+    "batchwise_sequences_waiting": "vllm:num_requests_waiting",
+}
 
 
 def test_the_grafana_dashboard_queries_only_what_the_server_exports(base_url):

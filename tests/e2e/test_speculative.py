@@ -24,3 +24,6 @@ def test_a_streamed_chat_with_drafts_reads_as_the_whole_answer(embedded_model_di
     assert streamed == whole.choices[0].message.content and streamed
     assert metrics["batchwise_spec_decode_accepted_tokens_total"] > 0
     assert metrics["batchwise_spec_decode_draft_tokens_total"] >= metrics["batchwise_spec_decode_accepted_tokens_total"]
+    for ours, vllms in [("draft_tokens", "num_draft_tokens"), ("accepted_tokens", "num_accepted_tokens"),
+                        ("verification_steps", "num_drafts")]:
+        assert metrics[f"vllm:spec_decode_{vllms}_total"] == metrics[f"batchwise_spec_decode_{ours}_total"]
