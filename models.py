@@ -187,6 +187,7 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     seed: int | None = None
+    speculative: bool = True  # false: no drafts for this request on a server with --speculative-config
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -61,6 +61,7 @@ class SamplingParams:
     prompt_logprobs: bool = False
     grammar: Grammar | None = None
     shown_special_tokens: tuple[tuple[int, str], ...] = ()  # special tokens its text keeps (id, text)
+    speculative: bool = True  # whether it may verify drafts where the engine drafts
 
     @property
     def greedy(self) -> bool:

@@ -42,12 +42,13 @@ class DraftStats:
 
 
 def drafts_allowed(seq: Sequence) -> bool:
-    """Whether a row may verify a draft. Not where its next token depends on state the sampler updates token by
-    token (repetition, presence and frequency penalties; min_tokens' ban on ending; a grammar), nor with images
-    (their rotary positions are the prompt's own)."""
+    """Whether a row may verify a draft: not when its request opted out; not where its next token depends on state
+    the sampler updates token by token (repetition, presence and frequency penalties; min_tokens' ban on ending; a
+    grammar), nor with images (their rotary positions are the prompt's own)."""
     params = seq.params
-    return not (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-                or seq.banned_token_ids or seq.constraint is not None or seq.inputs is not None)
+    return params.speculative and not (
+        params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        or seq.banned_token_ids or seq.constraint is not None or seq.inputs is not None)
 
 
 def propose(tokens: list[int], settings: SpeculativeSettings, limit: int) -> tuple[int, ...]:

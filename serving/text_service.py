@@ -178,7 +178,8 @@ class TextService:
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             min_tokens=min(request.min_tokens, max_tokens), logprobs=request.top_logprob_count,
             prompt_logprobs=isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None,
-            grammar=grammar, shown_special_tokens=self.template.tool_marker_tokens if calls_tools else ())
+            grammar=grammar, shown_special_tokens=self.template.tool_marker_tokens if calls_tools else (),
+            speculative=request.speculative)
 
     def with_sampling_defaults(self, request: SamplingRequest) -> SamplingRequest:
         """The request with the model's sampling defaults in the fields it left unset (max_tokens aside: a default

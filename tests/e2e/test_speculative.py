@@ -1,5 +1,5 @@
 """The real server with --speculative-config: a streamed chat completion through the openai SDK reads as the same
-request answered whole, and /metrics counts the drafts."""
+request answered whole, /metrics counts the drafts, and a request that opts out drafts nothing."""
 
 import httpx
 import openai
@@ -19,11 +19,19 @@ def test_a_streamed_chat_with_drafts_reads_as_the_whole_answer(embedded_model_di
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
                            client.chat.completions.create(stream=True, **request) if chunk.choices)
         whole = client.chat.completions.create(**request)
-        metrics = {sample.name: sample.value for family in text_string_to_metric_families(
-            httpx.get(f"{url}/metrics").text) for sample in family.samples}
+        metrics = scrape(url)
+        opted_out = client.chat.completions.create(**request, extra_body={"speculative": False})
+        drafts_after = scrape(url)["batchwise_spec_decode_draft_tokens_total"]
     assert streamed == whole.choices[0].message.content and streamed
     assert metrics["batchwise_spec_decode_accepted_tokens_total"] > 0
     assert metrics["batchwise_spec_decode_draft_tokens_total"] >= metrics["batchwise_spec_decode_accepted_tokens_total"]
     for ours, vllms in [("draft_tokens", "num_draft_tokens"), ("accepted_tokens", "num_accepted_tokens"),
                         ("verification_steps", "num_drafts")]:
         assert metrics[f"vllm:spec_decode_{vllms}_total"] == metrics[f"batchwise_spec_decode_{ours}_total"]
+    assert opted_out.choices[0].message.content == streamed
+    assert drafts_after == metrics["batchwise_spec_decode_draft_tokens_total"]
+
+
+def scrape(url: str) -> dict[str, float]:
+    return {sample.name: sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+            for sample in family.samples}

@@ -299,6 +299,17 @@ def test_engines_that_cannot_draft_say_so(caplog):
         "in batch-invariant mode: no drafts", "for Whisper: no drafts", "for encoder-decoder models: no drafts"]
 
 
+def test_a_request_that_opts_out_never_drafts(model, tokenizer):
+    steps = []
+    requests = [(prompt, greedy(30, speculative=index % 2 == 0)) for index, prompt in enumerate(prompts(4, seed=5))]
+    served, _ = serve_all(model, tokenizer, requests, NGRAM, steps)
+    without, _ = serve_all(model, tokenizer, requests, None)
+    assert [s.tokens for s in served] == [s.tokens for s in without]
+    spans = [span for spans in steps for span in spans if span.seq.decoding]
+    assert any(span.draft for span in spans if span.seq.params.speculative)
+    assert not any(span.draft for span in spans if not span.seq.params.speculative)
+
+
 def test_busy_steps_draft_nothing(model, tokenizer):
     """With 16 prompt tokens a step, 4-token drafts are verified while at most 3 rows decode: not while six do,
     but once three of them have finished."""
