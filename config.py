@@ -98,31 +98,41 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
     return limits
 
 
-SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+NGRAM_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+DRAFT_MODEL_KEYS = ("method", "num_speculative_tokens", "model")
 NGRAM_EXAMPLE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
+DRAFT_MODEL_EXAMPLE = '{"method": "draft_model", "model": "a-smaller-model", "num_speculative_tokens": 4}'
 
 
 def parse_speculative_config(text: str) -> dict[str, Any]:
-    """vLLM's --speculative-config JSON, checked, with vLLM's defaults: prompt_lookup_min and _max default to each
-    other, or both to 5."""
-    invalid = f"--speculative-config: expected a JSON object such as {NGRAM_EXAMPLE}"
+    """vLLM's --speculative-config JSON, checked, with vLLM's defaults: the method is draft_model when a model is
+    named; prompt_lookup_min and _max default to each other, or both to 5."""
+    invalid = f"--speculative-config: expected a JSON object such as {NGRAM_EXAMPLE} or {DRAFT_MODEL_EXAMPLE}"
     try:
         spec = json.loads(text)
     except ValueError as error:
         raise ConfigError(f"{invalid}, got {text!r} ({error})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{invalid}, got {text!r}")
-    method = spec.get("method")
-    if method == "draft_model":
-        raise ConfigError("--speculative-config: method 'draft_model' is not supported yet; use 'ngram'")
-    if method != "ngram":
-        raise ConfigError(f"--speculative-config: unknown method {method!r}; supported: 'ngram'")
-    unknown = sorted(set(spec) - set(SPECULATIVE_KEYS))
+    method = spec.setdefault("method", "draft_model" if "model" in spec else None)
+    if method not in ("ngram", "draft_model"):
+        raise ConfigError(f"--speculative-config: unknown method {method!r}; supported: 'ngram', 'draft_model'")
+    known = NGRAM_KEYS if method == "ngram" else DRAFT_MODEL_KEYS
+    unknown = sorted(set(spec) - set(known))
     if unknown:
-        raise ConfigError(f"--speculative-config: unsupported keys {unknown}; known: {list(SPECULATIVE_KEYS)}")
-    for key in SPECULATIVE_KEYS[1:]:
+        raise ConfigError(f"--speculative-config: unsupported keys {unknown} for {method}; known: {list(known)}")
+    tokens = spec.get("num_speculative_tokens")
+    if type(tokens) is not int or tokens < 1:
+        raise ConfigError(f"--speculative-config: num_speculative_tokens must be a whole number of at least 1, got "
+                          f"{tokens!r}")
+    if method == "draft_model":
+        if not isinstance(spec.get("model"), str) or not spec["model"]:
+            raise ConfigError(f"--speculative-config: draft_model needs the draft's hub id or folder as model, as in "
+                              f"{DRAFT_MODEL_EXAMPLE}")
+        return spec
+    for key in ("prompt_lookup_max", "prompt_lookup_min"):
         value = spec.get(key)
-        if (value is not None or key == "num_speculative_tokens") and (type(value) is not int or value < 1):
+        if value is not None and (type(value) is not int or value < 1):
             raise ConfigError(f"--speculative-config: {key} must be a whole number of at least 1, got {value!r}")
     lookup_min, lookup_max = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
     spec["prompt_lookup_min"] = lookup_min = lookup_min or lookup_max or 5
@@ -357,8 +367,9 @@ class Config:
         "--speculative-config", "SPECULATIVE_CONFIG",
         f"speculative decoding, as vLLM's JSON: {NGRAM_EXAMPLE} drafts up to num_speculative_tokens tokens by finding "
         "the sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) earlier in its prompt or "
-        "output, and one forward verifies them, keeping each request's output distribution; decoder models, not in "
-        "batch-invariant mode; unset: off", None, modes=(None, NGRAM_EXAMPLE))
+        f"output; {DRAFT_MODEL_EXAMPLE} has a smaller model with the same tokenizer draft them; one forward verifies "
+        "them, keeping each request's output distribution; decoder models, not in batch-invariant mode; unset: off",
+        None, modes=(None, NGRAM_EXAMPLE))
     chat_template: str | None = option("--chat-template", "CHAT_TEMPLATE",
                                        "the chat template in place of the model's own (or for a model that has "
                                        "none): a Jinja file, or the template's text inline", None)

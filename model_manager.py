@@ -241,9 +241,10 @@ def describe_placement(device_map: dict[str, int | str]) -> str:
     return ", ".join(f"{count} module{'s' if count > 1 else ''} on {device}" for device, count in counts.items())
 
 
-def engine_settings(config: Config, device: torch.device) -> EngineSettings:
-    """What an engine on `device` is built with beyond its model: every rule that derives one setting from
-    others applied here, once."""
+def engine_settings(config: Config, device: torch.device, draft_model: PreTrainedModel | None = None
+                    ) -> EngineSettings:
+    """What an engine on `device` is built with beyond its model (and the draft model that --speculative-config
+    names, loaded): every rule that derives one setting from others applied here, once."""
     static_step = config.static_cache or config.torch_compile
     if static_step and not config.static_cache:
         logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
@@ -262,10 +263,12 @@ def engine_settings(config: Config, device: torch.device) -> EngineSettings:
         kv_memory=parse_memory(config.kv_cache_memory), prefix_caching=config.prefix_caching,
         beams=config.whisper_beam_size, step_timeout=config.step_timeout or None, failpoints=tuple(failpoints),
         profile_dir=Path(config.torch_profiling_dir) if config.torch_profiling else None,
-        profile_steps=config.torch_profiling_steps, speculative=speculative_settings(config, step_tokens))
+        profile_steps=config.torch_profiling_steps,
+        speculative=speculative_settings(config, step_tokens, draft_model))
 
 
-def speculative_settings(config: Config, step_tokens: int) -> SpeculativeSettings | None:
+def speculative_settings(config: Config, step_tokens: int, draft_model: PreTrainedModel | None = None
+                         ) -> SpeculativeSettings | None:
     """--speculative-config for a decoder's engine. Rows verify drafts only while their draft tokens fit the prompt
     tokens a step computes beside decoding rows (rows x (1 + num_speculative_tokens) <= step_tokens): beyond, the
     batch is busy enough that verifying costs more than it saves. Encoder-decoder and Whisper engines do not draft,
@@ -273,20 +276,42 @@ def speculative_settings(config: Config, step_tokens: int) -> SpeculativeSetting
     if not config.speculative_config:
         return None
     spec = parse_speculative_config(config.speculative_config)
-    ignored = ("in batch-invariant mode" if config.batch_invariant
-               else "for Whisper" if config.serving_type == "whisper"
-               else "for encoder-decoder models" if config.encoder_decoder else None)
+    ignored = speculation_ignored(config)
     if ignored:
         logger.warning("--speculative-config is ignored %s: no drafts", ignored)
         return None
     tokens = spec["num_speculative_tokens"]
-    return SpeculativeSettings(tokens, spec["prompt_lookup_min"], spec["prompt_lookup_max"],
-                               max_rows=max(1, step_tokens // (1 + tokens)))
+    return SpeculativeSettings(tokens, spec.get("prompt_lookup_min", 0), spec.get("prompt_lookup_max", 0),
+                               max_rows=max(1, step_tokens // (1 + tokens)), draft_model=draft_model)
+
+
+def speculation_ignored(config: Config) -> str | None:
+    """Where an engine does not draft, said as the end of "--speculative-config is ignored ..."; None where it may."""
+    return ("in batch-invariant mode" if config.batch_invariant
+            else "for Whisper" if config.serving_type == "whisper"
+            else "for encoder-decoder models" if config.encoder_decoder else None)
+
+
+def load_draft_model(config: Config, loaded: LoadedModel) -> PreTrainedModel | None:
+    """The draft model --speculative-config names, in the target's dtype and on its device; it must write the
+    target's token ids (the same vocabulary)."""
+    if not config.speculative_config or speculation_ignored(config):
+        return None
+    spec = parse_speculative_config(config.speculative_config)
+    if spec["method"] != "draft_model":
+        return None
+    hub = config.hub_options()
+    draft_vocabulary = transformers.AutoTokenizer.from_pretrained(spec["model"], **hub).get_vocab()
+    if draft_vocabulary != loaded.tokenizer.get_vocab():
+        raise ModelLoadError(f"the draft model {spec['model']} has another tokenizer than {loaded.name}: drafts must "
+                             "be in the target's token ids (choose a smaller model of the same family)")
+    draft = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=loaded.model.dtype, **hub)
+    return draft.to(loaded.model.device).eval()
 
 
 def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     """The engine of a text model, decoder or encoder-decoder; run it off the event loop (it probes the model)."""
-    settings = engine_settings(config, loaded.model.device)
+    settings = engine_settings(config, loaded.model.device, load_draft_model(config, loaded))
     if not loaded.encoder_decoder:
         return decoder_engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.context_length,
                               weight_count(loaded.model), settings)

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, WhisperForConditionalGeneration
 
 from batching.attention import kv_layout
 from batching.detokenizer import Decoder
+from batching.draft_model import DraftModel
 from batching.engine import Engine
 from batching.failpoints import Failpoint, Failpoints
 from batching.families.encoder_decoder import EncoderDecoderRunner, Seq2SeqFamily
@@ -27,7 +28,7 @@ from batching.kv_arena import KVArena, KVLayout, Slots
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler
-from batching.speculative import SpeculativeSettings
+from batching.speculative import Drafter, NgramDrafter, SpeculativeSettings
 from batching.static_decode import StaticDecoder, rows_attend_anywhere
 from kernels import decode_attention, logits
 
@@ -56,7 +57,7 @@ class EngineSettings:
     beams: int  # Whisper's beams at temperature 0
     step_timeout: float | None
     failpoints: tuple[Failpoint, ...] = ()
-    speculative: SpeculativeSettings | None = None  # a decoder's n-gram drafts; None: no speculative decoding
+    speculative: SpeculativeSettings | None = None  # a decoder's drafts; None: no speculative decoding
     profile_dir: Path | None = None  # profile the first profile_steps steps into it
     profile_steps: int = 0
 
@@ -85,15 +86,11 @@ def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: fr
                           step_tokens=settings.step_tokens, solo_tokens=SOLO_PREFILL_TOKENS,
                           batch_invariant=settings.batch_invariant,
                           attention_cost=attention_cost(model, layout, weights), speculative=settings.speculative)
-    if settings.speculative is not None:
-        logger.info("speculative decoding: n-gram drafts of up to %d tokens (n-grams of %d to %d tokens), verified "
-                    "while at most %d rows decode", settings.speculative.tokens, settings.speculative.lookup_min,
-                    settings.speculative.lookup_max, settings.speculative.max_rows)
     static = None
     if slots is not None:
         static = StaticDecoder(model, arena, settings.compile_mode, settings.min_rows,
                                static_prompt_tokens(layout, settings))
-    runner = ModelRunner(model, arena, static, settings.batch_invariant)
+    runner = ModelRunner(model, arena, static, settings.batch_invariant, drafter(model, settings.speculative))
     return engine(runner, scheduler, tokenizer, eos_token_ids, settings)
 
 
@@ -181,6 +178,20 @@ def kv_budget_tokens(memory: int | float | None, layout: KVLayout, useful_tokens
         fraction = AUTO_KV_FRACTION[device.type == "cuda"] if memory is None else memory
         useful_tokens = min(useful_tokens, int(free_memory_bytes(device) * fraction) // (layer_bytes * layers))
     return useful_tokens
+
+
+def drafter(model: PreTrainedModel, speculative: SpeculativeSettings | None) -> Drafter | None:
+    if speculative is None:
+        return None
+    if speculative.draft_model is None:
+        logger.info("speculative decoding: n-gram drafts of up to %d tokens (n-grams of %d to %d tokens), verified "
+                    "while at most %d rows decode", speculative.tokens, speculative.lookup_min, speculative.lookup_max,
+                    speculative.max_rows)
+        return NgramDrafter(speculative)
+    logger.info("speculative decoding: drafts of up to %d tokens from %s (%d parameters), verified while at most %d "
+                "rows decode; its K/V for those rows outside the KV budget", speculative.tokens,
+                speculative.draft_model.name_or_path, speculative.draft_model.num_parameters(), speculative.max_rows)
+    return DraftModel(speculative.draft_model, model.get_output_embeddings().out_features)
 
 
 def attention_cost(model: PreTrainedModel, layout: KVLayout, weights: int) -> float:

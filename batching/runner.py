@@ -17,7 +17,7 @@ from batching.kv_arena import KVArena
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
 from batching.sequence import TokenLogprob
-from batching.speculative import verify
+from batching.speculative import Drafter, verify
 from batching.static_decode import StaticDecoder
 from batching.vision import ImageInputs, PicturedSpan, embed_with_images, encode_images
 
@@ -35,10 +35,11 @@ def min_rows(batch_invariant: bool) -> int:
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, arena: KVArena, static: StaticDecoder | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, drafter: Drafter | None = None) -> None:
         self.model = model
         self.arena = arena
         self.static = static
+        self.drafter = drafter
         self.batch_invariant = batch_invariant
         self.min_rows = min_rows(batch_invariant)
         self.device = model.device
@@ -49,6 +50,8 @@ class ModelRunner:
     def step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
         """The tokens each span that samples emits, in span order: one, or for a span with a draft, the draft tokens
         the model accepts and one more (batching.speculative)."""
+        if self.drafter is not None and any(span.draft_room for span in spans):
+            self.drafter.draft(spans)
         if any(span.draft for span in spans):
             return self._verify_drafts(spans)
         logits = self._next_token_logits(spans)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from batching.sequence import Sequence, Status
-from batching.speculative import SpeculativeSettings, drafts_allowed, propose
+from batching.speculative import SpeculativeSettings, drafts_allowed
 
 logger = logging.getLogger("batchwise.scheduler")
 
@@ -55,10 +55,12 @@ class KVMemory(Protocol):
 @dataclass
 class Span:
     """The tokens seq.all_ids[start:end] that one step computes for a sequence, then its draft's, if any: tokens
-    proposed to follow the sequence's last one, which the step verifies (batching.speculative)."""
+    proposed to follow the sequence's last one, which the step verifies (batching.speculative). The scheduler gives
+    a decoding span room for a draft (KV memory reserved); the runner's drafter proposes it on the torch thread."""
     seq: Sequence
     start: int
     end: int
+    draft_room: int = 0
     draft: tuple[int, ...] = ()
 
     @property
@@ -127,15 +129,14 @@ class Scheduler:
         return spans
 
     def _drafted(self, span: Span) -> Span:
-        """The decoding span with a draft, where the sequence has one and the KV memory left once the step's prompts
-        have theirs holds it, without preempting anyone; a draft never reaches past max_tokens (its verification emits
-        one token more than it holds)."""
+        """The decoding span with room for a draft, where the sequence may draft and the KV memory left once the
+        step's prompts have theirs holds it, without preempting anyone; a draft never reaches past max_tokens (its
+        verification emits one token more than it holds)."""
         seq = span.seq
         limit = min(self.speculative.tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
                     self.memory.sequence_capacity - seq.length)
-        draft = propose(seq.all_ids, self.speculative, limit) if drafts_allowed(seq) else ()
-        if draft and self.memory.reserve(seq, seq.length + len(draft)):
-            return replace(span, draft=draft)
+        if limit >= 1 and drafts_allowed(seq) and self.memory.reserve(seq, seq.length + limit):
+            return replace(span, draft_room=limit)
         return span
 
     def _prompt_budget(self, decoding_rows: int) -> tuple[int, int]:

@@ -1,6 +1,7 @@
-"""Speculative decoding by prompt lookup (n-gram drafts): a decoding row whose last tokens occurred earlier in its
-prompt or output proposes the tokens that followed them there; one forward computes the target model's logits at
-its last token and at each draft token, and the drafts the target would have chosen itself are kept.
+"""Speculative decoding: a decoding row proposes the tokens after its last one, by prompt lookup (n-gram drafts:
+where its last tokens occurred earlier in its prompt or output, the tokens that followed them there) or from a
+draft model (batching.draft_model); one forward computes the target model's logits at its last token and at each
+draft token, and the drafts the target would have chosen itself are kept.
 
 Verification keeps each row's output distribution exactly: greedy rows keep drafts while they equal the target's
 argmax and then take the target's token; sampled rows (the drafts being deterministic) accept draft x with
@@ -9,7 +10,8 @@ emitted token's log-probability comes from its own position's logits, as without
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,14 +20,34 @@ from batching.sampler import apply_penalties, filter_candidates, token_logprobs
 from batching.sequence import Sequence, TokenLogprob
 from kernels.logits import argmax_logsumexp
 
+if TYPE_CHECKING:
+    from batching.scheduler import Span
+
 
 @dataclass(frozen=True)
 class SpeculativeSettings:
-    """vLLM's --speculative-config for the ngram method, and when drafting pays."""
+    """vLLM's --speculative-config, and when drafting pays."""
     tokens: int  # num_speculative_tokens: the most draft tokens a row verifies per step
-    lookup_min: int  # prompt_lookup_min: the shortest n-gram matched
-    lookup_max: int  # prompt_lookup_max: the longest n-gram matched (tried first)
+    lookup_min: int  # ngram: prompt_lookup_min, the shortest n-gram matched
+    lookup_max: int  # ngram: prompt_lookup_max, the longest n-gram matched (tried first)
     max_rows: int  # steps of more decoding rows draft nothing: verifying costs compute, which a busy batch lacks
+    draft_model: Any = field(default=None, compare=False)  # a causal LM with the target's tokenizer; None: n-grams
+
+
+class Drafter(Protocol):
+    def draft(self, spans: list[Span]) -> None:
+        """Fill in the draft of each span the scheduler gave room for one (span.draft_room tokens at most); on the
+        torch thread, before the step's forward."""
+
+
+class NgramDrafter:
+    def __init__(self, settings: SpeculativeSettings) -> None:
+        self.settings = settings
+
+    def draft(self, spans: list[Span]) -> None:
+        for span in spans:
+            if span.draft_room:
+                span.draft = propose(span.seq.all_ids, self.settings, span.draft_room)
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The real server with --speculative-config: a streamed chat completion through the openai SDK reads as the same
 request answered whole, /metrics counts the drafts, and a request that opts out drafts nothing."""
 
+import json
+
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,3 +37,19 @@ def test_a_streamed_chat_with_drafts_reads_as_the_whole_answer(embedded_model_di
 def scrape(url: str) -> dict[str, float]:
     return {sample.name: sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
             for sample in family.samples}
+
+
+def test_a_draft_model_drafts_for_the_server(embedded_model_dir):
+    """The embedded model as its own draft model: every draft is accepted, and the answer is the one without (in
+    float32: the draft runs transformers' attention, the target the engine's, and bfloat16 near-ties could part)."""
+    draft = json.dumps({"method": "draft_model", "model": str(embedded_model_dir), "num_speculative_tokens": 3})
+    request = dict(max_tokens=24, temperature=0, messages=[{"role": "user", "content": "Name three rivers."}])
+    with running_server("--speculative-config", draft, "--torch-dtype", "float32") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        drafted = client.chat.completions.create(model=model, **request).choices[0].message.content
+        plain = client.chat.completions.create(model=model, extra_body={"speculative": False}, **request)
+        metrics = scrape(url)
+    assert drafted == plain.choices[0].message.content
+    assert metrics["batchwise_spec_decode_accepted_tokens_total"] == metrics["batchwise_spec_decode_draft_tokens_total"]
+    assert metrics["batchwise_spec_decode_draft_tokens_total"] > 0

@@ -1,10 +1,12 @@
-"""Speculative decoding with n-gram drafts (--speculative-config): the same greedy tokens and log-probabilities as
-without drafts, drafts proposed and accepted (so that nothing here passes vacuously), rejected drafts' K/V rolled
-back, sampled rows keeping the model's distribution, and the configurations the server refuses."""
+"""Speculative decoding with n-gram drafts and a draft model (--speculative-config): the same greedy tokens and
+log-probabilities as without drafts, drafts proposed and accepted (so that nothing here passes vacuously),
+rejected drafts' K/V rolled back, sampled rows keeping the model's distribution, and the configurations the server
+refuses."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from batching import SamplingParams
 from batching.sequence import Sequence
 from batching.speculative import SpeculativeSettings, propose, verify
 from config import Config, ConfigError, parse_config, parse_speculative_config
-from model_manager import engine_settings
+from model_manager import ModelLoadError, engine_settings
 from serving.metrics import Metrics
 from tests.helpers.engine import make_engine, run_with_engine
 from tests.helpers import quality
@@ -194,6 +196,49 @@ def test_rejected_drafts_leave_no_kv_behind(model, tokenizer, prefix_caching):
     assert answer.tokens == expected[0].tokens
 
 
+def draft_config(folder, tokens: int = 3) -> str:
+    return json.dumps({"method": "draft_model", "model": str(folder), "num_speculative_tokens": tokens})
+
+
+@pytest.fixture(scope="module")
+def draft_folders(model, tokenizer, tmp_path_factory):
+    """Draft models with the target's tokenizer: the target itself (its drafts are always right) and another
+    random GPT-2 (its drafts mostly wrong); and one with another tokenizer."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("itself", "other", "foreign")}
+    for name, draft in [("itself", model), ("other", tiny_model("gpt2", len(tokenizer), seed=5))]:
+        draft.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    foreign = byte_tokenizer(eos_token="<end>", bos_token="<start>")
+    tiny_model("gpt2", len(foreign), seed=5).save_pretrained(folders["foreign"])
+    foreign.save_pretrained(folders["foreign"])
+    return folders
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_a_draft_models_drafts_keep_the_greedy_tokens(model, tokenizer, draft_folders, static_cache):
+    """Drafts from the target itself are all accepted, a random model's mostly rejected; either way the tokens are
+    those without drafts, and the draft's caches are kept for the rows of the latest drafting step only."""
+    requests = [(prompt, greedy(limit)) for prompt, limit in zip(prompts(5, seed=8), (30, 12, 25, 30, 18))]
+    settings = dict(static_cache=True, static_cache_decoder_max_length=96) if static_cache else {}
+    without, _ = serve_all(model, tokenizer, requests, None, **settings)
+    steps = []
+    exact, engine = serve_all(model, tokenizer, requests, draft_config(draft_folders["itself"]), steps, **settings)
+    assert [s.tokens for s in exact] == [s.tokens for s in without]
+    drafts = engine.stats().drafts
+    assert drafts.proposed > 0 and drafts.accepted == drafts.proposed
+    drafting = [len([span for span in spans if span.draft]) for spans in steps]
+    assert 0 < len(engine.runner.drafter.caches) <= max(drafting) <= engine.scheduler.speculative.max_rows
+    other, engine = serve_all(model, tokenizer, requests, draft_config(draft_folders["other"]), **settings)
+    assert [s.tokens for s in other] == [s.tokens for s in without]
+    assert 0 < engine.stats().drafts.accepted < engine.stats().drafts.proposed / 2
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(model, tokenizer, draft_folders):
+    with pytest.raises(ModelLoadError, match="another tokenizer"):
+        make_engine(model, tokenizer, speculative_config=draft_config(draft_folders["foreign"]),
+                    batch_invariant=False)
+
+
 def sequence(params: SamplingParams, generator: torch.Generator) -> Sequence:
     seq = Sequence([1, 2, 3], params, None, frozenset())
     seq.generator = generator
@@ -254,7 +299,9 @@ def test_drafts_follow_the_most_recent_occurrence_of_the_longest_ngram():
     ("{not json", "expected a JSON object"),
     ("[1, 2]", "expected a JSON object"),
     ('{"method": "eagle", "num_speculative_tokens": 2}', "unknown method 'eagle'"),
-    ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "'draft_model' is not supported yet"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "draft_model needs the draft's hub id or folder"),
+    ('{"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}',
+     "unsupported keys ['prompt_lookup_max'] for draft_model"),
     ('{"method": "ngram"}', "num_speculative_tokens must be a whole number of at least 1, got None"),
     ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be a whole number"),
     ('{"method": "ngram", "num_speculative_tokens": 2.5}', "num_speculative_tokens must be a whole number"),
