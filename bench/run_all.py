@@ -10,6 +10,7 @@ within the hour. Prints one markdown table and draws tokens/s against concurrenc
     python -m bench.run_all --configs eager --no-transformers-serve
     python -m bench.run_all --quick                           # smoke test: levels 1, 4; 16 tokens
     python -m bench.run_all --server-args "--torch-dtype bfloat16"
+    python -m bench.run_all --llama-cpp q8_0,bf16             # also llama.cpp's llama-server (bench/llama_cpp.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.llama_cpp import GGUF_TYPES, running_llama_server
 from bench.load import parse_levels, run_levels
 from bench.plot import plot_throughput
 from bench.report import cpu_model, markdown_table, short_completion_notes
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, among {', '.join(SERVER_CONFIGS)} (default all)")
     parser.add_argument("--no-transformers-serve", dest="transformers_serve", action="store_false",
                         help="skip `transformers serve --continuous-batching`")
+    parser.add_argument("--llama-cpp", type=parse_gguf_types, default=[],
+                        help=f"also llama.cpp's llama-server on GGUFs of these types ({','.join(GGUF_TYPES)}): built "
+                             "and converted once, the first time (bench/llama_cpp.py)")
     parser.add_argument("--levels", type=parse_levels, help="concurrency levels, e.g. '1,8,32' (default 1,8,32)")
     parser.add_argument("--max-tokens", type=int, help="completion tokens per request (default 128)")
     parser.add_argument("--requests-per-level", type=int, default=2, help="requests per level = this x concurrency")
@@ -65,13 +70,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_configs(text: str) -> list[str]:
+def chosen(text: str, choices, what: str) -> list[str]:
+    """A comma-separated choice among `choices` (argparse's error naming them otherwise)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SERVER_CONFIGS]
+    unknown = [name for name in names if name not in choices]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown configuration {', '.join(unknown)}; "
-                                         f"choose among {', '.join(SERVER_CONFIGS)}")
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown)}; choose among {', '.join(choices)}")
     return names
+
+
+def parse_configs(text: str) -> list[str]:
+    return chosen(text, SERVER_CONFIGS, "configuration")
+
+
+def parse_gguf_types(text: str) -> list[str]:
+    return chosen(text.lower(), GGUF_TYPES, "GGUF type")
 
 
 def apply_defaults(args: argparse.Namespace) -> None:
@@ -110,6 +123,13 @@ def run_transformers_serve(args: argparse.Namespace, env: dict[str, str]) -> lis
         labels = level_labels("transformers serve --continuous-batching", args.levels)
         return asyncio.run(run_levels(base_url, args.levels, args.max_tokens, args.requests_per_level, labels,
                                       model=model))
+
+
+def run_llama_cpp(args: argparse.Namespace, kind: str, env: dict[str, str]) -> list[Measurement]:
+    log_path = RESULTS / f"llama-server-{kind}.log"
+    with running_llama_server(shlex.split(args.server_args), kind, max(args.levels), env, log_path) as base_url:
+        labels = level_labels(f"llama.cpp llama-server {kind.upper()}", args.levels)
+        return asyncio.run(run_levels(base_url, args.levels, args.max_tokens, args.requests_per_level, labels))
 
 
 def run_baseline(args: argparse.Namespace, env: dict[str, str], when: str) -> list[Measurement]:
@@ -158,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     servers = [m for config in args.configs for m in run_batchwise(args, config, env)]
     if args.transformers_serve:
         servers += run_transformers_serve(args, env)
+    for kind in args.llama_cpp:
+        servers += run_llama_cpp(args, kind, env)
     if not args.skip_baseline:
         baselines += run_baseline(args, env, "after the servers")
     text = report(args, servers, baselines, mkl)
