@@ -37,6 +37,8 @@ NOT_MODES = {
                     "served alike whatever the seed"),
     "enable_auto_tool_choice": "accepted and ignored: tools are always on",
     "torch_dtype": "the matrix's dtypes",
+    **dict.fromkeys(["enable_lora", "lora_modules", "max_loras", "max_lora_rank", "allow_runtime_lora_updating"],
+                    "LoRA adapters, against peft in tests/unit/test_lora.py (the base model's rows unchanged)"),
     "accelerator_type": "the device: the matrix runs on the device the machine has",
     **dict.fromkeys(["device_map", "max_memory"], "spreads layers over GPUs, each computing as on one "
                     "(tests/unit/test_device_map.py)"),
