@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from batching.lora_adapters import AdapterError
 from config import Config
+from converters.int8 import Int8Linear
+from converters.linear_layers import replace_linears
 from model_manager import build_engine, load_model
 from tests.helpers import quality
 from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
@@ -143,6 +145,28 @@ def test_bfloat16_rows_stay_within_the_quality_bound_of_peft(folders):
         same, float32 = (quality.forward_logprobs(reference(folders, name, dtype), input_ids=ids)[len(prompt) - 1:]
                          for dtype in (torch.bfloat16, torch.float32))
         assert quality.divergence(tokens, same, quality.BOUNDS[torch.bfloat16], float32) is None, name
+
+
+def test_adapters_add_to_int8_layers_as_peft_adds_to_them(folders):
+    """With --int8 the adapters wrap the quantised layers: each served token is the choice of PeftModel whose base
+    layers (and head) are the same int8 layers, teacher-forced on the served tokens, within the quantised bound (an
+    activation a float32 ulp either side of an int8 rounding step moves a whole step)."""
+    requests = mixed_requests(seed=7, count=5)
+    served, _ = serve(lora_config(folders, int8=True), requests)
+    for (prompt, name), (_, tokens) in zip(requests, served):
+        ids = torch.tensor([prompt + tokens.tokens[:-1]])
+        logprobs = quality.forward_logprobs(int8_reference(folders, name), input_ids=ids)[len(prompt) - 1:]
+        assert quality.divergence(tokens, logprobs, quality.QUANTISED, logprobs) is None, name
+
+
+def int8_reference(folders, name: str | None):
+    """peft's LoRA layers over Int8Linear base layers (their A and B left in float), and an int8 head, as --int8
+    quantises the served model."""
+    model = reference(folders, name)
+    low_rank = {id(module) for path, module in model.named_modules() if ".lora_" in path}
+    replace_linears(model, lambda linear: None if id(linear) in low_rank else Int8Linear(linear))
+    model.set_output_embeddings(Int8Linear(model.get_output_embeddings()))
+    return model
 
 
 def test_the_prefix_cache_keeps_each_adapters_kv_apart(folders):
