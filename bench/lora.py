@@ -1,0 +1,109 @@
+"""Multi-LoRA's benchmark, one command, one run: what mixing adapters in one batch costs. 32 streams of 128-token
+chat completions, each streaming its whole length (ignore_eos), against three setups one after another: the
+server without LoRA, the server with 4 adapters serving the base model only, and the same server with the 32
+streams spread over its 4 adapters (every batch mixes them). The adapters are random PEFT LoRA adapters of the
+model (rank 16 on every linear layer, as `target_modules="all-linear"` makes them), written once under
+bench/results/lora-adapters.
+
+    python -m bench.lora
+    python -m bench.lora --server-args "--torch-compile true" --rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import shlex
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from bench.load import make_client, run_level, served_model, stream_one
+from bench.prompts import prompt_for
+from bench.report import cpu_model
+from bench.run_all import RESULTS, process_env
+from config import parse_config
+from model_manager import model_source
+from tests.helpers.server_process import running_server
+
+ADAPTERS = 4
+STREAMS = 32
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="32 streams over 4 LoRA adapters against 32 on the base model.")
+    parser.add_argument("--server-args", default="", help="flags for every server, e.g. '--torch-compile true'")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=64, help="requests per run (32 in flight)")
+    return parser.parse_args(argv)
+
+
+def write_adapters(model_folder: Path | str, rank: int) -> list[Path]:
+    """Random adapters (init_lora_weights=False), their B scaled down so that answers stay text-like."""
+    folders = []
+    for index in range(ADAPTERS):
+        folder = RESULTS / "lora-adapters" / f"rank{rank}-{index}"
+        if not (folder / "adapter_config.json").is_file():
+            torch.manual_seed(index)
+            model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(model_folder),
+                                   LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
+                                              init_lora_weights=False))
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.mul_(0.01)
+            model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+async def measure(base_url: str, label: str, models: list[str] | None, args: argparse.Namespace) -> float:
+    """Tokens/s of 32 streams; `models`: the request's model field in turn (None: the base model)."""
+    async with make_client(base_url, STREAMS) as client:
+        base = await served_model(client)
+        await stream_one(client, base, prompt_for(0), max_tokens=4)
+
+        def extra_for(index: int) -> dict:
+            return {"ignore_eos": True, **({"model": models[index % len(models)]} if models else {})}
+        result = await run_level(client, base, STREAMS, args.requests, args.max_tokens, label, extra_for)
+    print(f"{label}: {result.tokens_per_s:.1f} tokens/s ({result.failed} failed)", flush=True)
+    return result.tokens_per_s
+
+
+def run(flags: list[str], runs: dict[str, list[str] | None], args: argparse.Namespace, log: str) -> dict[str, float]:
+    log_path = RESULTS / f"server-lora-{log}.log"
+    print(f"server: main.py {shlex.join(flags)} (log: {log_path})", flush=True)
+    with running_server(*flags, env=process_env(os.environ.get("MKL_CBWR", "AUTO")), log_path=log_path) as url:
+        return {label: asyncio.run(measure(url, label, models, args)) for label, models in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    flags = shlex.split(args.server_args) + ["--continuous-batching-batch-size", str(STREAMS)]
+    names = [f"adapter{index}" for index in range(ADAPTERS)]
+    folders = write_adapters(model_source(parse_config(flags)), args.rank)
+    lora_flags = [*flags, "--lora-modules", *(f"{n}={f}" for n, f in zip(names, folders)), "--max-loras",
+                  str(ADAPTERS), "--max-lora-rank", str(args.rank)]
+    rates = run(flags, {"no LoRA, base model": None}, args, "plain")
+    rates |= run(lora_flags, {"4 adapters loaded, base model": None, "4 adapters loaded, mixed": names}, args, "lora")
+    plain, mixed = rates["no LoRA, base model"], rates["4 adapters loaded, mixed"]
+    lines = [f"# Multi-LoRA, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             f"- {cpu_model()}, {os.cpu_count()} CPUs; flags: `{args.server_args}`; {STREAMS} streams, "
+             f"{args.requests} requests of {args.max_tokens} tokens; {ADAPTERS} adapters of rank {args.rank} on every "
+             "linear layer", "", "| run | tokens/s | vs no LoRA |", "|---|---|---|"]
+    lines += [f"| {label} | {rate:.1f} | {rate / plain:.2f}x |" for label, rate in rates.items()]
+    lines += ["", f"Mixing {ADAPTERS} adapters in every batch: {mixed / plain:.2f}x the base model's throughput "
+              f"without LoRA, {mixed / rates['4 adapters loaded, base model']:.2f}x with the adapters loaded."]
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "lora.md").write_text(text)
+    print("\n" + text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
