@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.server_process import running_server
 from tests.helpers.quality import save_decoder
-from tests.unit.test_lora import peft_tokens, save_adapter
+from tests.helpers.server_process import running_server
+from tests.helpers.lora import peft_tokens, save_adapter
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from batching.lora_adapters import AdapterError
@@ -23,6 +22,7 @@ from converters.linear_layers import replace_linears
 from model_manager import build_engine, load_model
 from tests.helpers import quality
 from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
+from tests.helpers.lora import TOKENS, peft_tokens, reference, save_adapter
 from tests.helpers.quality import save_decoder
 
 ADAPTERS = {  # different ranks, targets, scalings
@@ -32,7 +32,6 @@ ADAPTERS = {  # different ranks, targets, scalings
                 alpha_pattern={"down_proj": 12}),
 }
 NAMES = [*ADAPTERS, None]
-TOKENS = 16
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
 
 
@@ -45,27 +44,6 @@ def folders(tmp_path_factory) -> dict[str | None, Path]:
     for seed, (name, settings) in enumerate(ADAPTERS.items()):
         folders[name] = save_adapter(root / "base", root / name, seed, **settings)
     return folders
-
-
-def save_adapter(base: Path, folder: Path, seed: int, **settings) -> Path:
-    """A PEFT LoRA adapter of the base with random A and B (init_lora_weights=False: B is not zero)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(init_lora_weights=False, **settings))
-    model.save_pretrained(folder)
-    return folder
-
-
-def reference(folders: dict[str | None, Path], name: str | None, dtype: torch.dtype = torch.float32):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folders[None], dtype=dtype, attn_implementation="sdpa")
-    return (PeftModel.from_pretrained(model, folders[name]) if name else model).eval()
-
-
-def peft_tokens(folders, name: str | None, prompt: list[int], tokens: int = TOKENS) -> list[int]:
-    # no end-of-sequence token, as the engine's rows ignore it
-    output = reference(folders, name).generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False,
-                                               eos_token_id=None, pad_token_id=0)
-    return output[0, len(prompt):].tolist()
 
 
 def lora_config(folders, adapters=tuple(ADAPTERS), **settings) -> Config:
@@ -135,11 +113,13 @@ def test_the_compiled_step_serves_adapters_loaded_after_warm_up_without_recompil
     warm.assert_complete_and_never_recompiled()
 
 
-def test_bfloat16_rows_stay_within_the_quality_bound_of_peft(folders):
+@pytest.mark.parametrize("static", [False, True])
+def test_bfloat16_rows_stay_within_the_quality_bound_of_peft(folders, static):
     """Each served token against PeftModel's own bfloat16 forward teacher-forced on the served tokens (the quality
-    matrix's check: near-ties may go either way within its bound)."""
+    matrix's check: near-ties may go either way within its bound), packed and in the static step."""
     requests = mixed_requests(seed=3)
-    served, _ = serve(lora_config(folders, torch_dtype="bfloat16"), requests)
+    settings = dict(static_cache=True, static_cache_decoder_max_length=64) if static else {}
+    served, _ = serve(lora_config(folders, torch_dtype="bfloat16", **settings), requests)
     for (prompt, name), (_, tokens) in zip(requests, served):
         ids = torch.tensor([prompt + tokens.tokens[:-1]])
         same, float32 = (quality.forward_logprobs(reference(folders, name, dtype), input_ids=ids)[len(prompt) - 1:]
