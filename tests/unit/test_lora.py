@@ -17,9 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from batching.lora_adapters import AdapterError
 from config import Config
-from converters.int8 import Int8Linear
-from converters.linear_layers import replace_linears
-from model_manager import build_engine, load_model
+from model_manager import LoadedModel, build_engine, load_model
 from tests.helpers import quality
 from tests.helpers.engine import WarmUpRecord, finish, greedy, run_with_engine
 from tests.helpers.lora import TOKENS, peft_tokens, reference, save_adapter
@@ -62,7 +60,7 @@ def serve(config: Config, requests: list[tuple[list[int], str | None]], warm: Wa
           tokens: int = TOKENS, load: dict[str, Path] | None = None):
     """Every request at once but the last, which joins when the first finishes (its prompt chunked beside decoding
     rows); `load`: adapters loaded once the engine runs. Returns each sequence with its tokens and log-probabilities,
-    and the adapters."""
+    and the loaded model."""
     loaded = load_model(config)
 
     def build():
@@ -83,7 +81,7 @@ def serve(config: Config, requests: list[tuple[list[int], str | None]], warm: Wa
         last = add[-1]()
         collected.append(quality.collect(engine, last))
         return list(zip([*first, last], [await served for served in collected]))
-    return run_with_engine(build, body), loaded.adapters
+    return run_with_engine(build, body), loaded
 
 
 def mixed_requests(seed: int, count: int = 9) -> list[tuple[list[int], str | None]]:
@@ -127,25 +125,32 @@ def test_bfloat16_rows_stay_within_the_quality_bound_of_peft(folders, static):
         assert quality.divergence(tokens, same, quality.BOUNDS[torch.bfloat16], float32) is None, name
 
 
-def test_adapters_add_to_int8_layers_as_peft_adds_to_them(folders):
-    """With --int8 the adapters wrap the quantised layers: each served token is the choice of PeftModel whose base
-    layers (and head) are the same int8 layers, teacher-forced on the served tokens, within the quantised bound (an
-    activation a float32 ulp either side of an int8 rounding step moves a whole step)."""
+@pytest.mark.parametrize("quantisation", ["int8", "hqq"])
+def test_adapters_add_to_quantised_layers_as_peft_adds_to_them(folders, quantisation):
+    """With --int8 or --hqq the adapters wrap the quantised layers: each served token is the choice of PeftModel
+    over the served model's own quantised layers (and head), teacher-forced on the served tokens, within the
+    quantised bound (an activation a float32 ulp either side of an int8 rounding step moves a whole step)."""
     requests = mixed_requests(seed=7, count=5)
-    served, _ = serve(lora_config(folders, int8=True), requests)
+    served, loaded = serve(lora_config(folders, **{quantisation: True}), requests)
     for (prompt, name), (_, tokens) in zip(requests, served):
         ids = torch.tensor([prompt + tokens.tokens[:-1]])
-        logprobs = quality.forward_logprobs(int8_reference(folders, name), input_ids=ids)[len(prompt) - 1:]
+        model = quantised_reference(folders, name, loaded)
+        logprobs = quality.forward_logprobs(model, input_ids=ids)[len(prompt) - 1:]
         assert quality.divergence(tokens, logprobs, quality.QUANTISED, logprobs) is None, name
 
 
-def int8_reference(folders, name: str | None):
-    """peft's LoRA layers over Int8Linear base layers (their A and B left in float), and an int8 head, as --int8
-    quantises the served model."""
+def quantised_reference(folders, name: str | None, loaded: LoadedModel):
+    """peft's LoRA layers (their A and B in float) over the served model's quantised layers, and its head."""
     model = reference(folders, name)
-    low_rank = {id(module) for path, module in model.named_modules() if ".lora_" in path}
-    replace_linears(model, lambda linear: None if id(linear) in low_rank else Int8Linear(linear))
-    model.set_output_embeddings(Int8Linear(model.get_output_embeddings()))
+    inner = model.get_base_model() if name else model
+    for path, layer in loaded.adapters.layers.layers.items():
+        target = inner.get_submodule(path)
+        if hasattr(target, "base_layer"):  # one of the adapter's: peft's layer around the base
+            target.base_layer = layer.base
+        else:
+            parent, _, child = path.rpartition(".")
+            setattr(inner.get_submodule(parent), child, layer.base)
+    inner.set_output_embeddings(loaded.model.get_output_embeddings())
     return model
 
 
