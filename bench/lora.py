@@ -7,28 +7,35 @@ The adapters are random PEFT LoRA adapters of the model (rank 16 on every linear
 
     python -m bench.lora
     python -m bench.lora --server-args "--torch-compile true" --rank 8
+
+`--steps` times the eager packed decode step of 32 rows instead, in-process (the three setups interleaved step by
+step, medians): a figure a busy machine disturbs less than a throughput run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import os
 import shlex
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+from batching import KVArena, Slots, kv_layout
+from bench.decode_step import packed_step
 from bench.load import make_client, run_level, served_model, stream_one
 from bench.prompts import prompt_for
 from bench.report import cpu_model
 from bench.run_all import RESULTS, process_env
-from config import parse_config
-from model_manager import model_source
+from config import Config, parse_config
+from model_manager import load_model, lora_adapters, model_source
 from tests.helpers.server_process import running_server
 
 ADAPTERS = 4
@@ -41,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=64, help="requests per run (32 in flight)")
+    parser.add_argument("--steps", type=int, default=0, help="time this many decode steps per setup instead")
     return parser.parse_args(argv)
 
 
@@ -84,12 +92,56 @@ def run(flags: list[str], runs: list[tuple[str, list[str] | None]], args: argpar
         return [(label, asyncio.run(measure(url, label, models, args))) for label, models in runs]
 
 
+@torch.inference_mode()
+def step_medians(config: Config, folders: list[Path], steps: int) -> dict[str, float]:
+    """Milliseconds of the eager packed decode step of 32 rows at 128 of 256 positions: the model without LoRA
+    layers, with them and no row using an adapter, and with the rows spread over the adapters."""
+    plain, wrapped = load_model(config).model, load_model(config).model
+    adapters = lora_adapters(wrapped, config, ("base",))
+    for index, folder in enumerate(folders):
+        adapters.load(f"adapter{index}", str(folder))
+    arenas = [KVArena(kv_layout(plain), (STREAMS + 1) * 256, prefix_caching=False, slots=Slots(STREAMS, 256))
+              for _ in range(2)]
+    unadapted = packed_step(wrapped, arenas[1], STREAMS, 256, 128)
+
+    def mixed() -> None:
+        with adapters.layers.selected([row % ADAPTERS for row in range(STREAMS)], wrapped.device, wrapped.dtype):
+            unadapted()
+    setups = {"no LoRA": packed_step(plain, arenas[0], STREAMS, 256, 128), "LoRA layers, no adapter rows": unadapted,
+              "LoRA layers, rows over 4 adapters": mixed}
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    for _ in range(steps):
+        for label, step in setups.items():
+            started = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - started)
+    return {label: statistics.median(values) * 1e3 for label, values in times.items()}
+
+
+def report_steps(args: argparse.Namespace, config: Config, medians: dict[str, float]) -> str:
+    plain = medians["no LoRA"]
+    lines = [f"# Multi-LoRA decode step, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             f"- {cpu_model()}, {os.cpu_count()} CPUs; {config.dtype}; flags: `{args.server_args}`; eager packed step "
+             f"of {STREAMS} rows at 128 of 256 positions; {ADAPTERS} adapters of rank {args.rank} on every linear "
+             f"layer; medians of {args.steps} steps each, interleaved", "",
+             "| setup | step ms | vs no LoRA |", "|---|---|---|"]
+    lines += [f"| {label} | {ms:.1f} | {ms / plain:.2f}x |" for label, ms in medians.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     flags = shlex.split(args.server_args) + ["--continuous-batching-batch-size", str(STREAMS)]
     names = [f"adapter{index}" for index in range(ADAPTERS)]
-    folders = write_adapters(model_source(parse_config(flags)), args.rank)
+    config = parse_config(flags)
+    folders = write_adapters(model_source(config), args.rank)
+    if args.steps:
+        config = dataclasses.replace(config, max_loras=ADAPTERS, max_lora_rank=args.rank)
+        text = report_steps(args, config, step_medians(config, folders, args.steps))
+        (RESULTS / "lora-steps.md").write_text(text)
+        print("\n" + text, flush=True)
+        return
     lora_flags = [*flags, "--lora-modules", *(f"{n}={f}" for n, f in zip(names, folders)), "--max-loras",
                   str(ADAPTERS), "--max-lora-rank", str(args.rank)]
     plain, base, mixed = "no LoRA, base model", "4 adapters loaded, base model", "4 adapters loaded, mixed"
