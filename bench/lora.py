@@ -110,6 +110,8 @@ def step_medians(config: Config, folders: list[Path], steps: int) -> dict[str, f
     setups = {"no LoRA": packed_step(plain, arenas[0], STREAMS, 256, 128), "LoRA layers, no adapter rows": unadapted,
               "LoRA layers, rows over 4 adapters": mixed}
     times: dict[str, list[float]] = {label: [] for label in setups}
+    for step in setups.values():  # warm-up
+        step()
     for _ in range(steps):
         for label, step in setups.items():
             started = time.perf_counter()
