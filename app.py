@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from api.audio import audio_router
 from api.auth import api_key_checker
 from api.errors import install_error_handlers
+from api.lora import lora_router
 from api.middleware import RequestCountMiddleware, RequestIdMiddleware
 from api.responses import responses_router
 from api.state import ServerState, Service
@@ -26,7 +27,7 @@ from api.text import text_router
 from api.tokenize import tokenizer_router
 from config import Config
 from models import ModelCard, ModelList, VersionInfo
-from serving.text_service import start_chat_service
+from serving.text_service import TextService, start_chat_service
 from serving.metrics import Metrics
 from serving.responses import ResponseStore
 from serving.transcription import start_transcription_service
@@ -121,21 +122,30 @@ def create_app(config: Config) -> FastAPI:
 
     api = APIRouter(prefix="/v1", dependencies=[require_key])
 
-    @api.get("/models")
-    async def list_models(service: Service = Depends(state.ready)) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, max_model_len=service.context_length)
-                               for name in service.served_names])
+    def model_cards(service: Service) -> list[ModelCard]:
+        """The model by each of its names, then its LoRA adapters (vLLM's cards: the folder and the base)."""
+        adapters = service.lora_adapters() if isinstance(service, TextService) else []
+        return [*(ModelCard(id=name, max_model_len=service.context_length) for name in service.served_names),
+                *(ModelCard(id=adapter.name, root=adapter.path, parent=service.model_name,
+                            max_model_len=service.context_length) for adapter in adapters)]
 
-    @api.get("/models/{model_id:path}")
+    @api.get("/models", response_model_exclude_none=True)
+    async def list_models(service: Service = Depends(state.ready)) -> ModelList:
+        return ModelList(data=model_cards(service))
+
+    @api.get("/models/{model_id:path}", response_model_exclude_none=True)
     async def get_model(model_id: str, service: Service = Depends(state.ready)) -> ModelCard:
         service.check_model(model_id)
-        return ModelCard(id=model_id, max_model_len=service.context_length)
+        return next((card for card in model_cards(service) if card.id == model_id),
+                    ModelCard(id=model_id, max_model_len=service.context_length))  # an alias (Whisper's)
 
     if whisper:
         api.include_router(audio_router(state.ready, config.max_audio_mb, config.request_timeout or None))
     else:
         api.include_router(text_router(state.ready))
         api.include_router(responses_router(state.ready, ResponseStore(config.responses_store_size)))
+        if config.lora and config.allow_runtime_lora_updating:
+            api.include_router(lora_router(state.ready))
     app.include_router(api)
     app.include_router(tokenizer_router(state.ready), dependencies=[require_key])
     return app

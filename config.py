@@ -330,6 +330,19 @@ class Config:
                                            "name(s) clients use for the model, space- or comma-separated, the first "
                                            "one shown in /health and the logs; unset: the model id", None,
                                            several=True)
+    enable_lora: bool = option("--enable-lora", "ENABLE_LORA", "serve LoRA adapters beside the base model (implied by "
+                               "--lora-modules): every linear layer gets --max-loras adapter slots", False, parse_bool)
+    lora_modules: str | None = option("--lora-modules", "LORA_MODULES", "LoRA adapters served at start-up, as "
+                                      "NAME=PATH (PEFT adapter folders), space- or comma-separated; a request picks "
+                                      "one by its model field", None, several=True)
+    max_loras: int = option("--max-loras", "MAX_LORAS", "most LoRA adapters loaded at once (each a slot every "
+                            "forward computes)", 1, int)
+    max_lora_rank: int = option("--max-lora-rank", "MAX_LORA_RANK", "largest LoRA rank served (every slot is "
+                                "padded to it)", 16, int)
+    allow_runtime_lora_updating: bool = option(
+        "--allow-runtime-lora-updating", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "serve POST /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter (behind the API key): clients may then load adapters from the server's disk",
+        False, parse_bool)
     max_logprobs: int | None = option("--max-logprobs", "MAX_LOGPROBS", "most alternatives per token a request may "
                                       "ask for (top_logprobs, a completion's logprobs); unset: OpenAI's limits, 20 "
                                       "on chat and 5 on completions", None, int)
@@ -445,6 +458,8 @@ class Config:
                               "take theirs from their processor")
         if self.gpu_memory_utilization is not None:
             self._check_gpu_memory_utilization()
+        if self.lora:
+            self._check_lora()
         self.weight_memory()
 
     def _check_generation_defaults(self) -> None:
@@ -484,6 +499,35 @@ class Config:
         if self.device_map or self.serving_type == "whisper":
             raise ConfigError("--gpu-memory-utilization sizes a chat model's KV cache on one GPU; with --device-map "
                               "give --kv-cache-memory (Whisper models keep no KV budget)")
+
+    @property
+    def lora(self) -> bool:
+        """LoRA adapters are served (--enable-lora, or adapters given at start-up)."""
+        return self.enable_lora or bool(self.lora_modules)
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """--lora-modules as (name, path) pairs."""
+        pairs = []
+        for item in filter(None, (part.strip() for part in (self.lora_modules or "").split(","))):
+            name, _, path = item.partition("=")
+            if not name.strip() or not path.strip():
+                raise ConfigError(f"--lora-modules: expected NAME=PATH items, got {item!r}")
+            pairs.append((name.strip(), path.strip()))
+        return pairs
+
+    def _check_lora(self) -> None:
+        for flag, value in {"--max-loras": self.max_loras, "--max-lora-rank": self.max_lora_rank}.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.serving_type != "chat" or self.encoder_decoder or self.vision:
+            raise ConfigError("LoRA adapters are served for text decoder models; not for encoder-decoder, "
+                              "vision-language or Whisper models")
+        names = [name for name, _ in self.lora_adapters()]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"--lora-modules names {', '.join(duplicates)} more than once")
+        if len(names) > self.max_loras:
+            raise ConfigError(f"--lora-modules gives {len(names)} adapters, more than --max-loras {self.max_loras}")
 
     def sized_after_loading(self) -> Config:
         """The configuration an engine is built with once the weights are loaded: --gpu-memory-utilization as a KV

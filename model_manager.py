@@ -18,6 +18,8 @@ from batching import ATTENTION_NAME, Engine
 from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine
 from batching.failpoints import parse_failpoints
 from batching.families import text_family
+from batching.lora import LoraLayers
+from batching.lora_adapters import AdapterError, LoraAdapters
 from batching.runner import min_rows
 from batching.speculative import SpeculativeSettings
 from batching.vision import FEATURES as VISION_FEATURES
@@ -48,6 +50,7 @@ class LoadedModel:
     context_length: int  # the most tokens one sequence holds (an encoder-decoder's: decoder tokens)
     encoder_length: int | None = None  # an encoder-decoder's longest encoder input
     processor: Any = None  # a vision-language model's (images and text to model inputs)
+    adapters: LoraAdapters | None = None  # the LoRA adapters it serves, where LoRA is on
 
     @property
     def encoder_decoder(self) -> bool:
@@ -147,7 +150,23 @@ def load_model(config: Config) -> LoadedModel:
     context_length = min(config.max_model_len or model_context, model_context)
     logger.info("loaded %s in %.1f s (context %d tokens%s)", source, time.perf_counter() - started, context_length,
                 ", images" if processor else "")
-    return LoadedModel(model, tokenizer, name, context_length, processor=processor)
+    adapters = lora_adapters(model, config, config.served_names(name)) if config.lora else None
+    return LoadedModel(model, tokenizer, name, context_length, processor=processor, adapters=adapters)
+
+
+def lora_adapters(model: PreTrainedModel, config: Config, base_names: tuple[str, ...]) -> LoraAdapters:
+    """The model's linear layers wrapped for --max-loras adapters of rank up to --max-lora-rank (after any
+    quantisation: an adapter adds to whatever product the layer computes), and the --lora-modules loaded."""
+    layers = LoraLayers(model, config.max_loras, config.max_lora_rank)
+    logger.info("LoRA: %d linear layers with %d adapter slot%s of rank up to %d", len(layers.layers),
+                config.max_loras, "" if config.max_loras == 1 else "s", config.max_lora_rank)
+    adapters = LoraAdapters(layers, base_names)
+    for name, path in config.lora_adapters():
+        try:
+            adapters.load(name, path)
+        except AdapterError as error:
+            raise ModelLoadError(f"--lora-modules {name}: {error}") from None
+    return adapters
 
 
 def sampling_defaults(config: Config, model: PreTrainedModel) -> dict[str, float]:
@@ -313,8 +332,12 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
     """The engine of a text model, decoder or encoder-decoder; run it off the event loop (it probes the model)."""
     settings = engine_settings(config, loaded.model.device, load_draft_model(config, loaded))
     if not loaded.encoder_decoder:
-        return decoder_engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.context_length,
-                              weight_count(loaded.model), settings)
+        adapters = loaded.adapters
+        engine = decoder_engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.context_length,
+                                weight_count(loaded.model), settings, adapters.layers if adapters else None)
+        if adapters:
+            adapters.in_use = engine.scheduler.uses_adapter
+        return engine
     try:
         family = text_family(loaded.model, loaded.context_length)
     except ValueError as error:

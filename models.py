@@ -506,6 +506,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "batchwise"
     max_model_len: int | None = None  # vLLM's: the most tokens one sequence holds
+    root: str | None = None  # vLLM's: a LoRA adapter's folder
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
 
 
 # vLLM's tokenizer endpoints and /version.
@@ -889,3 +891,15 @@ class DeletedResponse(BaseModel):
     id: str
     object: Literal["response"] = "response"
     deleted: bool = True
+
+
+# vLLM's runtime LoRA endpoints.
+
+class LoadLoRAAdapterRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; adapters are named here

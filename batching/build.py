@@ -25,6 +25,7 @@ from batching.families.whisper_decoder import WhisperFamily
 from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, WhisperTokens
 from batching.families.whisper_runner import WhisperRunner, alignment_heads
 from batching.kv_arena import KVArena, KVLayout, Slots
+from batching.lora import LoraLayers
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler
@@ -63,9 +64,10 @@ class EngineSettings:
 
 
 def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: frozenset[int], context_length: int,
-                   weights: int, settings: EngineSettings) -> Engine:
+                   weights: int, settings: EngineSettings, lora: LoraLayers | None = None) -> Engine:
     """A decoder's engine over a KV arena sized by the budget; `weights`: the model's weights, quantised ones
-    counted as the float weights they stand for (converters.linear_layers.weight_count)."""
+    counted as the float weights they stand for (converters.linear_layers.weight_count); `lora`: the model's LoRA
+    layers, if it has them."""
     batch_size = settings.batch_size
     layout = kv_layout(model)
     # the running batch at full context, plus as much again for the prefix cache
@@ -89,8 +91,8 @@ def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: fr
     static = None
     if slots is not None:
         static = StaticDecoder(model, arena, settings.compile_mode, settings.min_rows,
-                               static_prompt_tokens(layout, settings))
-    runner = ModelRunner(model, arena, static, settings.batch_invariant, drafter(model, settings.speculative))
+                               static_prompt_tokens(layout, settings), lora.rows if lora else None)
+    runner = ModelRunner(model, arena, static, settings.batch_invariant, drafter(model, settings.speculative), lora)
     return engine(runner, scheduler, tokenizer, eos_token_ids, settings)
 
 

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import torch
 
@@ -24,6 +24,9 @@ from batching.scheduler import Scheduler, Span
 from batching.sequence import Delta, SamplingParams, Sequence, SequenceInputs, TokenLogprob
 from batching.speculative import DraftStats
 from batching.torch_thread import on_torch_thread
+
+if TYPE_CHECKING:  # peft is imported only where adapters are read
+    from batching.lora_adapters import LoraAdapter
 
 logger = logging.getLogger("batchwise.engine")
 
@@ -106,14 +109,15 @@ class Engine:
                            self.drafts)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "", inputs: SequenceInputs = None,
-            user: str = "") -> Sequence:
+            user: str = "", adapter: LoraAdapter | None = None) -> Sequence:
         """Queue a sequence; raises QueueFullError when running plus waiting is at the limit."""
-        return self.add_siblings(prompt_ids, params, 1, request_id, inputs, user)[0]
+        return self.add_siblings(prompt_ids, params, 1, request_id, inputs, user, adapter)[0]
 
     def add_siblings(self, prompt_ids: list[int], params: SamplingParams, count: int, request_id: str = "",
-                     inputs: SequenceInputs = None, user: str = "") -> list[Sequence]:
+                     inputs: SequenceInputs = None, user: str = "", adapter: LoraAdapter | None = None
+                     ) -> list[Sequence]:
         """Queue `count` sequences of one prompt that share its prefill; each samples with its own
-        generator (seed, seed + 1, ... when seeded)."""
+        generator (seed, seed + 1, ... when seeded); `adapter`: the LoRA adapter they run with."""
         if not self.alive:
             raise EngineError("the engine is not running")
         if count > self.scheduler.max_running:
@@ -122,6 +126,8 @@ class Engine:
             raise ValueError(f"{len(prompt_ids)} prompt tokens and {params.max_tokens} to generate exceed the "
                              f"{self.max_sequence_tokens} tokens one sequence can hold")
         seqs = [self._sequence(prompt_ids, params, request_id, inputs, index, user) for index in range(count)]
+        for seq in seqs:
+            seq.adapter = adapter
         for sibling in seqs[1:]:
             sibling.prefix_source = seqs[0]
         self.scheduler.add(seqs)

@@ -169,7 +169,7 @@ class KVArena:
         if keep and cache is not None and seq.computed >= BLOCK_TOKENS and not seq.params.prompt_logprobs:
             entry_extent = self._keep_extent(extent, seq.computed)
             if entry_extent is not None:
-                entry = CachedPrefix(seq.kv_tokens[:seq.computed], entry_extent)
+                entry = CachedPrefix(seq.kv_tokens[:seq.computed], entry_extent, seq.kv_namespace)
                 cache.hand_over(seq, entry)
                 cache.keep(entry)
                 for orphan in cache.register(entry, seq.computed):
@@ -238,7 +238,7 @@ class KVArena:
             return seq.prefix_source, min(seq.prefix_source.computed, limit)
         if self.prefix_cache is None or seq.params.prompt_logprobs:
             return None, 0
-        return self.prefix_cache.lookup(seq.kv_tokens, limit)
+        return self.prefix_cache.lookup(seq.kv_tokens, limit, seq.kv_namespace)
 
     def _allocate(self, size: int, protect: CachedPrefix | None = None) -> Extent | None:
         """An extent of `size`, evicting least recently used cache entries (never `protect`) and defragmenting

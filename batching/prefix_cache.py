@@ -14,9 +14,13 @@ BLOCK_TOKENS = 16
 
 
 class Holder(Protocol):
-    """Something whose extent holds the K/V of `kv_tokens[:n]` for every block it registered."""
+    """Something whose extent holds the K/V of `kv_tokens[:n]` for every block it registered, computed in its
+    `kv_namespace` (a LoRA adapter's load; 0: the base model): the first block's hash starts from it."""
     @property
     def kv_tokens(self) -> Sequence[int]: ...
+
+    @property
+    def kv_namespace(self) -> int: ...
 
 
 @dataclass(eq=False)
@@ -24,6 +28,7 @@ class CachedPrefix:
     """A finished sequence's K/V, kept while the memory is not needed elsewhere."""
     kv_tokens: list[int]
     extent: Extent
+    kv_namespace: int = 0
 
 
 def block_hashes(tokens: Sequence[int], blocks: int, start: int = 0, previous: int = 0) -> list[int]:
@@ -46,7 +51,8 @@ class PrefixCache:
         """Index the holder's complete blocks among its first `computed` tokens; returns cache entries left
         with no block in the index (another holder now serves all of them), for the caller to free."""
         hashes = self.registered.setdefault(holder, [])
-        new = block_hashes(holder.kv_tokens, computed // BLOCK_TOKENS, len(hashes), hashes[-1] if hashes else 0)
+        new = block_hashes(holder.kv_tokens, computed // BLOCK_TOKENS, len(hashes),
+                           hashes[-1] if hashes else holder.kv_namespace)
         orphans = []
         for block_hash in new:
             previous = self.index.get(block_hash)
@@ -63,16 +69,17 @@ class PrefixCache:
             self.drop(orphan)
         return orphans
 
-    def lookup(self, tokens: Sequence[int], limit: int) -> tuple[Holder | None, int]:
-        """The holder of the longest indexed prefix of `tokens` (at most `limit` tokens) and its length."""
-        best, matched, previous = None, 0, 0
+    def lookup(self, tokens: Sequence[int], limit: int, namespace: int = 0) -> tuple[Holder | None, int]:
+        """The holder of the longest indexed prefix of `tokens` computed in `namespace` (at most `limit` tokens)
+        and its length."""
+        best, matched, previous = None, 0, namespace
         for block in range(min(limit, len(tokens)) // BLOCK_TOKENS):
             previous = hash((previous, tuple(tokens[block * BLOCK_TOKENS:(block + 1) * BLOCK_TOKENS])))
             holder = self.index.get(previous)
             if holder is None:
                 break
             best, matched = holder, (block + 1) * BLOCK_TOKENS
-        if best is None or list(best.kv_tokens[:matched]) != list(tokens[:matched]):
+        if best is None or best.kv_namespace != namespace or list(best.kv_tokens[:matched]) != list(tokens[:matched]):
             return None, 0  # a hash collision: never serve another prompt's K/V
         if isinstance(best, CachedPrefix):
             self.entries.move_to_end(best)

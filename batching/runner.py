@@ -7,6 +7,7 @@ step that it takes do."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel
 
 from batching.attention import PackedSpan, SpanStep
 from batching.kv_arena import KVArena
+from batching.lora import NO_ADAPTER, LoraLayers
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
 from batching.sequence import TokenLogprob
@@ -35,8 +37,10 @@ def min_rows(batch_invariant: bool) -> int:
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, arena: KVArena, static: StaticDecoder | None = None,
-                 batch_invariant: bool = False, drafter: Drafter | None = None) -> None:
+                 batch_invariant: bool = False, drafter: Drafter | None = None, lora: LoraLayers | None = None
+                 ) -> None:
         self.model = model
+        self.lora = lora
         self.arena = arena
         self.static = static
         self.drafter = drafter
@@ -102,6 +106,7 @@ class ModelRunner:
         """One [1, tokens] forward over the spans (and their drafts); for each span that samples, in order, the
         logits at its last token and at each of its draft tokens ([1 + draft, vocab])."""
         ids, positions, slots, attention_spans, kept, pictured = [], [], [], [], [], []
+        adapters = []  # each token's LoRA slot
         for span in spans:
             seq, start = span.seq, len(ids)
             if isinstance(seq.inputs, ImageInputs):
@@ -112,12 +117,15 @@ class ModelRunner:
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.stop))
             attention_spans.append(PackedSpan(start, len(ids), seq.kv.start, span.stop))
             kept.extend(start + p - span.start for p in self._logit_positions(span))
+            adapters.extend([seq.adapter_slot] * (len(ids) - start))
         self._pad(ids, positions, slots, attention_spans, kept)
+        adapters.extend([NO_ADAPTER] * (len(ids) - len(adapters)))
         token_inputs = self._token_inputs(self._tensor(ids), pictured)
         step = SpanStep(self.arena, self._tensor(slots), attention_spans)
-        logits = self.model(**token_inputs, position_ids=self._position_ids(positions, pictured),
-                            logits_to_keep=torch.tensor(kept, device=self.head_device), use_cache=False,
-                            batchwise_step=step).logits[0]
+        with self._adapters(adapters):
+            logits = self.model(**token_inputs, position_ids=self._position_ids(positions, pictured),
+                                logits_to_keep=torch.tensor(kept, device=self.head_device), use_cache=False,
+                                batchwise_step=step).logits[0]
         next_token_logits, offset = [], 0
         for span in spans:
             count = len(self._logit_positions(span))
@@ -128,6 +136,12 @@ class ModelRunner:
             if span.samples:
                 next_token_logits.append(span_logits[-1 - len(span.draft):])
         return next_token_logits
+
+    def _adapters(self, adapters: list[int]) -> contextlib.AbstractContextManager:
+        """Each token's LoRA adapter for the forward's LoRA layers, if the model has them."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.selected(adapters, self.device, self.model.dtype)
 
     def _token_inputs(self, ids: torch.Tensor, pictured: list[PicturedSpan]) -> dict:
         """The forward's token ids, or with images among them, embeddings with the images' features written over

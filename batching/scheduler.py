@@ -96,6 +96,11 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
+    def uses_adapter(self, slot: int) -> bool:
+        """Whether a running or waiting sequence uses the LoRA adapter slot (safe off the event loop: the lists are
+        copied whole before they are read)."""
+        return any(seq.adapter_slot == slot for seq in [*self.running, *self.waiting])
+
     def add(self, seqs: list[Sequence]) -> None:
         """Queue sequences together (siblings stay adjacent), or none of them if they do not fit."""
         if len(self.waiting) + len(self.running) + len(seqs) > self.max_pending:

@@ -12,10 +12,12 @@ import torch
 
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from batching.extents import Extent
+from batching.lora import NO_ADAPTER
 
 if TYPE_CHECKING:  # the modules of the input kinds import this one
     from batching.families.encoder_decoder import TextInput
     from batching.families.whisper_runner import SpeechWindow, WindowDecoding, WindowResult
+    from batching.lora_adapters import LoraAdapter
     from batching.vision import ImageInputs
 
 # what a sequence carries beyond its token ids, for its runner: nothing for plain text
@@ -118,6 +120,7 @@ class Sequence:
     cached_tokens: int = 0  # of those, how many came from the prefix cache
     generator: torch.Generator | None = None
     inputs: SequenceInputs = None
+    adapter: LoraAdapter | None = None  # the LoRA adapter its forwards add to the base model
     window_decoding: WindowDecoding | None = None  # a speech window's, kept by Whisper's runner; its deltas report it
     prefix_source: Sequence | None = None  # a sibling admitted with it whose prefill (and KV) it shares
     cumulative_logprob: float = 0.0
@@ -149,6 +152,15 @@ class Sequence:
         """What its K/V depend on, for the prefix cache: its tokens, with image placeholders marked by the images."""
         kv_prompt = getattr(self.inputs, "kv_prompt", None)
         return [*kv_prompt, *self.output_ids] if kv_prompt is not None else self.all_ids
+
+    @property
+    def kv_namespace(self) -> int:
+        """What its K/V depend on besides its tokens, for the prefix cache: its LoRA adapter's load, or 0 for none."""
+        return self.adapter.key if self.adapter else 0
+
+    @property
+    def adapter_slot(self) -> int:
+        return self.adapter.slot if self.adapter else NO_ADAPTER
 
     @property
     def last_token(self) -> int:

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena, KVLayout
+from batching.lora import NO_ADAPTER, AdapterRows
 from batching.scheduler import Span
 from batching.vision import ImageInputs, text_position
 from kernels import decode_attention
@@ -83,9 +84,10 @@ class DecodeForward(torch.nn.Module):
     """What is compiled: the model's forward for one token per row, with the arena's K/V as buffers, so that a
     compiled graph updates them in place (and CUDA graphs see fixed addresses)."""
 
-    def __init__(self, model: PreTrainedModel, arena: KVArena) -> None:
+    def __init__(self, model: PreTrainedModel, arena: KVArena, lora_rows: AdapterRows | None = None) -> None:
         super().__init__()
         self.model = model
+        self.lora_rows = lora_rows
         self.slot_length = arena.slots.length
         for layer, (keys, values) in enumerate(zip(arena.keys, arena.values)):
             self.register_buffer(f"keys_{layer}", keys, persistent=False)
@@ -93,14 +95,22 @@ class DecodeForward(torch.nn.Module):
         self.layers = len(arena.keys)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                arena_positions: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """ids, positions, lengths, arena_positions, starts: [rows] (the last three as StaticDecodeStep's); returns
-        next-token logits [rows, vocab]."""
+                arena_positions: torch.Tensor, starts: torch.Tensor, adapters: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """ids, positions, lengths, arena_positions, starts, adapters: [rows] (lengths, arena_positions and starts as
+        StaticDecodeStep's, adapters each row's LoRA slot); returns next-token logits [rows, vocab]. With LoRA layers
+        every row's update is computed, whatever the rows' adapters: the graph is the same for any mix."""
         step = StaticDecodeStep([getattr(self, f"keys_{i}") for i in range(self.layers)],
                                 [getattr(self, f"values_{i}") for i in range(self.layers)],
                                 self.slot_length, lengths, arena_positions, starts)
-        output = self.model(input_ids=ids[:, None], position_ids=positions[:, None], logits_to_keep=1,
-                            use_cache=False, batchwise_step=step)
+        if self.lora_rows is not None:
+            self.lora_rows.select(adapters, self.model.dtype)
+        try:
+            output = self.model(input_ids=ids[:, None], position_ids=positions[:, None], logits_to_keep=1,
+                                use_cache=False, batchwise_step=step)
+        finally:
+            if self.lora_rows is not None:
+                self.lora_rows.clear()
         return output.logits[:, -1]
 
 
@@ -142,7 +152,7 @@ class BucketedDecoder:
 
 class StaticDecoder(BucketedDecoder):
     def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
-                 min_rows: int = 1, prompt_tokens: int = 0) -> None:
+                 min_rows: int = 1, prompt_tokens: int = 0, lora_rows: AdapterRows | None = None) -> None:
         """prompt_tokens: how many prompt tokens a step may hold beside a full batch of decoding rows (0: steps
         with prompts never run here)."""
         self.slots = arena.slots
@@ -153,7 +163,8 @@ class StaticDecoder(BucketedDecoder):
         buckets = bucket_sizes(self.slots.rows, min(min_rows, self.slots.rows))
         if prompt_tokens:
             buckets.append(self.slots.rows + prompt_tokens)
-        super().__init__(DecodeForward(model, arena), buckets, model.device, compile_mode, ("decode step", "row"))
+        super().__init__(DecodeForward(model, arena, lora_rows), buckets, model.device, compile_mode,
+                         ("decode step", "row"))
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text
@@ -175,9 +186,10 @@ class StaticDecoder(BucketedDecoder):
         tokens = [(span.seq, position) for span in spans for position in range(span.start, span.end)]
         places = [span.seq.row for span in spans] if len(tokens) == len(spans) else list(range(len(tokens)))
         inputs = self._padding(self.bucket(max(places) + 1))
-        ids, positions, lengths, arena_positions, starts = inputs
+        ids, positions, lengths, arena_positions, starts, adapters = inputs
         for place, (seq, position) in zip(places, tokens):
             ids[place], positions[place] = seq.all_ids[position], text_position(seq, position)
+            adapters[place] = seq.adapter_slot
             lengths[place], arena_positions[place], starts[place] = position + 1, seq.kv.start + position, seq.kv.start
         logits = self._run(inputs)
         sampled, last = [], -1
@@ -190,5 +202,7 @@ class StaticDecoder(BucketedDecoder):
         return logits[self._tensor(sampled)]
 
     def _padding(self, rows: int) -> list[list[int]]:
-        """ids, positions, lengths, arena positions, starts: each row one token, written to the padding slot."""
-        return [[0] * rows, [0] * rows, [1] * rows, [self.padding] * rows, [self.padding] * rows]
+        """ids, positions, lengths, arena positions, starts, adapters: each row one token, written to the padding
+        slot, without an adapter."""
+        return [[0] * rows, [0] * rows, [1] * rows, [self.padding] * rows, [self.padding] * rows,
+                [NO_ADAPTER] * rows]

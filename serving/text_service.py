@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple
 
 from batching import Delta, Engine, QueueFullError, SamplingParams, Sequence, TokenLogprob
 from batching.families.encoder_decoder import TextInput
+from batching.lora_adapters import AdapterError, LoraAdapter
 from batching.torch_thread import on_torch_thread
 from batching.vision import ImageInputs, image_token_id
 from config import Config
@@ -96,9 +97,39 @@ class TextService:
         self.default_seed = options.default_seed
         self.max_logprobs = options.max_logprobs
         self.token_text = lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
+        self.adapters = loaded.adapters
 
     def check_model(self, name: str) -> None:
-        check_model_name(name, self.served_names)
+        self.adapter(name)
+
+    def adapter(self, name: str) -> LoraAdapter | None:
+        """The LoRA adapter a request's model names, None for the base model; a 404 that lists every name for
+        anything else."""
+        adapters = self.lora_adapters()
+        check_model_name(name, (*self.served_names, *(adapter.name for adapter in adapters)))
+        return next((adapter for adapter in adapters if adapter.name == name), None)
+
+    def lora_adapters(self) -> list[LoraAdapter]:
+        return list(self.adapters.by_name.values()) if self.adapters else []
+
+    async def load_adapter(self, name: str, path: str) -> LoraAdapter:
+        """Read a PEFT adapter folder into a free slot, on the torch thread (between steps); a 400 with the reason
+        when it cannot be served."""
+        if self.adapters is None:
+            raise APIError(400, "this server serves no LoRA adapters: start it with --enable-lora", param="lora_name")
+        try:
+            return await on_torch_thread(self.adapters.load, name, path)
+        except AdapterError as error:
+            raise APIError(400, str(error), param=error.param) from None
+
+    def unload_adapter(self, name: str) -> LoraAdapter:
+        """New requests no longer find it; those running finish with it (its slot is reused after them)."""
+        adapter = next((adapter for adapter in self.lora_adapters() if adapter.name == name), None)
+        if adapter is None:
+            loaded = ", ".join(a.name for a in self.lora_adapters()) or "none"
+            raise APIError(404, f"The LoRA adapter '{name}' cannot be found. Loaded adapters: {loaded}",
+                           param="lora_name", code="model_not_found")
+        return self.adapters.unload(name)
 
     def kv_tokens(self) -> tuple[int, int]:
         """KV positions in use, and the budget's."""
@@ -136,6 +167,7 @@ class TextService:
         if per_prompt > self.engine.scheduler.max_running:
             raise APIError(400, f"at most {self.engine.scheduler.max_running} choices per prompt can run together "
                                 f"on this server", param="best_of" if per_prompt > request.n else "n")
+        adapter = self.adapter(request.model)  # here again: it may have been unloaded since the request arrived
         params = [self.sampling_params(request, len(prompt.ids), grammar) for prompt in prompts]
         choices: list[Choice] = []
         try:
@@ -143,7 +175,7 @@ class TextService:
                 # an encoder-decoder's prompt is its encoder's input; its decoder starts from its own prompt
                 engine_prompt, inputs = (self.decoder_prompt, TextInput(ids)) if self.encoder_decoder else (ids, images)
                 for seq in self.engine.add_siblings(engine_prompt, param, per_prompt, request_id, inputs,
-                                                    user=request.user or ""):
+                                                    user=request.user or "", adapter=adapter):
                     choices.append(Choice(len(choices), ids, text, seq))
         except QueueFullError as error:
             self.cancel(choices)
@@ -329,7 +361,8 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> TextS
         logger.info("sampling defaults for the fields a request leaves unset: %s", options.sampling_defaults)
     progress.enter("preparing the tokenizer's grammars and templates")
     service = await on_torch_thread(TextService, engine, loaded, options)
-    logger.info("serving %s on http://%s:%d", ", ".join(options.served_names), config.host, config.port)
+    served = [*options.served_names, *(adapter.name for adapter in service.lora_adapters())]
+    logger.info("serving %s on http://%s:%d", ", ".join(served), config.host, config.port)
     return service
 
 

@@ -55,8 +55,9 @@ def test_extents_first_fit_merge_extend_shrink_and_compact():
 
 
 class Holder:
-    def __init__(self, tokens):
+    def __init__(self, tokens, namespace=0):
         self.kv_tokens = tokens
+        self.kv_namespace = namespace
 
 
 def test_prefix_index_finds_the_longest_computed_block_prefix_and_drops_superseded_entries():
@@ -74,6 +75,19 @@ def test_prefix_index_finds_the_longest_computed_block_prefix_and_drops_supersed
     assert cache.lookup(tokens, limit=49) == (longer, 3 * BLOCK_TOKENS)
     cache.drop(longer)
     assert cache.lookup(tokens, limit=49) == (None, 0)
+
+
+def test_prefix_index_keeps_each_lora_adapters_blocks_apart():
+    cache = PrefixCache()
+    tokens = list(range(100, 150))
+    adapted, base = Holder(tokens, namespace=7), Holder(tokens)
+    cache.register(adapted, 48)
+    assert cache.lookup(tokens, limit=49) == (None, 0), "the base model never reads an adapter's K/V"
+    assert cache.lookup(tokens, limit=49, namespace=8) == (None, 0), "nor does another adapter (or another load)"
+    assert cache.lookup(tokens, limit=49, namespace=7) == (adapted, 3 * BLOCK_TOKENS)
+    cache.register(base, 32)
+    assert cache.lookup(tokens, limit=49) == (base, 2 * BLOCK_TOKENS)
+    assert cache.lookup(tokens, limit=49, namespace=7) == (adapted, 3 * BLOCK_TOKENS)
 
 
 # ---------------------------------------------------------------- the engine under a budget

@@ -40,6 +40,8 @@ NOT_MODES = {
                     "and the defaults of fields a request leaves unset: the matrix gives the engine token ids and "
                     "every sampling field (tests/e2e/test_chat_template.py)"),
     "torch_dtype": "the matrix's dtypes",
+    **dict.fromkeys(["enable_lora", "lora_modules", "max_loras", "max_lora_rank", "allow_runtime_lora_updating"],
+                    "LoRA adapters, against peft in tests/unit/test_lora.py (the base model's rows unchanged)"),
     "accelerator_type": "the device: the matrix runs on the device the machine has",
     **dict.fromkeys(["device_map", "max_memory"], "spreads layers over GPUs, each computing as on one "
                     "(tests/unit/test_device_map.py)"),
