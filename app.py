@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.audio import audio_router
 from api.auth import api_key_checker
+from api.embeddings import embeddings_router
 from api.errors import install_error_handlers
 from api.middleware import RequestCountMiddleware, RequestIdMiddleware
 from api.responses import responses_router
@@ -26,6 +27,7 @@ from api.text import text_router
 from api.tokenize import tokenizer_router
 from config import Config
 from models import ModelCard, ModelList, VersionInfo
+from serving.embeddings import start_embedding_service
 from serving.text_service import start_chat_service
 from serving.metrics import Metrics
 from serving.responses import ResponseStore
@@ -41,6 +43,9 @@ CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/
                   "/detokenize", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
+EMBEDDING_ENDPOINTS = ["/v1/embeddings", "/v1/models", "/health"]
+ENDPOINTS = {"chat": CHAT_ENDPOINTS, "whisper": WHISPER_ENDPOINTS, "embedding": EMBEDDING_ENDPOINTS}
+STARTS = {"chat": start_chat_service, "whisper": start_transcription_service, "embedding": start_embedding_service}
 
 
 def exit_process(reason: str) -> NoReturn:
@@ -52,7 +57,6 @@ def exit_process(reason: str) -> NoReturn:
 
 def create_app(config: Config) -> FastAPI:
     state = ServerState()
-    whisper = config.serving_type == "whisper"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,9 +72,8 @@ def create_app(config: Config) -> FastAPI:
     async def start_service() -> None:
         """Start the model's service, then watch its engine: a server that cannot serve exits non-zero, so
         that its supervisor (Docker, Kubernetes, systemd) restarts it."""
-        start = start_transcription_service if whisper else start_chat_service
         try:
-            service = await start(config, state.progress)
+            service = await STARTS[config.serving_type](config, state.progress)
         except Exception as error:
             logger.exception("could not start serving %s", config.hf_model)
             exit_process(f"the {config.serving_type} service could not start: {error}")
@@ -101,7 +104,7 @@ def create_app(config: Config) -> FastAPI:
         response.headers["Vary"] = "Accept"
         service = state.service
         return {"name": "Batchwise", "version": __version__, "model": service.model_name if service else None,
-                "serving_type": config.serving_type, "endpoints": WHISPER_ENDPOINTS if whisper else CHAT_ENDPOINTS}
+                "serving_type": config.serving_type, "endpoints": ENDPOINTS[config.serving_type]}
 
     @app.get("/version")
     async def version() -> VersionInfo:
@@ -131,11 +134,12 @@ def create_app(config: Config) -> FastAPI:
         service.check_model(model_id)
         return ModelCard(id=model_id, max_model_len=service.context_length)
 
-    if whisper:
+    if config.serving_type == "whisper":
         api.include_router(audio_router(state.ready, config.max_audio_mb, config.request_timeout or None))
-    else:
+    elif config.serving_type == "chat":
         api.include_router(text_router(state.ready))
         api.include_router(responses_router(state.ready, ResponseStore(config.responses_store_size)))
+    api.include_router(embeddings_router(state.ready))  # a server that cannot embed says so
     app.include_router(api)
     app.include_router(tokenizer_router(state.ready), dependencies=[require_key])
     return app

@@ -1,0 +1,94 @@
+"""Embeddings from an embedding model (BERT-family encoders, or decoders trained to embed): each request's input is
+a prompt computed whole in one step, up to a batch of them in one padded forward, whose last hidden states are
+pooled per sequence (sentence-transformers' modes) and normalised where the model's configuration says so. Nothing
+is kept after the step and nothing is sampled; the engine loop, its bounded queue, cancellation and fault
+isolation are the decoder's (batching.engine, batching.scheduler)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from batching.scheduler import Span
+from batching.sequence import Pooled, Sequence
+
+POOLING_MODES = ("cls", "mean", "max", "lasttoken")  # sentence-transformers' names
+
+
+@dataclass(frozen=True)
+class Pooling:
+    mode: str  # one of POOLING_MODES
+    normalize: bool  # to unit length (sentence-transformers' Normalize module)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """[rows, tokens, dim] hidden states of right-padded rows ([rows, tokens] mask of ones, then zeros) ->
+    [rows, dim] in float32: the first token's, the mean or maximum over the row's tokens, or its last token's."""
+    hidden = hidden.float()
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "lasttoken":
+        return hidden[torch.arange(len(hidden), device=hidden.device), mask.sum(dim=1) - 1]
+    if mode == "max":
+        return hidden.masked_fill(mask[..., None] == 0, float("-inf")).max(dim=1).values
+    weights = mask[..., None].float()
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+class PromptsOnly:
+    """The scheduler's KV memory for an engine that keeps none: each sequence is computed whole in one step, within
+    the model's longest input."""
+
+    def __init__(self, sequence_capacity: int) -> None:
+        self.sequence_capacity = sequence_capacity
+
+    def admit(self, seq: Sequence) -> bool:
+        return True
+
+    def reserve(self, seq: Sequence, tokens: int) -> bool:
+        return True
+
+    def record(self, seq: Sequence) -> None:
+        pass
+
+    def release(self, seq: Sequence, keep: bool) -> None:
+        pass
+
+    def move_row(self, seq: Sequence, target: int) -> None:
+        pass
+
+    def apply_pending(self) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+
+class PoolingRunner:
+    """One padded forward of the step's prompts through the model without its head (transformers' AutoModel, its
+    own attention), then each row pooled."""
+
+    def __init__(self, model: PreTrainedModel, pooling: Pooling) -> None:
+        self.model = model
+        self.pooling = pooling
+        self.device = model.device
+
+    @torch.inference_mode()
+    def step(self, spans: list[Span]) -> list[list[Pooled]]:
+        prompts = [span.seq.prompt_ids for span in spans]
+        longest = max(map(len, prompts))
+        ids = torch.tensor([prompt + [0] * (longest - len(prompt)) for prompt in prompts], device=self.device)
+        mask = torch.tensor([[1] * len(prompt) + [0] * (longest - len(prompt)) for prompt in prompts],
+                            device=self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        vectors = pool(hidden, mask, self.pooling.mode)
+        if self.pooling.normalize:
+            vectors = F.normalize(vectors, dim=-1)
+        return [[Pooled(vector)] for vector in vectors.cpu().numpy()]
+
+    def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
+        """Nothing is compiled ahead of serving."""
