@@ -39,8 +39,8 @@ PLAYGROUND = Path(__file__).resolve().parent / "playground"
 
 logger = logging.getLogger("batchwise")
 
-CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/tokenize",
-                  "/detokenize", "/health"]
+CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models",
+                  "/tokenize", "/detokenize", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
 EMBEDDING_ENDPOINTS = ["/v1/embeddings", "/v1/models", "/health"]

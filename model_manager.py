@@ -296,7 +296,15 @@ class LoadedEmbedder:
 
     @property
     def dimensions(self) -> int:
-        return self.model.config.hidden_size
+        return self.model.config.get_text_config().hidden_size
+
+
+def decoder_embedder(loaded: LoadedModel, max_length: int) -> LoadedEmbedder | None:
+    """A chat model asked for embeddings: its prompt's last token's final hidden state, normalised (vLLM's pooling
+    of decoders; batching.runner computes it); an encoder-decoder has none to give."""
+    if loaded.encoder_decoder:
+        return None
+    return LoadedEmbedder(loaded.model, loaded.tokenizer, loaded.name, Pooling("lasttoken", True), max_length, None)
 
 
 # sentence-transformers' modules this server applies (its Transformer is the model itself)

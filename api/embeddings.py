@@ -1,5 +1,5 @@
-"""POST /v1/embeddings, OpenAI's: served by an embedding model (--serving-type embedding); other servers say why
-they cannot."""
+"""POST /v1/embeddings, OpenAI's: served by an embedding model (--serving-type embedding) or a decoder chat model;
+other servers say why they cannot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from api.state import Service
 from models import EmbeddingRequest, EmbeddingResponse
 from serving.embeddings import EmbeddingService
 from serving.errors import APIError
+from serving.text_service import TextService
 from serving.transcription import TranscriptionService
 
 
@@ -27,9 +28,13 @@ def embeddings_router(ready: Callable[[], Service]) -> APIRouter:
 
 
 def embedding_service(service: Service, model: str) -> EmbeddingService:
+    """An embedding server's service, or a decoder chat model's embeddings."""
     if isinstance(service, EmbeddingService):
         return service
+    if isinstance(service, TextService) and service.embeddings is not None:
+        return service.embeddings
     service.check_model(model)
-    serves = "transcribes speech" if isinstance(service, TranscriptionService) else "generates text"
+    serves = "transcribes speech" if isinstance(service, TranscriptionService) else "generates text (an " \
+        "encoder-decoder model)"
     raise APIError(400, f"The model '{model}' cannot embed: it {serves} on this server. Serve an embedding model "
                         "with --serving-type embedding", param="model", code="model_not_embedding")

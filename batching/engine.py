@@ -39,7 +39,7 @@ class EngineWedged(EngineError):
 @dataclass
 class StepOutcome:
     done: list[Span]
-    tokens: list[list[TokenLogprob | Pooled]]  # what each span of `done` that samples (or pools) emits
+    tokens: list[list[TokenLogprob | Pooled]]  # what each span of `done` that samples or pools emits, in order
     failed: list[tuple[Sequence, BaseException]]
 
     def __add__(self, other: StepOutcome) -> StepOutcome:
@@ -181,7 +181,7 @@ class Engine:
         self.scheduler.finished_step(outcome.done)
         for seq, error in outcome.failed:
             self._fail(seq, error)
-        self._deliver([span for span in outcome.done if span.samples], outcome.tokens)
+        self._deliver([span for span in outcome.done if span.emits], outcome.tokens)
         self.steps += 1
 
     async def _attempt(self, spans: list[Span]) -> StepOutcome:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from sentence_transformers import SentenceTransformer
 
@@ -20,8 +21,9 @@ from config import Config
 from converters.embedded_embedder import embedded_embedder_folder
 from model_manager import ModelLoadError, build_embedding_engine, load_embedder, sentence_transformers_settings
 from serving.embeddings import POOLED
-from tests.helpers.engine import finish, run_with_engine
-from tests.helpers.tiny_models import byte_tokenizer
+from tests.helpers.engine import finish, generate_all, greedy, make_engine, run_with_engine
+from tests.helpers.tiny_models import byte_tokenizer, tiny_model
+from tests.unit.test_engine import random_prompts
 
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog, twice, and then sleeps in the warm sun.",
          "Embeddings", "A cat.", "Batchwise serves many requests in one forward; padding must not change a vector.",
@@ -150,3 +152,42 @@ def test_cancelled_requests_leave_the_queue_and_the_rest_are_embedded():
         assert engine.scheduler.idle
 
     run_with_engine(lambda: build_embedding_engine(loaded, config), embed)
+
+
+CHAT_ENGINES = {"packed": {}, "static": {"static_cache": True},
+                "static, prompts join it": {"static_cache": True, "batch_invariant": False}}
+
+
+@pytest.mark.parametrize("engine_kind", list(CHAT_ENGINES))
+def test_a_chat_engine_embeds_prompts_beside_generating_rows(architecture, tokenizer, engine_kind):
+    """Pooled prompts join steps of decoding rows; each gives its last token's final hidden state, normalised, as
+    transformers computes it alone, and the generating rows' tokens are those they give alone."""
+    vocab = len(tokenizer)
+    model = tiny_model(architecture, vocab, seed=2)
+    reference = tiny_model(architecture, vocab, seed=2)
+    reference.set_attn_implementation("sdpa")
+    generating, embedded = random_prompts(3, vocab, seed=3), random_prompts(6, vocab, seed=4)
+    settings = {"batch_invariant": True, **CHAT_ENGINES[engine_kind]}
+
+    def engine() -> Engine:
+        return make_engine(model, tokenizer, batch_size=8, **settings)
+
+    async def generate_and_embed(engine: Engine) -> tuple[list, list[np.ndarray]]:
+        rows = [engine.add(prompt, greedy(16)) for prompt in generating]
+        while engine.steps < 2:
+            await asyncio.sleep(0.005)
+        pooled = [engine.add(prompt, POOLED) for prompt in embedded]
+        vectors = [[delta.embedding async for delta in engine.stream(seq)][0] for seq in pooled]
+        assert not any(row.finished for row in rows), "the embeddings were computed while the rows generated"
+        await asyncio.gather(*(finish(engine, row) for row in rows))
+        return rows, vectors
+
+    rows, vectors = run_with_engine(engine, generate_and_embed)
+    with torch.inference_mode():
+        expected = [F.normalize(reference.base_model(torch.tensor([prompt])).last_hidden_state[0, -1], dim=-1)
+                    for prompt in embedded]
+    np.testing.assert_allclose(np.stack(vectors), torch.stack(expected).numpy(), atol=1e-5, rtol=0)
+    if settings["batch_invariant"]:
+        alone = run_with_engine(engine, lambda e: generate_all(e, generating, greedy(16)))
+        assert [row.output_ids for row in rows] == [seq.output_ids for seq in alone]
+    assert all(len(row.output_ids) == 16 for row in rows)
