@@ -1,7 +1,8 @@
 """/v1/embeddings over HTTP with the real openai SDK (which asks for base64 and decodes it): main.py
 --serving-type embedding serving the embedded all-MiniLM-L6-v2, its vectors those of sentence-transformers; texts,
 lists, token ids, float and base64; concurrent requests sharing forwards; a Matryoshka-trained folder shortened by
-`dimensions`; and the 400s: dimensions on a model not trained for it, too long or empty inputs, a chat server."""
+`dimensions`; the 400s: dimensions on a model not trained for it, too long or empty inputs; and a chat server's
+embeddings from its decoder."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
+import torch.nn.functional as F
 import transformers
 from sentence_transformers import SentenceTransformer
 
@@ -122,11 +125,18 @@ def test_an_unknown_model_is_a_404(embedder):
         embedder.embeddings.create(model="text-embedding-3-small", input="x")
 
 
-def test_a_chat_server_says_it_cannot_embed(client):
+def test_a_chat_server_embeds_with_its_decoders_last_hidden_state(client, embedded_model_dir):
+    """The embedded SmolLM2 (the shared chat server): its prompt's last token's final hidden state, normalised."""
+    texts = ["The capital of France is Paris.", "short"]
     model = client.models.list().data[0].id
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.embeddings.create(model=model, input="x")
-    assert "cannot embed" in raised.value.body["message"] and raised.value.body["param"] == "model"
+    response = client.embeddings.create(model=model, input=texts)
+    reference = transformers.AutoModel.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_dir)
+    with torch.inference_mode():
+        expected = [F.normalize(reference(torch.tensor([ids])).last_hidden_state[0, -1], dim=-1).numpy()
+                    for ids in tokenizer(texts).input_ids]
+    np.testing.assert_allclose(vectors(response), np.stack(expected), atol=1e-5, rtol=0)
+    assert response.usage.prompt_tokens == sum(len(ids) for ids in tokenizer(texts).input_ids)
 
 
 @pytest.fixture(scope="module")
