@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.audio import audio_router
 from api.auth import api_key_checker
-from api.embeddings import embeddings_router
+from api.embeddings import embeddings_router, rerank_router
 from api.errors import install_error_handlers
 from api.middleware import RequestCountMiddleware, RequestIdMiddleware
 from api.responses import responses_router
@@ -43,7 +43,7 @@ CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/
                   "/tokenize", "/detokenize", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
-EMBEDDING_ENDPOINTS = ["/v1/embeddings", "/v1/models", "/health"]
+EMBEDDING_ENDPOINTS = ["/v1/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/health"]
 ENDPOINTS = {"chat": CHAT_ENDPOINTS, "whisper": WHISPER_ENDPOINTS, "embedding": EMBEDDING_ENDPOINTS}
 STARTS = {"chat": start_chat_service, "whisper": start_transcription_service, "embedding": start_embedding_service}
 
@@ -140,6 +140,8 @@ def create_app(config: Config) -> FastAPI:
         api.include_router(text_router(state.ready))
         api.include_router(responses_router(state.ready, ResponseStore(config.responses_store_size)))
     api.include_router(embeddings_router(state.ready))  # a server that cannot embed says so
+    api.include_router(rerank_router(state.ready))
     app.include_router(api)
+    app.include_router(rerank_router(state.ready), dependencies=[require_key])
     app.include_router(tokenizer_router(state.ready), dependencies=[require_key])
     return app

@@ -20,7 +20,7 @@ from batching import ATTENTION_NAME, Engine
 from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine, pooling_engine
 from batching.failpoints import parse_failpoints
 from batching.families import text_family
-from batching.pooling import POOLING_MODES, Pooling
+from batching.pooling import POOLING_MODES, SCORE, Pooling
 from batching.runner import min_rows
 from batching.speculative import SpeculativeSettings
 from batching.vision import FEATURES as VISION_FEATURES
@@ -298,6 +298,11 @@ class LoadedEmbedder:
     def dimensions(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
+    @property
+    def cross_encoder(self) -> bool:
+        """It scores query-document pairs (/rerank) rather than embedding texts."""
+        return self.pooling.mode == SCORE
+
 
 def decoder_embedder(loaded: LoadedModel, max_length: int) -> LoadedEmbedder | None:
     """A chat model asked for embeddings: its prompt's last token's final hidden state, normalised (vLLM's pooling
@@ -352,6 +357,18 @@ def pooling_mode(settings: dict) -> str:
     return modes[0]
 
 
+def cross_encoder_score(model: PreTrainedModel) -> Pooling:
+    """A cross-encoder's relevance: its one logit, through a sigmoid unless its sentence-transformers settings name
+    another activation (sentence-transformers' CrossEncoder rule)."""
+    if model.config.num_labels != 1:
+        raise ModelLoadError(f"/rerank serves cross-encoders with one output; this classifier has "
+                             f"{model.config.num_labels} labels")
+    activation = (getattr(model.config, "sentence_transformers", None) or {}).get("activation_fn") or "Sigmoid"
+    if activation.rsplit(".", 1)[-1] not in ("Sigmoid", "Identity"):
+        raise ModelLoadError(f"the cross-encoder's activation {activation} is not supported (Sigmoid or Identity)")
+    return Pooling(SCORE, activation.endswith("Sigmoid"))
+
+
 def load_embedder(config: Config) -> LoadedEmbedder:
     source = embedding_source(config)
     logger.info("loading %s on %s as %s (%s) to embed", source, config.device, *config.dtype_choice())
@@ -359,17 +376,23 @@ def load_embedder(config: Config) -> LoadedEmbedder:
     hub = config.hub_options()
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer or source,
                                                            use_fast=config.tokenizer_use_fast, **hub)
-    model = transformers.AutoModel.from_pretrained(source, dtype=config.dtype, **hub).to(config.device).eval()
+    architectures = transformers.AutoConfig.from_pretrained(source, **hub).architectures or ()
+    cross_encoder = any(name.endswith("ForSequenceClassification") for name in architectures)
+    model_class = transformers.AutoModelForSequenceClassification if cross_encoder else transformers.AutoModel
+    model = model_class.from_pretrained(source, dtype=config.dtype, **hub).to(config.device).eval()
     convert_linears(model, config)
-    decoder = any(name.endswith("ForCausalLM") for name in model.config.architectures or ())
-    pooling, trained_length = sentence_transformers_settings(source, decoder)
+    if cross_encoder:
+        pooling, trained_length = cross_encoder_score(model), None
+    else:
+        decoder = any(name.endswith("ForCausalLM") for name in architectures)
+        pooling, trained_length = sentence_transformers_settings(source, decoder)
     positions = getattr(model.config, "max_position_embeddings", None) or trained_length
     max_length = min(config.max_model_len or trained_length or positions, positions)
     sizes = getattr(model.config, "matryoshka_dimensions", None)  # vLLM's flags of a Matryoshka-trained model
     matryoshka = tuple(sizes) if sizes else () if getattr(model.config, "is_matryoshka", False) else None
-    logger.info("loaded %s in %.1f s (%d dimensions, inputs up to %d tokens%s)", source,
-                time.perf_counter() - started, model.config.hidden_size, max_length,
-                ", Matryoshka-trained" if matryoshka is not None else "")
+    logger.info("loaded %s in %.1f s (%s, inputs up to %d tokens%s)", source, time.perf_counter() - started,
+                "a cross-encoder for /rerank" if cross_encoder else f"{model.config.hidden_size} dimensions",
+                max_length, ", Matryoshka-trained" if matryoshka is not None else "")
     return LoadedEmbedder(model, tokenizer, served_name(config.hf_model, EMBEDDED_EMBEDDING_NAME), pooling,
                           max_length, matryoshka)
 

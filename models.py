@@ -934,3 +934,41 @@ class EmbeddingResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+# /rerank and /v1/rerank: Jina's and Cohere's shape, as vLLM serves it.
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    query: str = Field(min_length=1)
+    documents: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    top_n: int | None = Field(default=None, ge=0)  # unset or 0: every document
+    return_documents: bool = True
+    user: str | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+    @model_serializer(mode="wrap")
+    def without_missing_document(self, handler) -> dict:
+        return drop_none(handler, self, ("document",))
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]

@@ -1,5 +1,5 @@
-"""POST /v1/embeddings, OpenAI's: served by an embedding model (--serving-type embedding) or a decoder chat model;
-other servers say why they cannot."""
+"""POST /v1/embeddings, OpenAI's, and /rerank, Jina's and Cohere's: served by an embedding model or cross-encoder
+(--serving-type embedding) or a decoder chat model; other servers say why they cannot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from api.middleware import request_id
 from api.state import Service
-from models import EmbeddingRequest, EmbeddingResponse
+from models import EmbeddingRequest, EmbeddingResponse, RerankRequest, RerankResponse
 from serving.embeddings import EmbeddingService
 from serving.errors import APIError
 from serving.text_service import TextService
@@ -23,6 +23,17 @@ def embeddings_router(ready: Callable[[], Service]) -> APIRouter:
     async def embeddings(body: EmbeddingRequest, request: Request,
                          service: Service = Depends(ready)) -> EmbeddingResponse:
         return await embedding_service(service, body.model).embed(body, request_id(request), request.is_disconnected)
+
+    return router
+
+
+def rerank_router(ready: Callable[[], Service]) -> APIRouter:
+    """POST /rerank, mounted at the root and under /v1 as vLLM serves it."""
+    router = APIRouter()
+
+    @router.post("/rerank")
+    async def rerank(body: RerankRequest, request: Request, service: Service = Depends(ready)) -> RerankResponse:
+        return await embedding_service(service, body.model).rerank(body, request_id(request), request.is_disconnected)
 
     return router
 

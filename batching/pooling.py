@@ -1,8 +1,9 @@
 """Embeddings from an embedding model (BERT-family encoders, or decoders trained to embed): each request's input is
 a prompt computed whole in one step, up to a batch of them in one padded forward, whose last hidden states are
-pooled per sequence (sentence-transformers' modes) and normalised where the model's configuration says so. Nothing
-is kept after the step and nothing is sampled; the engine loop, its bounded queue, cancellation and fault
-isolation are the decoder's (batching.engine, batching.scheduler)."""
+pooled per sequence (sentence-transformers' modes) and normalised where the model's configuration says so; or a
+cross-encoder's relevance score of a query-document pair (its classifier's one logit, through a sigmoid unless
+the model says otherwise). Nothing is kept after the step and nothing is sampled; the engine loop, its bounded
+queue, cancellation and fault isolation are the decoder's (batching.engine, batching.scheduler)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ from batching.scheduler import Span
 from batching.sequence import Pooled, Sequence
 
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")  # sentence-transformers' names
+SCORE = "score"  # a cross-encoder's: its classifier's logit
 
 
 @dataclass(frozen=True)
 class Pooling:
-    mode: str  # one of POOLING_MODES
-    normalize: bool  # to unit length (sentence-transformers' Normalize module)
+    mode: str  # one of POOLING_MODES, or SCORE
+    normalize: bool  # to unit length (sentence-transformers' Normalize module); a score: through a sigmoid
+
+
+@dataclass(frozen=True)
+class TokenTypes:
+    """A query-document pair's segment ids (BERT's token_type_ids), for a cross-encoder."""
+    ids: list[int]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -79,16 +87,25 @@ class PoolingRunner:
 
     @torch.inference_mode()
     def step(self, spans: list[Span]) -> list[list[Pooled]]:
-        prompts = [span.seq.prompt_ids for span in spans]
-        longest = max(map(len, prompts))
-        ids = torch.tensor([prompt + [0] * (longest - len(prompt)) for prompt in prompts], device=self.device)
-        mask = torch.tensor([[1] * len(prompt) + [0] * (longest - len(prompt)) for prompt in prompts],
-                            device=self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        vectors = pool(hidden, mask, self.pooling.mode)
-        if self.pooling.normalize:
-            vectors = F.normalize(vectors, dim=-1)
+        seqs = [span.seq for span in spans]
+        inputs = {"input_ids": self._padded([seq.prompt_ids for seq in seqs]),
+                  "attention_mask": self._padded([[1] * len(seq.prompt_ids) for seq in seqs])}
+        if any(isinstance(seq.inputs, TokenTypes) for seq in seqs):
+            inputs["token_type_ids"] = self._padded([seq.inputs.ids if isinstance(seq.inputs, TokenTypes) else []
+                                                     for seq in seqs], len(inputs["input_ids"][0]))
+        output = self.model(**inputs)
+        if self.pooling.mode == SCORE:
+            vectors = output.logits.float()
+            vectors = torch.sigmoid(vectors) if self.pooling.normalize else vectors
+        else:
+            vectors = pool(output.last_hidden_state, inputs["attention_mask"], self.pooling.mode)
+            vectors = F.normalize(vectors, dim=-1) if self.pooling.normalize else vectors
         return [[Pooled(vector)] for vector in vectors.cpu().numpy()]
+
+    def _padded(self, rows: list[list[int]], length: int = 0) -> torch.Tensor:
+        """Right-padded with zeros to the longest row (or `length`)."""
+        longest = max(length, *map(len, rows))
+        return torch.tensor([row + [0] * (longest - len(row)) for row in rows], device=self.device)
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """Nothing is compiled ahead of serving."""

@@ -17,10 +17,11 @@ from batching.extents import Extent
 if TYPE_CHECKING:  # the modules of the input kinds import this one
     from batching.families.encoder_decoder import TextInput
     from batching.families.whisper_runner import SpeechWindow, WindowDecoding, WindowResult
+    from batching.pooling import TokenTypes
     from batching.vision import ImageInputs
 
 # what a sequence carries beyond its token ids, for its runner: nothing for plain text
-SequenceInputs: TypeAlias = "ImageInputs | TextInput | SpeechWindow | None"
+SequenceInputs: TypeAlias = "ImageInputs | TextInput | SpeechWindow | TokenTypes | None"
 
 
 class TokenConstraint(Protocol):

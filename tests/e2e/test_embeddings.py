@@ -1,8 +1,8 @@
 """/v1/embeddings over HTTP with the real openai SDK (which asks for base64 and decodes it): main.py
 --serving-type embedding serving the embedded all-MiniLM-L6-v2, its vectors those of sentence-transformers; texts,
 lists, token ids, float and base64; concurrent requests sharing forwards; a Matryoshka-trained folder shortened by
-`dimensions`; the 400s: dimensions on a model not trained for it, too long or empty inputs; and a chat server's
-embeddings from its decoder."""
+`dimensions`; the 400s: dimensions on a model not trained for it, too long or empty inputs; a chat server's
+embeddings from its decoder; /rerank by an embedding model's cosine and by a cross-encoder."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from config import Config
 from converters.embedded_embedder import embedded_embedder_folder
 from tests.helpers.server_process import running_server
+from tests.unit.test_embeddings import save_cross_encoder
 
 pytestmark = pytest.mark.e2e
 
@@ -174,3 +175,49 @@ def test_a_matryoshka_model_is_shortened_and_renormalised(matryoshka_folder):
     np.testing.assert_allclose(short, expected, atol=1e-6, rtol=0)
     assert not np.allclose(short, full[:, :32], atol=1e-3)
     assert root["serving_type"] == "embedding" and "/v1/embeddings" in root["endpoints"]
+
+
+DOCUMENTS = ["Paris is the capital and largest city of France.", "Cats sleep for most of the day.",
+             "The Eiffel Tower stands in Paris.", "Bananas are rich in potassium."]
+QUERY = "Which city is the capital of France?"
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+def test_rerank_with_an_embedding_model_orders_documents_by_cosine(embedding_url, reference, path):
+    body = httpx.post(f"{embedding_url}{path}", json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS}).json()
+    query, *documents = reference.encode([QUERY, *DOCUMENTS])
+    expected = documents @ query  # unit vectors
+    assert [result["index"] for result in body["results"]] == list(np.argsort(-expected))
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], np.sort(expected)[::-1], atol=1e-5)
+    assert [r["document"]["text"] for r in body["results"]] == [DOCUMENTS[r["index"]] for r in body["results"]]
+    tokens = sum(len(ids) for ids in reference.tokenizer([QUERY, *DOCUMENTS]).input_ids)
+    assert body["model"] == MODEL and body["usage"] == {"total_tokens": tokens}
+
+
+def test_rerank_top_n_and_without_documents(embedding_url):
+    body = httpx.post(f"{embedding_url}/v1/rerank", json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS,
+                                                           "top_n": 2, "return_documents": False}).json()
+    assert len(body["results"]) == 2 and all(set(result) == {"index", "relevance_score"} for result in body["results"])
+    assert body["results"][0]["index"] == 0
+
+
+@pytest.mark.parametrize("body, param", [({"query": "q", "documents": []}, "documents"),
+                                         ({"query": "", "documents": ["d"]}, "query"),
+                                         ({"query": "q", "documents": ["d", "word " * 300]}, "documents"),
+                                         ({"query": "word " * 300, "documents": ["d"]}, "query")])
+def test_bad_rerank_requests_get_400s(embedding_url, body, param):
+    response = httpx.post(f"{embedding_url}/rerank", json={"model": MODEL, **body})
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith(param), response.text
+
+
+def test_a_cross_encoder_reranks_as_sentence_transformers(tmp_path, embedded_folder):
+    """A tiny random BERT cross-encoder folder served (its architecture says it scores pairs): the scores of
+    CrossEncoder.predict, best first; it embeds nothing."""
+    folder = save_cross_encoder(tmp_path)
+    with running_server("--serving-type", "embedding", "--hf-model", str(folder), "--served-model-name", "ce") as url:
+        body = httpx.post(f"{url}/v1/rerank", json={"model": "ce", "query": QUERY, "documents": DOCUMENTS}).json()
+        embeddings = httpx.post(f"{url}/v1/embeddings", json={"model": "ce", "input": "x"})
+    expected = CrossEncoder(str(folder), device="cpu").predict([(QUERY, document) for document in DOCUMENTS])
+    assert [result["index"] for result in body["results"]] == list(np.argsort(-expected))
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], np.sort(expected)[::-1], atol=1e-5)
+    assert embeddings.status_code == 400 and "cross-encoder" in embeddings.json()["error"]["message"]

@@ -1,7 +1,8 @@
 """Embeddings from the engine's pooling runner against sentence-transformers' own `encode` on the same folder: the
 embedded all-MiniLM-L6-v2 (float32 to 1e-5, bfloat16 by cosine), and tiny random models saved as
 sentence-transformers folders for every pooling mode, an encoder's and a decoder's; inputs of different lengths
-share forwards, so padding is exercised. Also: how folders are read, and cancelled requests leaving the queue."""
+share forwards, so padding is exercised; a cross-encoder's scores against CrossEncoder.predict; a chat engine's
+embeddings beside generating rows. Also: how folders are read, and cancelled requests leaving the queue."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from batching import Engine
+from batching.pooling import TokenTypes
 from config import Config
 from converters.embedded_embedder import embedded_embedder_folder
 from model_manager import ModelLoadError, build_embedding_engine, load_embedder, sentence_transformers_settings
@@ -191,3 +193,34 @@ def test_a_chat_engine_embeds_prompts_beside_generating_rows(architecture, token
         alone = run_with_engine(engine, lambda e: generate_all(e, generating, greedy(16)))
         assert [row.output_ids for row in rows] == [seq.output_ids for seq in alone]
     assert all(len(row.output_ids) == 16 for row in rows)
+
+
+def save_cross_encoder(folder: Path) -> Path:
+    """A tiny random BERT cross-encoder (one relevance logit) over the embedded model's vocabulary."""
+    torch.manual_seed(1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_embedder_folder(Path(Config().model_cache_dir)))
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
+                                     num_labels=1, architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_cross_encoder_scores_pairs_as_sentence_transformers(tmp_path):
+    """Query-document pairs with their segment ids, in padded forwards of 3: the scores of CrossEncoder.predict."""
+    folder = save_cross_encoder(tmp_path)
+    config = Config(hf_model=str(folder), serving_type="embedding", torch_dtype="float32",
+                    continuous_batching_batch_size=3)
+    loaded = load_embedder(config)
+    assert loaded.cross_encoder
+    pairs = [("what is a cat?", text) for text in TEXTS]
+    encoded = loaded.tokenizer([query for query, _ in pairs], [text for _, text in pairs])
+
+    async def score(engine: Engine) -> list[float]:
+        seqs = [engine.add(ids, POOLED, inputs=TokenTypes(types))
+                for ids, types in zip(encoded.input_ids, encoded.token_type_ids)]
+        return [float([delta.embedding async for delta in engine.stream(seq)][0][0]) for seq in seqs]
+
+    scores = run_with_engine(lambda: build_embedding_engine(loaded, config), score)
+    np.testing.assert_allclose(scores, CrossEncoder(str(folder), device="cpu").predict(pairs), atol=1e-5, rtol=0)
