@@ -92,7 +92,7 @@ class PoolingRunner:
                   "attention_mask": self._padded([[1] * len(seq.prompt_ids) for seq in seqs])}
         if any(isinstance(seq.inputs, TokenTypes) for seq in seqs):
             inputs["token_type_ids"] = self._padded([seq.inputs.ids if isinstance(seq.inputs, TokenTypes) else []
-                                                     for seq in seqs], len(inputs["input_ids"][0]))
+                                                     for seq in seqs], inputs["input_ids"].shape[1])
         output = self.model(**inputs)
         if self.pooling.mode == SCORE:
             vectors = output.logits.float()
