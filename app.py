@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.audio import audio_router
 from api.auth import api_key_checker
+from api.embeddings import embeddings_router, rerank_router
 from api.errors import install_error_handlers
 from api.lora import lora_router
 from api.middleware import RequestCountMiddleware, RequestIdMiddleware
@@ -27,6 +28,7 @@ from api.text import text_router
 from api.tokenize import tokenizer_router
 from config import Config
 from models import ModelCard, ModelList, VersionInfo
+from serving.embeddings import start_embedding_service
 from serving.text_service import TextService, start_chat_service
 from serving.metrics import Metrics
 from serving.responses import ResponseStore
@@ -38,10 +40,13 @@ PLAYGROUND = Path(__file__).resolve().parent / "playground"
 
 logger = logging.getLogger("batchwise")
 
-CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/tokenize",
-                  "/detokenize", "/health"]
+CHAT_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models",
+                  "/tokenize", "/detokenize", "/health"]
 WHISPER_ENDPOINTS = ["/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/timings", "/v1/models",
                      "/health"]
+EMBEDDING_ENDPOINTS = ["/v1/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/health"]
+ENDPOINTS = {"chat": CHAT_ENDPOINTS, "whisper": WHISPER_ENDPOINTS, "embedding": EMBEDDING_ENDPOINTS}
+STARTS = {"chat": start_chat_service, "whisper": start_transcription_service, "embedding": start_embedding_service}
 
 
 def exit_process(reason: str) -> NoReturn:
@@ -53,7 +58,6 @@ def exit_process(reason: str) -> NoReturn:
 
 def create_app(config: Config) -> FastAPI:
     state = ServerState()
-    whisper = config.serving_type == "whisper"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,9 +73,8 @@ def create_app(config: Config) -> FastAPI:
     async def start_service() -> None:
         """Start the model's service, then watch its engine: a server that cannot serve exits non-zero, so
         that its supervisor (Docker, Kubernetes, systemd) restarts it."""
-        start = start_transcription_service if whisper else start_chat_service
         try:
-            service = await start(config, state.progress)
+            service = await STARTS[config.serving_type](config, state.progress)
         except Exception as error:
             logger.exception("could not start serving %s", config.hf_model)
             exit_process(f"the {config.serving_type} service could not start: {error}")
@@ -102,7 +105,7 @@ def create_app(config: Config) -> FastAPI:
         response.headers["Vary"] = "Accept"
         service = state.service
         return {"name": "Batchwise", "version": __version__, "model": service.model_name if service else None,
-                "serving_type": config.serving_type, "endpoints": WHISPER_ENDPOINTS if whisper else CHAT_ENDPOINTS}
+                "serving_type": config.serving_type, "endpoints": ENDPOINTS[config.serving_type]}
 
     @app.get("/version")
     async def version() -> VersionInfo:
@@ -139,13 +142,16 @@ def create_app(config: Config) -> FastAPI:
         return next((card for card in model_cards(service) if card.id == model_id),
                     ModelCard(id=model_id, max_model_len=service.context_length))  # an alias (Whisper's)
 
-    if whisper:
+    if config.serving_type == "whisper":
         api.include_router(audio_router(state.ready, config.max_audio_mb, config.request_timeout or None))
-    else:
+    elif config.serving_type == "chat":
         api.include_router(text_router(state.ready))
         api.include_router(responses_router(state.ready, ResponseStore(config.responses_store_size)))
         if config.lora and config.allow_runtime_lora_updating:
             api.include_router(lora_router(state.ready))
+    api.include_router(embeddings_router(state.ready))  # a server that cannot embed says so
+    api.include_router(rerank_router(state.ready))
     app.include_router(api)
+    app.include_router(rerank_router(state.ready), dependencies=[require_key])
     app.include_router(tokenizer_router(state.ready), dependencies=[require_key])
     return app

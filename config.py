@@ -192,6 +192,11 @@ def auto_dtype(device: str, flags: set[str]) -> tuple[str, str]:
     return "float32", "the CPU has no bfloat16 matrix instructions (amx_bf16, avx512_bf16): bfloat16 would be emulated"
 
 
+def is_sentence_transformers_folder(model: str) -> bool:
+    """An embedding model as sentence-transformers saves one: its modules (pooling, normalisation) in modules.json."""
+    return os.path.isfile(os.path.join(model, "modules.json"))
+
+
 @dataclass
 class Config:
     host: str = option("--host", "HOSTNAME", "address to bind (HOSTNAME counts only when it is not just this "
@@ -232,8 +237,11 @@ class Config:
                               choices=["auto", "float32", "bfloat16", "float16"], aliases=("--dtype",))
     architecture_type: str = option("--architecture-type", "ARCHITECTURE_TYPE", "model architecture", "decoder",
                                     choices=["decoder", "encoder-decoder"])
-    serving_type: str = option("--serving-type", "SERVING_TYPE", "what the server serves", "chat",
-                               choices=["chat", "whisper"])
+    serving_type: str = option("--serving-type", "SERVING_TYPE", "what the server serves: chat (generation), "
+                               "whisper (speech to text) or embedding (/v1/embeddings from an embedding model: the "
+                               "built-in all-MiniLM-L6-v2 unless a model is given); a sentence-transformers folder "
+                               "(with modules.json) is served as embedding", "chat",
+                               choices=["chat", "whisper", "embedding"])
     max_audio_mb: int = option("--max-audio-mb", "MAX_AUDIO_MB", "largest audio upload in MB (whisper serving)",
                                25, int)
     max_image_mb: float = option("--max-image-mb", "MAX_IMAGE_MB", "largest image in a chat message, in MB "
@@ -405,6 +413,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.quantization:
             setattr(self, self.quantization, True)
+        if self.serving_type == "chat" and is_sentence_transformers_folder(self.hf_model):
+            self.serving_type = "embedding"
 
     def validate(self) -> None:
         if self.accelerator_type == "cuda" and not torch.cuda.is_available():
@@ -440,8 +450,9 @@ class Config:
         self._check_generation_defaults()
         if self.encoder_decoder:
             self._check_encoder_decoder()
-        if self.device_map and self.serving_type == "whisper":
-            raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device")
+        if self.device_map and self.serving_type != "chat":
+            raise ConfigError("--device-map spreads a chat model over devices; Whisper models run on one device, as "
+                              "do embedding models")
         if self.int8 and self.hqq:
             raise ConfigError("--int8 and --hqq are two quantisations of the same layers: choose one")
         if self.int8 and self.device != "cpu":

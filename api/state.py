@@ -1,4 +1,4 @@
-"""What every route shares: the service once the model is up (chat or speech), how far start-up has got,
+"""What every route shares: the service once the model is up (chat, speech or embeddings), how far start-up has got,
 and whether the server is draining."""
 
 from __future__ import annotations
@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+from serving.embeddings import EmbeddingService
 from serving.errors import APIError
 from serving.startup import StartupProgress
 from serving.text_service import TextService
 from serving.transcription import TranscriptionService
 
-Service = TextService | TranscriptionService
+Service = TextService | TranscriptionService | EmbeddingService
 
 
 class ServerState:

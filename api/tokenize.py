@@ -11,6 +11,7 @@ from models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, Token
 from serving.errors import APIError
 from serving.text_service import TextService
 from serving.tokenize import detokenize, tokenize
+from serving.transcription import TranscriptionService
 
 
 def tokenizer_router(ready: Callable[[], Service]) -> APIRouter:
@@ -28,8 +29,10 @@ def tokenizer_router(ready: Callable[[], Service]) -> APIRouter:
 
 
 def text_service(service: Service) -> TextService:
-    """A Whisper server has no text prompts to count: its prompts are audio, its tokenizer writes transcripts."""
+    """A Whisper server has no text prompts to count: its prompts are audio, its tokenizer writes transcripts; an
+    embedding server has no chat prompts."""
     if isinstance(service, TextService):
         return service
-    raise APIError(404, "/tokenize and /detokenize serve chat models; this server transcribes speech with Whisper "
-                        "(--serving-type whisper), whose prompts are audio", type="not_found_error")
+    serves = ("transcribes speech with Whisper (--serving-type whisper), whose prompts are audio"
+              if isinstance(service, TranscriptionService) else "embeds text (--serving-type embedding)")
+    raise APIError(404, f"/tokenize and /detokenize serve chat models; this server {serves}", type="not_found_error")

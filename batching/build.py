@@ -26,6 +26,7 @@ from batching.families.whisper_rules import RuleSettings, WhisperLogitRules, Whi
 from batching.families.whisper_runner import WhisperRunner, alignment_heads
 from batching.kv_arena import KVArena, KVLayout, Slots
 from batching.lora import LoraLayers
+from batching.pooling import Pooling, PoolingRunner, PromptsOnly
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler
@@ -135,7 +136,19 @@ def whisper_engine(model: WhisperForConditionalGeneration, tokenizer: Decoder, t
     return engine(runner, scheduler, tokenizer, frozenset({tokens.end_of_text}), settings)
 
 
-def engine(runner: ModelRunner | EncoderDecoderRunner, scheduler: Scheduler, tokenizer: Decoder,
+def pooling_engine(model: PreTrainedModel, tokenizer: Decoder, pooling: Pooling, max_length: int,
+                   settings: EngineSettings) -> Engine:
+    """An embedding model's engine: up to a batch of whole prompts per step (never cut into chunks: an encoder
+    attends both ways), pooled, nothing kept after."""
+    batch_size = settings.batch_size
+    scheduler = Scheduler(PromptsOnly(max_length), max_running=batch_size, max_pending=settings.max_pending,
+                          step_tokens=batch_size * max_length)
+    logger.info("embeddings: %s pooling%s, up to %d inputs of at most %d tokens per forward", pooling.mode,
+                ", normalised" if pooling.normalize else "", batch_size, max_length)
+    return engine(PoolingRunner(model, pooling), scheduler, tokenizer, frozenset(), settings)
+
+
+def engine(runner: ModelRunner | EncoderDecoderRunner | PoolingRunner, scheduler: Scheduler, tokenizer: Decoder,
            eos_token_ids: frozenset[int], settings: EngineSettings) -> Engine:
     """The engine loop over the runner, with what every engine takes: profiling, the step timeout, failpoints."""
     profiler = StepProfiler(settings.profile_dir, settings.profile_steps) if settings.profile_dir else None

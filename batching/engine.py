@@ -21,7 +21,7 @@ from batching.failpoints import Failpoints
 from batching.profiler import StepProfiler
 from batching.runner import ModelRunner
 from batching.scheduler import Scheduler, Span
-from batching.sequence import Delta, SamplingParams, Sequence, SequenceInputs, TokenLogprob
+from batching.sequence import Delta, Pooled, SamplingParams, Sequence, SequenceInputs, TokenLogprob
 from batching.speculative import DraftStats
 from batching.torch_thread import on_torch_thread
 
@@ -42,7 +42,7 @@ class EngineWedged(EngineError):
 @dataclass
 class StepOutcome:
     done: list[Span]
-    tokens: list[list[TokenLogprob]]  # what each span of `done` that samples emits, in order
+    tokens: list[list[TokenLogprob | Pooled]]  # what each span of `done` that samples or pools emits, in order
     failed: list[tuple[Sequence, BaseException]]
 
     def __add__(self, other: StepOutcome) -> StepOutcome:
@@ -187,7 +187,7 @@ class Engine:
         self.scheduler.finished_step(outcome.done)
         for seq, error in outcome.failed:
             self._fail(seq, error)
-        self._deliver([span for span in outcome.done if span.samples], outcome.tokens)
+        self._deliver([span for span in outcome.done if span.emits], outcome.tokens)
         self.steps += 1
 
     async def _attempt(self, spans: list[Span]) -> StepOutcome:
@@ -223,7 +223,7 @@ class Engine:
                        len(spans), error, sorted({span.seq.request_id for span in newest}), self.scheduler.row_limit)
         return await self._attempt(kept)
 
-    async def _run_within_timeout(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+    async def _run_within_timeout(self, spans: list[Span]) -> list[list[TokenLogprob | Pooled]]:
         step = asyncio.ensure_future(on_torch_thread(self._run_step, spans))
         try:
             return await asyncio.wait_for(asyncio.shield(step), self.step_timeout)
@@ -231,7 +231,7 @@ class Engine:
             raise EngineWedged(f"a step of {len(spans)} rows ran for more than the step timeout of "
                                f"{self.step_timeout:g} s") from None
 
-    def _run_step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+    def _run_step(self, spans: list[Span]) -> list[list[TokenLogprob | Pooled]]:
         """On the torch thread (batching.torch_thread), as all of the process's torch work."""
         self.scheduler.memory.apply_pending()
         if self.failpoints:
@@ -240,7 +240,7 @@ class Engine:
             return self.profiler.run(spans, self.runner.step)
         return self.runner.step(spans)
 
-    def _deliver(self, spans: list[Span], emitted: list[list[TokenLogprob]]) -> None:
+    def _deliver(self, spans: list[Span], emitted: list[list[TokenLogprob | Pooled]]) -> None:
         broken = []
         for span, tokens in zip(spans, emitted):
             seq = span.seq
@@ -263,10 +263,11 @@ class Engine:
                 self.scheduler.remove(span.seq)
 
     @staticmethod
-    def _append(seq: Sequence, tokens: list[TokenLogprob]) -> None:
-        """Append the tokens one by one until the sequence finishes (the rest are dropped)."""
+    def _append(seq: Sequence, tokens: list[TokenLogprob | Pooled]) -> None:
+        """Append the tokens one by one until the sequence finishes (the rest are dropped); a pooled sequence's
+        embedding finishes it."""
         for token in tokens:
-            seq.outputs.put_nowait(seq.append_token(token))
+            seq.outputs.put_nowait(seq.finish_pooled(token) if isinstance(token, Pooled) else seq.append_token(token))
             if seq.finished:
                 return
 

@@ -7,10 +7,12 @@ step that it takes do."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable
+from collections import deque
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from batching.attention import PackedSpan, SpanStep
@@ -18,7 +20,7 @@ from batching.kv_arena import KVArena
 from batching.lora import NO_ADAPTER, LoraLayers
 from batching.sampler import sample, token_logprobs
 from batching.scheduler import Span
-from batching.sequence import TokenLogprob
+from batching.sequence import Pooled, TokenLogprob
 from batching.speculative import Drafter, verify
 from batching.static_decode import StaticDecoder
 from batching.vision import ImageInputs, PicturedSpan, embed_with_images, encode_images
@@ -28,6 +30,22 @@ from batching.vision import ImageInputs, PicturedSpan, embed_with_images, encode
 # rows, from 4 rows up (measured: 1, 2 and 3 rows each round differently), so batch-invariant forwards never
 # run fewer rows than this: padding tokens fill them up.
 MIN_INVARIANT_ROWS = 4
+
+
+@contextmanager
+def final_hidden_states(model: PreTrainedModel, capture: bool) -> Iterator[list[torch.Tensor]]:
+    """A list that receives the [tokens, hidden] final hidden states of the model's forward run inside (its base
+    model's output, after the final norm), when `capture`."""
+    captured: list[torch.Tensor] = []
+    if not capture:
+        yield captured
+        return
+    handle = model.base_model.register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def min_rows(batch_invariant: bool) -> int:
@@ -51,21 +69,24 @@ class ModelRunner:
         self.head_device = model.get_output_embeddings().weight.device
 
     @torch.inference_mode()
-    def step(self, spans: list[Span]) -> list[list[TokenLogprob]]:
-        """The tokens each span that samples emits, in span order: one, or for a span with a draft, the draft tokens
-        the model accepts and one more (batching.speculative)."""
+    def step(self, spans: list[Span]) -> list[list[TokenLogprob | Pooled]]:
+        """What each span that samples or pools emits, in span order: one token, or for a span with a draft, the
+        draft tokens the model accepts and one more (batching.speculative); a pooled prompt's embedding."""
         if self.drafter is not None and any(span.draft_room for span in spans):
             self.drafter.draft(spans)
         if any(span.draft for span in spans):
-            return self._verify_drafts(spans)
-        logits = self._next_token_logits(spans)
-        seqs = [span.seq for span in spans if span.samples]
-        return [[token] for token in sample(logits.float(), seqs)] if seqs else []
+            tokens, embeddings = self._verify_drafts(spans)
+        else:
+            logits, embeddings = self._next_token_logits(spans)
+            seqs = [span.seq for span in spans if span.samples]
+            tokens = [[token] for token in sample(logits.float(), seqs)] if seqs else []
+        tokens, embeddings = deque(tokens), deque(embeddings)
+        return [[embeddings.popleft()] if span.pools else tokens.popleft() for span in spans if span.emits]
 
-    def _verify_drafts(self, spans: list[Span]) -> list[list[TokenLogprob]]:
+    def _verify_drafts(self, spans: list[Span]) -> tuple[list[list[TokenLogprob]], list[Pooled]]:
         """A step with drafts runs packed (the static step computes one token per row): rows without a draft sample
         together as in any step, rows with one verify it from the logits at each of its positions."""
-        logits = self._packed_logits(spans)
+        logits, embeddings = self._packed_logits(spans)
         sampling = [span for span in spans if span.samples]
         plain = [index for index, span in enumerate(sampling) if not span.draft]
         emitted: dict[int, list[TokenLogprob]] = {}
@@ -76,7 +97,7 @@ class ModelRunner:
         for index, span in enumerate(sampling):
             if span.draft:
                 emitted[index] = verify(logits[index].float(), span.seq, span.draft)
-        return [emitted[index] for index in range(len(sampling))]
+        return [emitted[index] for index in range(len(sampling))], embeddings
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
         """On the torch thread, before serving: compile (and record CUDA graphs for) the static decode step;
@@ -84,34 +105,38 @@ class ModelRunner:
         if self.static is not None:
             self.static.warm_up(on_ready)
 
-    def _next_token_logits(self, spans: list[Span]) -> torch.Tensor:
+    def _next_token_logits(self, spans: list[Span]) -> tuple[torch.Tensor, list[Pooled]]:
         """[spans that sample, vocab], in span order: from the static step when it takes the whole step, else from
         the packed forward, but for the decoding rows in batch-invariant mode, which the static step takes (batch
-        invariance needs every decode to attend the same way) unless they are long rows it declines."""
+        invariance needs every decode to attend the same way) unless they are long rows it declines; and the
+        embeddings of the spans that pool (which the packed forward computes)."""
         if self.static is not None and self.static.takes(spans):
-            return self.static.logits(spans)
+            return self.static.logits(spans), []
         invariant = self.static is not None and self.batch_invariant
         static = [i for i, span in enumerate(spans) if span.seq.decoding and self.static.takes([span])] \
             if invariant else []
         packed = sorted(set(range(len(spans))) - set(static))
+        packed_logits, embeddings = self._packed_logits([spans[i] for i in packed])
         next_token_logits: dict[int, torch.Tensor] = dict(zip(
-            [i for i in packed if spans[i].samples], (logits[-1] for logits in self._packed_logits(
-                [spans[i] for i in packed]))))
+            [i for i in packed if spans[i].samples], (logits[-1] for logits in packed_logits)))
         if static:
             next_token_logits.update(zip(static, self.static.logits([spans[i] for i in static])))
         sampling = [next_token_logits[i] for i, span in enumerate(spans) if span.samples]
-        return torch.stack(sampling) if sampling else torch.empty(0)
+        return torch.stack(sampling) if sampling else torch.empty(0), embeddings
 
-    def _packed_logits(self, spans: list[Span]) -> list[torch.Tensor]:
+    def _packed_logits(self, spans: list[Span]) -> tuple[list[torch.Tensor], list[Pooled]]:
         """One [1, tokens] forward over the spans (and their drafts); for each span that samples, in order, the
-        logits at its last token and at each of its draft tokens ([1 + draft, vocab])."""
-        ids, positions, slots, attention_spans, kept, pictured = [], [], [], [], [], []
+        logits at its last token and at each of its draft tokens ([1 + draft, vocab]); for each span that pools,
+        its last token's final hidden state (what the LM head reads), normalised: vLLM's pooling of decoders."""
+        ids, positions, slots, attention_spans, kept, pictured, pooled = [], [], [], [], [], [], []
         adapters = []  # each token's LoRA slot
         for span in spans:
             seq, start = span.seq, len(ids)
             if isinstance(seq.inputs, ImageInputs):
                 pictured.append(PicturedSpan(seq, start, span.start, span.end))
             ids.extend(seq.all_ids[span.start:span.end])
+            if span.pools:
+                pooled.append(len(ids) - 1)
             ids.extend(span.draft)
             positions.extend(range(span.start, span.stop))
             slots.extend(range(seq.kv.start + span.start, seq.kv.start + span.stop))
@@ -122,7 +147,7 @@ class ModelRunner:
         adapters.extend([NO_ADAPTER] * (len(ids) - len(adapters)))
         token_inputs = self._token_inputs(self._tensor(ids), pictured)
         step = SpanStep(self.arena, self._tensor(slots), attention_spans)
-        with self._adapters(adapters):
+        with self._adapters(adapters), final_hidden_states(self.model, capture=bool(pooled)) as hidden:
             logits = self.model(**token_inputs, position_ids=self._position_ids(positions, pictured),
                                 logits_to_keep=torch.tensor(kept, device=self.head_device), use_cache=False,
                                 batchwise_step=step).logits[0]
@@ -135,12 +160,13 @@ class ModelRunner:
                 self._record_prompt_logprobs(span, span_logits)
             if span.samples:
                 next_token_logits.append(span_logits[-1 - len(span.draft):])
-        return next_token_logits
+        embeddings = F.normalize(hidden[0][pooled].float(), dim=-1).cpu().numpy() if pooled else []
+        return next_token_logits, [Pooled(vector) for vector in embeddings]
 
-    def _adapters(self, adapters: list[int]) -> contextlib.AbstractContextManager:
+    def _adapters(self, adapters: list[int]) -> AbstractContextManager:
         """Each token's LoRA adapter for the forward's LoRA layers, if the model has them."""
         if self.lora is None:
-            return contextlib.nullcontext()
+            return nullcontext()
         return self.lora.selected(adapters, self.device, self.model.dtype)
 
     def _token_inputs(self, ids: torch.Tensor, pictured: list[PicturedSpan]) -> dict:

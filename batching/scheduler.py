@@ -70,8 +70,17 @@ class Span:
 
     @property
     def samples(self) -> bool:
-        """The span reaches the sequence's last known token, so the step samples its next one."""
-        return self.end == self.seq.length
+        """The span reaches the sequence's last known token, so the step samples its next one (unless it pools)."""
+        return self.end == self.seq.length and not self.seq.params.pooled
+
+    @property
+    def pools(self) -> bool:
+        """The span reaches the end of a pooled sequence's prompt, so the step emits its embedding."""
+        return self.end == self.seq.length and self.seq.params.pooled
+
+    @property
+    def emits(self) -> bool:
+        return self.samples or self.pools
 
 
 class Scheduler:

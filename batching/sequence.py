@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
+import numpy as np
 import torch
 
 from batching.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -18,10 +19,11 @@ if TYPE_CHECKING:  # the modules of the input kinds import this one
     from batching.families.encoder_decoder import TextInput
     from batching.families.whisper_runner import SpeechWindow, WindowDecoding, WindowResult
     from batching.lora_adapters import LoraAdapter
+    from batching.pooling import TokenTypes
     from batching.vision import ImageInputs
 
 # what a sequence carries beyond its token ids, for its runner: nothing for plain text
-SequenceInputs: TypeAlias = "ImageInputs | TextInput | SpeechWindow | None"
+SequenceInputs: TypeAlias = "ImageInputs | TextInput | SpeechWindow | TokenTypes | None"
 
 
 class TokenConstraint(Protocol):
@@ -64,6 +66,7 @@ class SamplingParams:
     grammar: Grammar | None = None
     shown_special_tokens: tuple[tuple[int, str], ...] = ()  # special tokens its text keeps (id, text)
     speculative: bool = True  # whether it may verify drafts where the engine drafts
+    pooled: bool = False  # the prompt's embedding comes back (Pooled) and nothing is sampled: embeddings
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +76,12 @@ class SamplingParams:
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias or self.min_tokens)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """What a pooled sequence's step emits in place of a token: its prompt's embedding, float32."""
+    vector: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str = ""  # why, when finish_reason is "error"
     window: WindowResult | None = None  # a speech window's: its no-speech probability, and at its end what it decoded
+    embedding: np.ndarray | None = None  # a pooled sequence's, on its only delta
 
 
 _ids = itertools.count()
@@ -196,6 +206,12 @@ class Sequence:
         if len(self.output_ids) >= self.params.max_tokens:
             return self._finish_after(text + self.detokenizer.flush(), "length", logprobs)
         return self._delta(text, None, logprobs)
+
+    def finish_pooled(self, pooled: Pooled) -> Delta:
+        """A pooled sequence ends with its embedding, its only output."""
+        self.finish_reason = "stop"
+        self.status = Status.FINISHED
+        return Delta("", [], "stop", embedding=pooled.vector)
 
     def _finish_after(self, text: str, reason: str, logprobs: list[TokenLogprob]) -> Delta:
         """Finish with whatever text is still held back, unless it completes a stop string."""

@@ -168,15 +168,15 @@ class StaticDecoder(BucketedDecoder):
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text
-        (without prompt logprobs, which need every position's logits) if all their tokens fit the largest bucket;
-        long rows only where rows attend anywhere."""
+        (without prompt logprobs, which need every position's logits, nor embeddings, which need hidden states) if
+        all their tokens fit the largest bucket; long rows only where rows attend anywhere."""
         if not self.takes_long_rows and not all(self.has_slot(span.seq) for span in spans):
             return False
         if all(span.seq.decoding for span in spans):
             return True
         return (self.takes_prompts and sum(span.end - span.start for span in spans) <= self.buckets[-1]
                 and not any(isinstance(span.seq.inputs, ImageInputs) or span.seq.params.prompt_logprobs
-                            for span in spans))
+                            or span.seq.params.pooled for span in spans))
 
     @torch.inference_mode()
     def logits(self, spans: list[Span]) -> torch.Tensor:

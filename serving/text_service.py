@@ -19,9 +19,10 @@ from batching.lora_adapters import AdapterError, LoraAdapter
 from batching.torch_thread import on_torch_thread
 from batching.vision import ImageInputs, image_token_id
 from config import Config
-from model_manager import LoadedModel, build_engine, load_model, sampling_defaults
+from model_manager import LoadedModel, build_engine, decoder_embedder, load_model, sampling_defaults
 from models import (ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, CompletionRequest,
                     PromptTokensDetails, SamplingRequest, TopLogprob, Usage)
+from serving.embeddings import EmbeddingService
 from serving.errors import APIError, check_error, check_model_name, server_busy, timeout_error
 from serving.grammars import CompiledGrammar, GrammarCompiler
 from serving.images import ImageLimits
@@ -98,6 +99,10 @@ class TextService:
         self.max_logprobs = options.max_logprobs
         self.token_text = lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
         self.adapters = loaded.adapters
+        embedder = decoder_embedder(loaded, min(loaded.context_length, engine.max_sequence_tokens))
+        # /v1/embeddings: prompts the engine prefills beside generating rows, their hidden state pooled
+        self.embeddings = EmbeddingService(engine, embedder, self.served_names, self.request_timeout) \
+            if embedder else None
 
     def check_model(self, name: str) -> None:
         self.adapter(name)

@@ -114,3 +114,10 @@ def test_bounds_and_decoder_only_fields_get_clear_400s(served):
         client.chat.completions.create(model="seq2seq", max_tokens=4, messages=[
             {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}])
     assert error.value.body["param"] == "messages[0].content[1]"
+
+
+def test_an_encoder_decoder_server_cannot_embed(served):
+    client, _, _ = served
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.embeddings.create(model="seq2seq", input="x")
+    assert "cannot embed" in raised.value.body["message"] and raised.value.body["param"] == "model"
