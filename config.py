@@ -104,16 +104,22 @@ NGRAM_EXAMPLE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup
 DRAFT_MODEL_EXAMPLE = '{"method": "draft_model", "model": "a-smaller-model", "num_speculative_tokens": 4}'
 
 
+def json_object(text: str, flag: str, example: str) -> dict[str, Any]:
+    """A flag's JSON object, or ConfigError saying what was expected."""
+    invalid = f"{flag}: expected a JSON object such as {example}"
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"{invalid}, got {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{invalid}, got {text!r}")
+    return value
+
+
 def parse_speculative_config(text: str) -> dict[str, Any]:
     """vLLM's --speculative-config JSON, checked, with vLLM's defaults: the method is draft_model when a model is
     named; prompt_lookup_min and _max default to each other, or both to 5."""
-    invalid = f"--speculative-config: expected a JSON object such as {NGRAM_EXAMPLE} or {DRAFT_MODEL_EXAMPLE}"
-    try:
-        spec = json.loads(text)
-    except ValueError as error:
-        raise ConfigError(f"{invalid}, got {text!r} ({error})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{invalid}, got {text!r}")
+    spec = json_object(text, "--speculative-config", f"{NGRAM_EXAMPLE} or {DRAFT_MODEL_EXAMPLE}")
     method = spec.setdefault("method", "draft_model" if "model" in spec else None)
     if method not in ("ngram", "draft_model"):
         raise ConfigError(f"--speculative-config: unknown method {method!r}; supported: 'ngram', 'draft_model'")
@@ -150,13 +156,7 @@ GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "t
 
 def parse_generation_overrides(text: str) -> dict[str, float]:
     """--override-generation-config's JSON object, under the request fields it sets defaults for."""
-    invalid = '--override-generation-config: expected a JSON object such as {"temperature": 0.5, "top_p": 0.9}'
-    try:
-        overrides = json.loads(text)
-    except ValueError as error:
-        raise ConfigError(f"{invalid}, got {text!r} ({error})") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{invalid}, got {text!r}")
+    overrides = json_object(text, "--override-generation-config", '{"temperature": 0.5, "top_p": 0.9}')
     unknown = sorted(set(overrides) - set(GENERATION_FIELDS))
     if unknown:
         raise ConfigError(f"--override-generation-config: unsupported keys {unknown}; known: {list(GENERATION_FIELDS)}")
