@@ -129,8 +129,10 @@ def summary(rounds: list[list[AudioMeasurement]], clips: list[Clip], requests: i
     for measurement in (m for measurements in rounds for m in measurements):
         by_name[measurement.configuration].append(measurement)
     speed = {name: statistics.median(m.audio_per_wall for m in ms) for name, ms in by_name.items()}
-    best_peer = max((name for name in by_name if name.startswith("faster-whisper")), key=speed.__getitem__)
-    lines = [f"faster-whisper's best here: {best_peer} ({speed[best_peer]:.1f} audio s / wall s)", "",
+    peers = [name for name in by_name if name.startswith("faster-whisper")]
+    best_peer = max(peers, key=speed.__getitem__) if peers else None
+    lines = [f"faster-whisper's best here: {best_peer} ({speed[best_peer]:.1f} audio s / wall s)" if peers
+             else "faster-whisper not measured (--skip-peers)", "",
              "| configuration | audio s / wall s (median) | each round | latency p50 (s) | WER "
              "| vs faster-whisper's best |",
              "|---|---|---|---|---|---|"]
@@ -139,7 +141,7 @@ def summary(rounds: list[list[AudioMeasurement]], clips: list[Clip], requests: i
         latency = statistics.median(latency for m in measurements for latency in m.latencies_s)
         each = ", ".join(f"{m.audio_per_wall:.1f}" for m in measurements)
         lines.append(f"| {name} | {speed[name]:.1f} | {each} | {latency:.2f} | {100 * wer:.1f}% "
-                     f"| {speed[name] / speed[best_peer]:.2f}x |")
+                     f"| {f'{speed[name] / speed[best_peer]:.2f}x' if peers else 'n/a'} |")
     return lines
 
 
@@ -171,6 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every configuration, alternating (default 2)")
     parser.add_argument("--server-args", action="append",
                         help="extra flags for main.py, one server configuration each time it is given (default: none)")
+    parser.add_argument("--skip-peers", action="store_true", help="measure the servers only")
     parser.add_argument("--also-without-vad", action="store_true",
                         help="measure each server again with vad_filter false in every request")
     parser.add_argument("--peers-only", metavar="OUTPUT", help=argparse.SUPPRESS)
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             phases = [result for url, flags in zip(urls, configurations)
                       for result in server_rounds(url, flags, clips, args.requests, vad_settings)]
-            rounds.append([m for m, _ in phases] + run_peers(clips, args.requests, env))
+            rounds.append([m for m, _ in phases] + ([] if args.skip_peers else run_peers(clips, args.requests, env)))
     text = report(clips, args.requests, rounds, phases, started)
     (RESULTS / "whisper-peers.md").write_text(text + "\n")
     print("\n" + text, flush=True)
