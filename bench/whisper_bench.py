@@ -14,6 +14,7 @@ which the pipeline does not run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -48,6 +49,7 @@ class Clip:
     name: str
     path: str
     seconds: float
+    text: str  # what is spoken in it
 
 
 @dataclass
@@ -57,6 +59,7 @@ class AudioMeasurement:
     wall_s: float
     first_text_s: list[float] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # each request's transcript, in workload order
 
     @property
     def audio_per_wall(self) -> float:
@@ -69,7 +72,7 @@ def make_clips(folder: Path) -> list[Clip]:
         data = spoken_clip(sentences, pause)
         path = folder / f"{name}.wav"
         path.write_bytes(data)
-        clips.append(Clip(name, str(path), wav_seconds(data)))
+        clips.append(Clip(name, str(path), wav_seconds(data), " ".join(sentences)))
     return clips
 
 
@@ -77,16 +80,18 @@ def workload(clips: list[Clip], requests: int) -> list[Clip]:
     return [clips[index % len(clips)] for index in range(requests)]
 
 
-def transcribe_streaming(client: OpenAI, clip: Clip, vad_filter: bool) -> tuple[float, float]:
-    """(seconds to the first text, seconds to the whole transcript)"""
+def transcribe_streaming(client: OpenAI, clip: Clip, vad_filter: bool) -> tuple[float, float, str]:
+    """(seconds to the first text, seconds to the whole transcript, the transcript)"""
     started = time.perf_counter()
-    first_text = None
+    first_text, text = None, ""
     with open(clip.path, "rb") as audio:
         for event in client.audio.transcriptions.create(file=audio, model="whisper-1", temperature=0, stream=True,
-                                                        extra_body={"vad_filter": vad_filter}):
+                                                        language="en", extra_body={"vad_filter": vad_filter}):
             if event.type == "transcript.text.delta" and first_text is None:
                 first_text = time.perf_counter() - started
-    return first_text or float("nan"), time.perf_counter() - started
+            if event.type == "transcript.text.done":
+                text = event.text
+    return first_text or float("nan"), time.perf_counter() - started, text
 
 
 def run_level(base_url: str, clips: list[Clip], concurrency: int, label: str = "server",
@@ -97,7 +102,7 @@ def run_level(base_url: str, clips: list[Clip], concurrency: int, label: str = "
         results = list(pool.map(lambda clip: transcribe_streaming(client, clip, vad_filter), clips))
     wall = time.perf_counter() - started
     return AudioMeasurement(f"{label}, {concurrency} concurrent client{'s' * (concurrency > 1)}",
-                            sum(c.seconds for c in clips), wall, [r[0] for r in results], [r[1] for r in results])
+                            sum(c.seconds for c in clips), wall, *map(list, zip(*results)))
 
 
 def server_snapshot(base_url: str) -> dict[str, float]:
@@ -105,21 +110,32 @@ def server_snapshot(base_url: str) -> dict[str, float]:
     return {**timings, "steps": httpx.get(f"{base_url}/health").json()["steps"]}
 
 
+def server_label(server_args: list[str], vad_filter: bool = True, name: str = "server") -> str:
+    return " ".join(part for part in (name, shlex.join(server_args), "" if vad_filter else
+                                      "(vad_filter false)") if part)
+
+
+def measured_level(base_url: str, clips: list[Clip], concurrency: int, label: str,
+                   vad_filter: bool) -> tuple[AudioMeasurement, dict[str, float]]:
+    """One level, and the seconds the server spent in each phase during it."""
+    before = server_snapshot(base_url)
+    measurement = run_level(base_url, clips, concurrency, label, vad_filter)
+    after = server_snapshot(base_url)
+    print(f"{measurement.configuration}: {measurement.audio_per_wall:.1f} audio s / wall s", flush=True)
+    return measurement, {key: after[key] - before.get(key, 0.0) for key in after}
+
+
+def whisper_server(server_args: list[str], env: dict[str, str], log_name: str = "whisper-server.log"
+                   ) -> contextlib.AbstractContextManager[str]:
+    return running_server("--serving-type", "whisper", *server_args, env=env, log_path=RESULTS / log_name)
+
+
 def run_server(clips: list[Clip], requests: int, server_args: list[str], env: dict[str, str],
                vad_settings: tuple[bool, ...]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
-    results = []
-    with running_server("--serving-type", "whisper", *server_args, env=env,
-                        log_path=RESULTS / "whisper-server.log") as base_url:
+    with whisper_server(server_args, env) as base_url:
         run_level(base_url, clips[:1], 1)  # warm-up
-        for vad_filter, level in itertools.product(vad_settings, LEVELS):
-            label = " ".join(part for part in ("server", shlex.join(server_args), "" if vad_filter else
-                                               "(vad_filter false)") if part)
-            before = server_snapshot(base_url)
-            measurement = run_level(base_url, workload(clips, requests), level, label, vad_filter)
-            after = server_snapshot(base_url)
-            results.append((measurement, {key: after[key] - before.get(key, 0.0) for key in after}))
-            print(f"{measurement.configuration}: {measurement.audio_per_wall:.1f} audio s / wall s", flush=True)
-    return results
+        return [measured_level(base_url, workload(clips, requests), level, server_label(server_args, vad_filter),
+                               vad_filter) for vad_filter, level in itertools.product(vad_settings, LEVELS)]
 
 
 def run_baseline(clips: list[Clip], requests: int, env: dict[str, str]) -> AudioMeasurement:
