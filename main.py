@@ -1,26 +1,19 @@
 """Batchwise entry point: parse the configuration, build the app, serve it with uvicorn."""
 
+import asyncio
+import contextlib
+import json
+import logging
 import os
+import signal
+import sys
 
-# OpenMP (torch's and MKL's libgomp) reads its wait policy once, when torch loads it. By default a thread that
-# waits for work spins for 300,000 rounds first: where other processes share the cores, the spinning takes the
-# core from the thread that holds the work, and a model of many small operations slows down several times
-# (Whisper tiny.en on 2 shared cores: 5x the wall time; bench/README.md#speech). Passive threads sleep instead.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import uvicorn
+from transformers.utils import logging as transformers_logging
 
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-
-import uvicorn  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
-from api.state import ServerState  # noqa: E402
-from app import create_app  # noqa: E402
-from config import parse_config  # noqa: E402
+from api.state import ServerState
+from app import create_app
+from config import parse_config
 
 logger = logging.getLogger("batchwise")
 RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}

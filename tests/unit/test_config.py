@@ -1,4 +1,3 @@
-import os
 import socket
 import subprocess
 import sys
@@ -101,26 +100,6 @@ def test_help_lists_every_flag_with_env_and_default():
     for f in fields(Config):
         assert f.metadata["flag"] in help_text and f"env {f.metadata['env']}" in help_text
     assert "(default: 7088)" in help_text
-
-
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_main_sets_openmp_wait_policy_before_torch_loads_unless_given(given, expected):
-    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    env |= {"OMP_WAIT_POLICY": given} if given else {}
-    probe = ("import sys; import main; assert 'torch' in sys.modules; import os; "
-             "print(os.environ['OMP_WAIT_POLICY'])")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-1] == expected
-    assert main_source_sets_policy_before_imports()
-
-
-def main_source_sets_policy_before_imports() -> bool:
-    """libgomp reads the policy when torch loads it: the setdefault must come before main.py's first import
-    beyond os."""
-    lines = [line for line in (ROOT / "main.py").read_text().splitlines() if line.startswith(("import", "from", "os."))]
-    return lines[:2] == ["import os", 'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")']
 
 
 def test_vllm_spellings_set_the_same_fields_as_ours():
