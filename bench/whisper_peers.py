@@ -4,10 +4,10 @@ faster-whisper). faster-whisper is a bench dependency only (requirements-bench.t
 
     python -m bench.whisper_peers
     python -m bench.whisper_peers --rounds 3 --server-args "" --server-args "--int8 true" --also-without-vad
-    python -m bench.whisper_peers --server-args "" --server-args "GOMP_SPINCOUNT=300000"
+    python -m bench.whisper_peers --server-args "" --server-args "OMP_WAIT_POLICY=PASSIVE"
 
-A server configuration may begin with NAME=VALUE words, set in its environment (the second line measures the
-server with OpenMP's default spinning, which main.py's passive wait policy replaces).
+A server configuration may begin with NAME=VALUE words, set in its environment (the last line measures the server
+also with OpenMP's passive wait policy, which pays where the cores are shared: docs/deployment.md).
 
 Each round measures every server configuration at 1 and 8 concurrent clients, then faster-whisper in a process
 of its own (the servers idle meanwhile): `transcribe` one file after another in float32 and int8, and
