@@ -221,16 +221,23 @@ def report(clips: list[Clip], requests: int, server: list[tuple[AudioMeasurement
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Batchwise whisper benchmark against transformers' pipeline.")
+def speech_parser(description: str, other_process: str) -> argparse.ArgumentParser:
+    """The arguments the speech benchmarks share; `other_process`: the hidden flag that runs the baseline alone, in
+    a process of its own, writing its measurements to the file it names (the clips come with --clips)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default 16)")
     parser.add_argument("--server-args", action="append",
                         help="extra flags for main.py, one server configuration each time it is given (default: none)")
     parser.add_argument("--also-without-vad", action="store_true",
                         help="measure each server again with vad_filter false in every request")
-    parser.add_argument("--baseline-only", metavar="OUTPUT", help=argparse.SUPPRESS)
+    parser.add_argument(other_process, metavar="OUTPUT", help=argparse.SUPPRESS)
     parser.add_argument("--clips", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return speech_parser("Batchwise whisper benchmark against transformers' pipeline.", "--baseline-only"
+                         ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ from bench.quality import word_error_rate
 from bench.report import cpu_model
 from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, process_env
 from bench.whisper_bench import (LEVELS, AudioMeasurement, Clip, breakdown, make_clips, measured_level, run_level,
-                                 server_label, whisper_server, workload)
+                                 server_label, speech_parser, whisper_server, workload)
 from config import Config, cpu_flags
 from converters.ct2_whisper import embedded_whisper_path
 
@@ -168,16 +168,9 @@ def report(clips: list[Clip], requests: int, rounds: list[list[AudioMeasurement]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Batchwise whisper server against faster-whisper.")
-    parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default 16)")
+    parser = speech_parser("Batchwise whisper server against faster-whisper.", "--peers-only")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every configuration, alternating (default 2)")
-    parser.add_argument("--server-args", action="append",
-                        help="extra flags for main.py, one server configuration each time it is given (default: none)")
     parser.add_argument("--skip-peers", action="store_true", help="measure the servers only")
-    parser.add_argument("--also-without-vad", action="store_true",
-                        help="measure each server again with vad_filter false in every request")
-    parser.add_argument("--peers-only", metavar="OUTPUT", help=argparse.SUPPRESS)
-    parser.add_argument("--clips", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
