@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
+from types import FunctionType
 from typing import Any, Callable
 
 import torch
@@ -43,18 +45,32 @@ def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
     return [*sizes, rows]
 
 
-def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str) -> torch.nn.Module:
+def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str
+                        ) -> Callable[..., torch.Tensor]:
     """torch.compile with static shapes: one graph per bucket, all kept. Inductor's fused kernels would keep
     half-precision intermediates (norms, rotary, residual sums) in float32 where the eager model rounds each one:
     a compiled bfloat16 step then drifts about an ulp a layer from the eager step and from transformers, and flips
     the model's near-ties (the embedded model's first answer token: "L'Étoile..." for "The capital...", 0.08 nats
     apart in float32). emulate_precision_casts rounds where eager rounds: that prompt's compiled K/V equal the eager
     step's in all 30 layers. Not every step to the bit (oneDNN's products, the head): over 56 answers the compiled and
-    eager static steps agreed on 41, as bfloat16 paths do (eager and static: 34)."""
+    eager static steps agreed on 41, as bfloat16 paths do (eager and static: 34).
+
+    Dynamo checks no guard on the modules (weights, buffers, their attributes) at each call, only those on the
+    inputs, which tell the buckets apart: SmolLM2-135M's one-row step had some 8,000 guards, 1.5 ms of a 10 ms
+    step, 0.14 ms after. Sound because the graphs belong to this `forward` alone: dynamo keeps compiled graphs per
+    code object, and the forward is compiled through a code object of its own, so another model compiled in the
+    same process (tests do) never meets these graphs."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
     logger.info("compiling the %s (torch.compile mode %s) for batch sizes %s", what, mode, ", ".join(map(str, buckets)))
-    options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
-    return torch.compile(forward, dynamic=False, options=options)
+    options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True,
+               "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options), forward)
+
+
+def with_own_code(function: FunctionType) -> FunctionType:
+    """A copy of `function` whose code object is its own (equal to the original, not the same object)."""
+    return FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                        function.__defaults__, function.__closure__)
 
 
 @torch.inference_mode()
@@ -70,14 +86,6 @@ def warm_up_buckets(buckets: list[int], run: Callable[[int], None], on_ready: Ca
         logger.info("%s for %d %s%s ready in %.1f s", what, size, unit, "" if size == 1 else "s",
                     time.perf_counter() - started)
         on_ready(ready, len(buckets))
-
-
-def trust_warm_graphs() -> None:
-    """For a server, once every compiled step is warm: dynamo checks, at each call, only the guards that tell one
-    compiled graph from another (the batch size), not those on every weight (SmolLM2-135M's 32-row step: 1.1 ms
-    of guards, 0.2 after). Sound while nothing recompiles after warm-up (tested) and the process holds one model:
-    tests that compile many models in one process never call it."""
-    torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 class DecodeForward(torch.nn.Module):

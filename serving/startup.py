@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from batching import Engine
-from batching.static_decode import trust_warm_graphs
 from batching.torch_thread import on_torch_thread
 from config import Config
 
@@ -39,11 +38,9 @@ class StartupProgress:
         return {"stage": stage, **counts, "elapsed_s": round(time.monotonic() - self.started, 1)}
 
 
-async def warm_up(engine: Engine, progress: StartupProgress, compiled: bool) -> None:
-    """Before serving: compile and run the decode step for every batch size; compiled graphs are then trusted."""
+async def warm_up(engine: Engine, progress: StartupProgress) -> None:
+    """Before serving: compile and run the decode step for every batch size."""
     await on_torch_thread(engine.runner.warm_up, progress.counter("warming up the decode step"))
-    if compiled:
-        trust_warm_graphs()
 
 
 async def started_engine(config: Config, progress: StartupProgress, load: Callable[[Config], Loaded],
@@ -54,6 +51,6 @@ async def started_engine(config: Config, progress: StartupProgress, load: Callab
     loaded = await on_torch_thread(load, config)
     progress.enter("building the engine")
     engine = await on_torch_thread(build, loaded, config.sized_after_loading())  # what the weights left
-    await warm_up(engine, progress, config.torch_compile)
+    await warm_up(engine, progress)
     engine.start()
     return loaded, engine

@@ -309,6 +309,28 @@ def test_the_compiled_step_rounds_bfloat16_where_the_eager_step_rounds():
     torch.testing.assert_close(compiled, eager, atol=0, rtol=2 ** -7)  # a bfloat16 ulp: the head's own rounding
 
 
+def test_models_compiled_in_one_process_each_keep_their_own_graphs():
+    """The compiled step checks no guard on the modules: a second model of the same shapes but another norm epsilon
+    (a number the graph holds as a constant) must get graphs of its own, not run the first model's."""
+    steps = []
+    for epsilon in (1e-6, 10.0):
+        model = hqq_sized_model(1000)
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = epsilon
+        arena = KVArena(kv_layout(model), 2 * 32, slots=Slots(1, 32))
+        steps.append((DecodeForward(model, arena), arena))
+    positions = torch.tensor([9])
+    arguments = (torch.tensor([5]), positions, positions + 1, positions.clone(), torch.tensor([0]))
+    with torch.inference_mode():
+        for forward, arena in steps:
+            for tensor in (*arena.keys, *arena.values):
+                tensor.normal_(generator=torch.Generator().manual_seed(1))
+            eager = forward(*arguments)
+            compiled = compiled_per_bucket(forward, "default", [1], "test step")(*arguments)
+            torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 @needs_onednn_bfloat16
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_packed_layer_multiplies_as_the_plain_one(bias):
