@@ -260,7 +260,8 @@ class Config:
                                     "each beam is a batch row, all of a window's beams share its encoded audio", 1, int)
     continuous_batching_microsleep: float = option(
         "--continuous-batching-microsleep", "CONTINUOUS_BATCHING_MICROSLEEP",
-        "seconds the scheduler yields between steps so new requests can join", 0.001, float)
+        "seconds the engine loop sleeps between steps; 0 (default) still yields to the event loop once, and new "
+        "requests join while a step runs either way", 0.0, float)
     continuous_batching_batch_size: int = option(
         "--continuous-batching-batch-size", "CONTINUOUS_BATCHING_BATCH_SIZE",
         "most sequences decoded together in one step", 20, int, aliases=("--max-num-seqs",))

@@ -14,7 +14,7 @@ def test_defaults_match_the_reference_cli(monkeypatch):
         monkeypatch.delenv(f.metadata["env"], raising=False)
     config = parse_config([])
     assert (config.host, config.port, config.loglevel) == ("0.0.0.0", 7088, "INFO")
-    assert config.continuous_batching_batch_size == 20 and config.continuous_batching_microsleep == 0.001
+    assert config.continuous_batching_batch_size == 20 and config.continuous_batching_microsleep == 0
     assert config.max_concurrent == 100 and config.serving_type == "chat"
     assert config.static_cache is False and config.torch_compile_mode == "reduce-overhead"
 
