@@ -9,6 +9,8 @@ import torch
 
 from config import Config, ConfigError
 from converters.int8 import INT8_LEVELS, Int8Linear, quantize_int8
+from converters.linear_layers import replace_linears, weight_bytes
+from kernels import int8_linear
 from model_manager import LoadedModel
 from tests.helpers.engine import generate_all, greedy, make_engine, run_with_engine
 from tests.helpers.tiny_models import tiny_model, tiny_seq2seq
@@ -72,6 +74,27 @@ def test_every_linear_layer_and_the_head_become_int8_and_greedy_tokens_are_trans
             logits = reference(ids).logits[0, len(seq.prompt_ids) - 1:-1]
         chosen = logits.gather(1, torch.tensor(seq.output_ids)[:, None])[:, 0]
         assert torch.all(logits.max(dim=1).values - chosen <= 1e-4), seq.output_ids
+
+
+@pytest.mark.skipif(int8_linear.library() is None, reason="no AVX512-VNNI or no C compiler: torch's product serves")
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # qwen2's query, key and value have biases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_that_read_one_input_share_one_product_and_keep_their_bits(architecture, dtype):
+    model = tiny_model(architecture, 1000, seed=6).to(dtype)
+    model.set_attn_implementation("sdpa")
+    separate = copy.deepcopy(model)
+    replace_linears(separate, Int8Linear)
+    separate.set_output_embeddings(Int8Linear(separate.get_output_embeddings()))
+    assert "4 groups of layers that read one input fused" in quantize_int8(model).describe()  # 2 a layer
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared is not None
+    assert weight_bytes(model) == weight_bytes(separate)  # the layers' weights are views of the shared ones
+    ids = torch.randint(3, 1000, (2, 9))
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, separate(ids).logits)
+        assert torch.equal(torch.compile(model, dynamic=False)(ids).logits,
+                           torch.compile(separate, dynamic=False)(ids).logits)
+    assert all(module.shared.output is None for module in model.modules() if getattr(module, "shared", None))
 
 
 def test_int8_is_one_quantisation_at_a_time():
