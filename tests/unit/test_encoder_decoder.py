@@ -120,9 +120,13 @@ def test_a_preempted_sequence_recomputes_its_tokens_and_goes_on(loaded, static_c
 
     async def body(engine):
         seqs = [add(engine, loaded, prompt, 24)[0] for prompt in inputs]
-        while len(seqs[1].output_ids) < 6:
-            await asyncio.sleep(0.001)
-        engine.scheduler.preempt(seqs[1])
+        plan = engine.scheduler.plan
+
+        def preempting_once_it_has_decoded():  # where the scheduler itself preempts: between steps
+            if len(seqs[1].output_ids) >= 6 and not engine.scheduler.preemptions:
+                engine.scheduler.preempt(seqs[1])
+            return plan()
+        engine.scheduler.plan = preempting_once_it_has_decoded
         await asyncio.gather(*(finish(engine, seq) for seq in seqs))
         return [seq.output_ids for seq in seqs], engine.scheduler.preemptions
 
