@@ -130,12 +130,19 @@ def whisper_server(server_args: list[str], env: dict[str, str], log_name: str = 
     return running_server("--serving-type", "whisper", *server_args, env=env, log_path=RESULTS / log_name)
 
 
+def measured_levels(base_url: str, server_args: list[str], clips: list[Clip], requests: int,
+                    vad_settings: tuple[bool, ...], name: str = "server"
+                    ) -> list[tuple[AudioMeasurement, dict[str, float]]]:
+    """Every level, with and without VAD as asked, of a running server started with `server_args`."""
+    return [measured_level(base_url, workload(clips, requests), level, server_label(server_args, vad_filter, name),
+                           vad_filter) for vad_filter, level in itertools.product(vad_settings, LEVELS)]
+
+
 def run_server(clips: list[Clip], requests: int, server_args: list[str], env: dict[str, str],
                vad_settings: tuple[bool, ...]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
     with whisper_server(server_args, env) as base_url:
         run_level(base_url, clips[:1], 1)  # warm-up
-        return [measured_level(base_url, workload(clips, requests), level, server_label(server_args, vad_filter),
-                               vad_filter) for vad_filter, level in itertools.product(vad_settings, LEVELS)]
+        return measured_levels(base_url, server_args, clips, requests, vad_settings)
 
 
 def run_baseline(clips: list[Clip], requests: int, env: dict[str, str]) -> AudioMeasurement:

@@ -45,8 +45,8 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from bench.quality import word_error_rate
 from bench.report import cpu_model
 from bench.run_all import DEFAULT_MKL_CBWR, RESULTS, ROOT, process_env
-from bench.whisper_bench import (LEVELS, AudioMeasurement, Clip, breakdown, make_clips, measured_level, run_level,
-                                 server_label, speech_parser, whisper_server, workload)
+from bench.whisper_bench import (AudioMeasurement, Clip, breakdown, make_clips, measured_levels, run_level,
+                                 speech_parser, whisper_server, workload)
 from config import Config, cpu_flags
 from converters.ct2_whisper import embedded_whisper_path
 
@@ -59,7 +59,7 @@ PEERS = {
     f"faster-whisper float32, BatchedInferencePipeline batch {BATCH_SIZE} (its VAD)": ("float32", BATCH_SIZE),
     f"faster-whisper int8, BatchedInferencePipeline batch {BATCH_SIZE} (its VAD)": ("int8", BATCH_SIZE),
 }
-# OpenMP's wait policy for faster-whisper's process: its default, and the server's (main.py)
+# OpenMP's wait policy for faster-whisper's process: its default, and the passive one (docs/deployment.md)
 WAIT_POLICIES = {"": "", "PASSIVE": ", OMP_WAIT_POLICY=PASSIVE"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -81,9 +81,10 @@ def faster_whisper_runs(clips: list[Clip], requests: int) -> list[AudioMeasureme
             return time.perf_counter() - started, text.strip()
 
         transcribe(clips[0])  # warm-up
+        requested = workload(clips, requests)
         started = time.perf_counter()
-        results = [transcribe(clip) for clip in workload(clips, requests)]
-        measurements.append(AudioMeasurement(name, sum(c.seconds for c in workload(clips, requests)),
+        results = [transcribe(clip) for clip in requested]
+        measurements.append(AudioMeasurement(name, sum(c.seconds for c in requested),
                                              time.perf_counter() - started, [], [r[0] for r in results],
                                              [r[1] for r in results]))
         print(f"{name}: {measurements[-1].audio_per_wall:.1f} audio s / wall s", flush=True)
@@ -101,8 +102,8 @@ def flags_of(words: list[str]) -> list[str]:
 
 
 def run_peers(clips: list[Clip], requests: int, env: dict[str, str]) -> list[AudioMeasurement]:
-    """faster-whisper with OpenMP's default wait policy, then with the passive one the server sets (CTranslate2
-    ships a libgomp of its own, which reads it too): its best of both is what the server is measured against."""
+    """faster-whisper with OpenMP's default wait policy, then with the passive one (CTranslate2 ships a libgomp of
+    its own, which reads it too): its best of both is what the server is measured against."""
     measurements = []
     for policy in WAIT_POLICIES:
         with tempfile.NamedTemporaryFile(suffix=".json") as output:
@@ -114,13 +115,6 @@ def run_peers(clips: list[Clip], requests: int, env: dict[str, str]) -> list[Aud
             measurements += [AudioMeasurement(**{**m, "configuration": m["configuration"] + WAIT_POLICIES[policy]})
                              for m in json.loads(Path(output.name).read_text())]
     return measurements
-
-
-def server_rounds(base_url: str, server_args: list[str], clips: list[Clip], requests: int,
-                  vad_settings: tuple[bool, ...]) -> list[tuple[AudioMeasurement, dict[str, float]]]:
-    return [measured_level(base_url, workload(clips, requests), level,
-                           server_label(server_args, vad_filter, "Batchwise"), vad_filter)
-            for vad_filter in vad_settings for level in LEVELS]
 
 
 def summary(rounds: list[list[AudioMeasurement]], clips: list[Clip], requests: int) -> list[str]:
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             run_level(url, clips[:1], 1)  # warm-up
         for _ in range(args.rounds):
             phases = [result for url, flags in zip(urls, configurations)
-                      for result in server_rounds(url, flags, clips, args.requests, vad_settings)]
+                      for result in measured_levels(url, flags, clips, args.requests, vad_settings, "Batchwise")]
             rounds.append([m for m, _ in phases] + ([] if args.skip_peers else run_peers(clips, args.requests, env)))
     text = report(clips, args.requests, rounds, phases, started)
     (RESULTS / "whisper-peers.md").write_text(text + "\n")
