@@ -326,7 +326,8 @@ class Config:
     max_num_batched_tokens: int | None = option(
         "--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS",
         "prompt tokens one step computes while other requests are decoding, so their streams keep flowing "
-        "(prompts that finish in the step may add one per free batch row); unset: 32 on CPU, 2048 on CUDA", None, int,
+        "(prompts that finish in the step may add one per free batch row); unset: at most 32 on CPU, 2048 on CUDA, "
+        "each chunk sized by measured step time so that a step lasts at most twice the decoding rows' own", None, int,
         modes=(None, 16))
     batch_invariant: bool = option("--batch-invariant", "BATCH_INVARIANT",
                                    "make each request's output independent of what else runs beside it (greedy "

@@ -287,6 +287,7 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         beams=config.whisper_beam_size, step_timeout=config.step_timeout or None, failpoints=tuple(failpoints),
         profile_dir=Path(config.torch_profiling_dir) if config.torch_profiling else None,
         profile_steps=config.torch_profiling_steps,
+        timed_chunks=config.max_num_batched_tokens is None and not config.batch_invariant,
         speculative=speculative_settings(config, step_tokens, draft_model))
 
 

@@ -53,7 +53,7 @@ class EngineSettings:
     static_step: bool  # a static-shape decode step over a cache allocated up front
     compile_mode: str | None  # the static step's torch.compile mode; None: it runs eagerly
     static_length: int  # the most tokens of a decoder's static row (within its context)
-    step_tokens: int  # a decoder's prompt tokens per step beside decoding rows
+    step_tokens: int  # a decoder's prompt tokens per step beside decoding rows (the most, where timed_chunks)
     kv_memory: int | float | None  # a decoder's KV budget: bytes, a fraction of free memory, None: AUTO_KV_FRACTION
     prefix_caching: bool
     beams: int  # Whisper's beams at temperature 0
@@ -62,6 +62,7 @@ class EngineSettings:
     speculative: SpeculativeSettings | None = None  # a decoder's drafts; None: no speculative decoding
     profile_dir: Path | None = None  # profile the first profile_steps steps into it
     profile_steps: int = 0
+    timed_chunks: bool = False  # a decoder's prompt chunks beside decoding rows sized by measured step time
 
 
 def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: frozenset[int], context_length: int,
@@ -82,13 +83,15 @@ def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: fr
         for kernel in (decode_attention, logits):
             kernel.library()  # built (or found missing, and said so) now rather than in the first step
     logger.info("KV budget: %d tokens (%.2f GiB at %d KB per token); prefix caching %s; %d prompt tokens per step "
-                "beside decoding rows%s", tokens, tokens * layout.bytes_per_token / 2**30,
+                "beside decoding rows%s%s", tokens, tokens * layout.bytes_per_token / 2**30,
                 layout.bytes_per_token // 1024, "on" if settings.prefix_caching else "off", settings.step_tokens,
+                " at most, sized by measured step time" if settings.timed_chunks else "",
                 ", batch-invariant" if settings.batch_invariant else "")
     scheduler = Scheduler(arena, max_running=batch_size, max_pending=settings.max_pending,
                           step_tokens=settings.step_tokens, solo_tokens=SOLO_PREFILL_TOKENS,
                           batch_invariant=settings.batch_invariant,
-                          attention_cost=attention_cost(model, layout, weights), speculative=settings.speculative)
+                          attention_cost=attention_cost(model, layout, weights), speculative=settings.speculative,
+                          timed_chunks=settings.timed_chunks)
     static = None
     if slots is not None:
         static = StaticDecoder(model, arena, settings.compile_mode, settings.min_rows,

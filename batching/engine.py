@@ -182,9 +182,10 @@ class Engine:
             return
         started = time.perf_counter()
         outcome = await self._attempt(spans)
+        seconds = time.perf_counter() - started
         if self.on_step:
-            self.on_step(time.perf_counter() - started)
-        self.scheduler.finished_step(outcome.done)
+            self.on_step(seconds)
+        self.scheduler.finished_step(outcome.done, seconds)
         for seq, error in outcome.failed:
             self._fail(seq, error)
         self._deliver([span for span in outcome.done if span.emits], outcome.tokens)

@@ -1,10 +1,11 @@
 """Who runs in the next step, and how much of each: a bounded waiting queue, and running sequences that each
 compute one span of their tokens per step (one token when decoding, the next chunk of a prompt otherwise).
 
-While sequences are decoding, a long prompt's chunks stay within `step_tokens`, so it never stalls them for
-more than a small chunk; prompts that finish in the step may also take a token for each row the batch leaves
-free (no step costs more than a full batch decoding plus `step_tokens`); with nothing decoding, a prompt takes
-up to `solo_tokens` per step.
+While sequences are decoding, a long prompt's chunks stay within `step_tokens` (or, where chunks are sized by
+measured step time, within what keeps a step at a known multiple of the decoding rows' own: batching.chunk_sizer),
+so it never stalls them for more than a small chunk; prompts that finish in the step may also take a token for
+each row the batch leaves free (no step costs more than a full batch decoding plus `step_tokens`); with nothing
+decoding, a prompt takes up to `solo_tokens` per step.
 The budget counts what a token costs: a prompt token at position p also attends to the p before it,
 so it counts 1 + p x `attention_cost` (attention's cost per earlier token relative to the token's linear
 layers), and the late chunks of a long prompt take fewer tokens than its first. In batch-invariant mode
@@ -28,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from batching.chunk_sizer import ChunkSizer
 from batching.sequence import Sequence, Status
 from batching.speculative import SpeculativeSettings, drafts_allowed
 
@@ -86,7 +88,8 @@ class Span:
 class Scheduler:
     def __init__(self, memory: KVMemory, max_running: int, max_pending: int, step_tokens: int,
                  solo_tokens: int | None = None, batch_invariant: bool = False, attention_cost: float = 0.0,
-                 speculative: SpeculativeSettings | None = None) -> None:
+                 speculative: SpeculativeSettings | None = None, timed_chunks: bool = False) -> None:
+        """timed_chunks: size prompt chunks beside decoding rows by measured step time, up to step_tokens."""
         self.memory = memory
         self.speculative = speculative
         self.max_running = max_running
@@ -95,6 +98,8 @@ class Scheduler:
         self.solo_tokens = max(solo_tokens or step_tokens, step_tokens)
         self.batch_invariant = batch_invariant
         self.attention_cost = attention_cost
+        self.chunk_sizer = ChunkSizer(step_tokens) if timed_chunks and not batch_invariant else None
+        self._planned: tuple[int, float] | None = None  # the last plan's decoding rows and prompt cost, if undrafted
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].row == i
         self.preemptions = 0
@@ -122,7 +127,9 @@ class Scheduler:
         for seq in [s for s in self.running if s.decoding]:
             if seq.status is Status.RUNNING and self._reserve(seq, seq.length):  # else preempted for an older one
                 spans.append(Span(seq, seq.computed, seq.length))
-        budget, finishing_only = self._prompt_budget(len(spans))
+        decoding_rows = len(spans)
+        budget, finishing_only = self._prompt_budget(decoding_rows)
+        full_budget = budget
         for seq in [s for s in self.running if not s.decoding]:
             budget = self._plan_span(seq, spans, budget, finishing_only)
         while self.waiting and len(self.running) < self.row_limit and budget >= 1:
@@ -140,6 +147,8 @@ class Scheduler:
                 break
         if self.speculative is not None and sum(span.seq.decoding for span in spans) <= self.speculative.max_rows:
             spans = [self._drafted(span) if span.seq.decoding else span for span in spans]
+        drafted = any(span.draft_room for span in spans)
+        self._planned = None if drafted else (decoding_rows, full_budget - budget)
         return spans
 
     def _drafted(self, span: Span) -> Span:
@@ -160,7 +169,8 @@ class Scheduler:
         faster), while a long prompt's chunks stay within `step_tokens`, so the rows beside it keep their pace."""
         if decoding_rows or self.batch_invariant:
             free_rows = max(0, self.row_limit - decoding_rows)
-            return self.step_tokens + free_rows, free_rows
+            chunk = self.step_tokens if self.chunk_sizer is None else self.chunk_sizer.tokens
+            return chunk + free_rows, free_rows
         return self.solo_tokens, 0
 
     def _plan_span(self, seq: Sequence, spans: list[Span], budget: float, finishing_only: int) -> float:
@@ -220,8 +230,10 @@ class Scheduler:
         return seq.prefix_source is None or (source.status is Status.RUNNING
                                              and source.computed >= len(source.prompt_ids))
 
-    def finished_step(self, spans: list[Span]) -> None:
-        """After the step: each span's tokens are computed."""
+    def finished_step(self, spans: list[Span], seconds: float | None = None) -> None:
+        """After the step (which took `seconds`, where measured): each span's tokens are computed."""
+        if self.chunk_sizer is not None and seconds is not None and self._planned is not None:
+            self.chunk_sizer.observe(seconds, *self._planned)
         for span in spans:
             if span.seq.status is Status.RUNNING:
                 span.seq.computed = span.end

@@ -5,11 +5,14 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from batching import SamplingParams
+from batching.chunk_sizer import FEWEST_TOKENS, SLOWDOWN, ChunkSizer
 from batching.extents import Extent, ExtentAllocator
 from batching.prefix_cache import BLOCK_TOKENS, CachedPrefix, PrefixCache
-from model_manager import LoadedModel
+from config import Config
+from model_manager import LoadedModel, engine_settings
 from models import CompletionRequest
 from serving.errors import APIError
 from serving.text_service import ServingOptions, TextService
@@ -320,3 +323,57 @@ def test_by_default_a_prompt_alone_is_prefilled_at_once_and_beside_decoding_rows
     assert costs[-1] <= 32 + engine.scheduler.max_running - 1, costs
     sizes = [end - start for start, end in beside]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-2], "later chunks attend to more: fewer tokens"
+
+
+def test_chunks_are_sized_so_a_step_with_one_lasts_about_twice_the_decoding_rows_alone():
+    sizer = ChunkSizer(most_tokens=64)
+    for _ in range(4):
+        sizer.observe(0.040, decoding_rows=8, prompt_cost=0)
+        sizer.observe(0.010, decoding_rows=1, prompt_cost=0)
+    assert sizer.tokens == 64, "nothing measured beside decoding rows yet: the most"
+    for _ in range(20):  # a prompt cost unit adds 4 ms to the 40 ms of 8 rows: 10 units double the step
+        sizer.observe(0.040 + 0.004 * sizer.tokens, decoding_rows=8, prompt_cost=sizer.tokens)
+    assert sizer.tokens == 10 == round((SLOWDOWN - 1) * 0.040 / 0.004)
+    for _ in range(20):  # beside one row (10 ms), the nearest row count measured alone
+        sizer.observe(0.010 + 0.004 * sizer.tokens, decoding_rows=1, prompt_cost=sizer.tokens)
+    assert sizer.tokens == FEWEST_TOKENS, "never below the floor"
+    for _ in range(20):  # two rows: 10 ms measured at one row is the nearest
+        sizer.observe(0.010 + 0.0001 * sizer.tokens, decoding_rows=2, prompt_cost=sizer.tokens)
+    assert sizer.tokens == 64, "cheap tokens: up to the most"
+
+
+def test_chunks_are_timed_unless_the_step_tokens_are_set_or_batch_invariant(llama, tokenizer):
+    assert engine_settings(Config(), torch.device("cpu")).timed_chunks
+    assert not engine_settings(Config(max_num_batched_tokens=64), torch.device("cpu")).timed_chunks
+    assert not engine_settings(Config(batch_invariant=True), torch.device("cpu")).timed_chunks
+    timed = make_engine(llama, tokenizer, batch_invariant=False).scheduler
+    assert timed.chunk_sizer is not None and timed.chunk_sizer.most_tokens == timed.step_tokens
+
+
+def test_timed_chunks_stay_within_the_measured_budget_and_give_the_tokens_of_a_single_prefill(llama, tokenizer):
+    long_prompt, short_prompt = prompts(1, len(tokenizer), 300, seed=12)[0], [5, 6, 7]
+    chunks = []  # (the long prompt's chunk cost, the step's budget when planned) in steps beside a decoding row
+
+    def recording(engine):
+        plan = engine.scheduler.plan
+
+        def recorded_plan():
+            budget = engine.scheduler.chunk_sizer.tokens
+            spans = plan()
+            chunks.extend((engine.scheduler._cost(s.start, s.end), budget) for s in spans
+                          if s.seq.prompt_ids[0] == long_prompt[0] and s.end < len(long_prompt) and len(spans) > 1)
+            return spans
+        engine.scheduler.plan = recorded_plan
+        return engine
+
+    async def beside_one(engine):
+        short = engine.add(short_prompt, greedy(200))
+        await until_decoding(short)
+        long = engine.add(long_prompt, greedy(5))
+        outputs = [await finish(engine, s) for s in (long, short)]
+        return outputs
+
+    long, short = run_with_engine(lambda: recording(make_engine(llama, tokenizer, batch_invariant=False,
+                                                                prefix_caching=False)), beside_one)
+    assert len(chunks) > 3 and all(cost <= budget for cost, budget in chunks), chunks
+    assert long.output_ids == alone(llama, tokenizer, long_prompt, greedy(5), batch_invariant=False).output_ids
