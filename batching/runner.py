@@ -84,9 +84,13 @@ class ModelRunner:
         return [[embeddings.popleft()] if span.pools else tokens.popleft() for span in spans if span.emits]
 
     def _verify_drafts(self, spans: list[Span]) -> tuple[list[list[TokenLogprob]], list[Pooled]]:
-        """A step with drafts runs packed (the static step computes one token per row): rows without a draft sample
-        together as in any step, rows with one verify it from the logits at each of its positions."""
-        logits, embeddings = self._packed_logits(spans)
+        """A step with drafts runs in the static step where it takes them (each token a row of its own), else
+        packed: rows without a draft sample together as in any step, rows with one verify it from the logits at
+        each of its positions."""
+        if self.static is not None and self.static.takes(spans):
+            logits, embeddings = self.static.draft_logits(spans), []
+        else:
+            logits, embeddings = self._packed_logits(spans)
         sampling = [span for span in spans if span.samples]
         plain = [index for index, span in enumerate(sampling) if not span.draft]
         emitted: dict[int, list[TokenLogprob]] = {}

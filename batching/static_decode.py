@@ -11,6 +11,7 @@ holding a long row run packed."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from functools import partial
@@ -176,41 +177,55 @@ class StaticDecoder(BucketedDecoder):
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text
-        (without prompt logprobs, which need every position's logits, nor embeddings, which need hidden states) if
-        all their tokens fit the largest bucket; long rows only where rows attend anywhere."""
+        (without prompt logprobs, which need every position's logits, nor embeddings, which need hidden states) and
+        drafts to verify, if all their tokens fit the largest bucket; long rows only where rows attend anywhere."""
         if not self.takes_long_rows and not all(self.has_slot(span.seq) for span in spans):
             return False
-        if all(span.seq.decoding for span in spans):
+        if all(span.seq.decoding and not span.draft for span in spans):
             return True
-        return (self.takes_prompts and sum(span.end - span.start for span in spans) <= self.buckets[-1]
+        return (self.takes_prompts and sum(span.stop - span.start for span in spans) <= self.buckets[-1]
                 and not any(isinstance(span.seq.inputs, ImageInputs) or span.seq.params.prompt_logprobs
                             or span.seq.params.pooled for span in spans))
 
-    @torch.inference_mode()
     def logits(self, spans: list[Span]) -> torch.Tensor:
-        """Next-token logits ([spans that sample, vocab], in span order) of spans it takes. Decoding rows alone lie
-        in their sequences' rows; with prompt chunks, every token lies in a row of its own, in span order. Rows
-        without a token write to the padding slot and their logits are dropped."""
-        tokens = [(span.seq, position) for span in spans for position in range(span.start, span.end)]
-        places = [span.seq.row for span in spans] if len(tokens) == len(spans) else list(range(len(tokens)))
-        inputs = self._padding(self.bucket(max(places) + 1))
-        ids, positions, lengths, arena_positions, starts, adapters = inputs
-        for place, (seq, position) in zip(places, tokens):
-            ids[place], positions[place] = seq.all_ids[position], text_position(seq, position)
-            adapters[place] = seq.adapter_slot
-            lengths[place], arena_positions[place], starts[place] = position + 1, seq.kv.start + position, seq.kv.start
-        logits = self._run(inputs)
-        sampled, last = [], -1
-        for span in spans:
-            last += span.end - span.start
-            if span.samples:
-                sampled.append(places[last])
+        """Next-token logits ([spans that sample, vocab], in span order) of spans it takes."""
+        logits, places = self._forward(spans)
+        sampled = [places[last] for span, last in zip(spans, _last_tokens(spans)) if span.samples]
         if sampled == list(range(len(sampled))):  # in order from the first row: no copy of the logits needed
             return logits[:len(sampled)]
         return logits[self._tensor(sampled)]
+
+    def draft_logits(self, spans: list[Span]) -> list[torch.Tensor]:
+        """For each span that samples, in order, the logits at its last token and at each of its draft tokens
+        ([1 + draft, vocab], as the packed forward gives them to verify drafts), of spans it takes."""
+        logits, places = self._forward(spans)
+        return [logits[places[last - len(span.draft)]:places[last] + 1]
+                for span, last in zip(spans, _last_tokens(spans)) if span.samples]
+
+    @torch.inference_mode()
+    def _forward(self, spans: list[Span]) -> tuple[torch.Tensor, list[int]]:
+        """The step's logits, one row per token, and the row of each of the spans' tokens (with their drafts', in
+        span order). Decoding rows alone lie in their sequences' rows; with prompt chunks or drafts, every token
+        lies in a row of its own, in span order. Rows without a token write to the padding slot and their logits
+        are dropped."""
+        tokens = [(span, position) for span in spans for position in range(span.start, span.stop)]
+        places = [span.seq.row for span in spans] if len(tokens) == len(spans) else list(range(len(tokens)))
+        inputs = self._padding(self.bucket(max(places) + 1))
+        ids, positions, lengths, arena_positions, starts, adapters = inputs
+        for place, (span, position) in zip(places, tokens):
+            seq = span.seq
+            ids[place] = seq.all_ids[position] if position < span.end else span.draft[position - span.end]
+            positions[place], adapters[place] = text_position(seq, position), seq.adapter_slot
+            lengths[place], arena_positions[place], starts[place] = position + 1, seq.kv.start + position, seq.kv.start
+        return self._run(inputs), places
 
     def _padding(self, rows: int) -> list[list[int]]:
         """ids, positions, lengths, arena positions, starts, adapters: each row one token, written to the padding
         slot, without an adapter."""
         return [[0] * rows, [0] * rows, [1] * rows, [self.padding] * rows, [self.padding] * rows,
                 [NO_ADAPTER] * rows]
+
+
+def _last_tokens(spans: list[Span]) -> list[int]:
+    """The index of each span's last token (its draft's last, with a draft) among the step's tokens."""
+    return [end - 1 for end in itertools.accumulate(span.stop - span.start for span in spans)]

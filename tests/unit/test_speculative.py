@@ -71,11 +71,13 @@ def prompts(count: int, seed: int = 1) -> list[list[int]]:
 
 
 def serve_all(model, tokenizer, requests: list[tuple[list[int], SamplingParams]], speculative: str | None,
-              steps: list | None = None, checked: list | None = None, **settings):
+              steps: list | None = None, checked: list | None = None, prepare=None, **settings):
     """The requests at once; the engine after they ended, each step's spans in `steps`, and in `checked` whether
-    the rollback invariant held after each step (check_rollback)."""
+    the rollback invariant held after each step (check_rollback); prepare(engine) before it starts."""
     engine = make_engine(model, tokenizer, batch_size=8, batch_invariant=False, speculative_config=speculative,
                          **settings)
+    if prepare is not None:
+        prepare(engine)
     if checked is not None:
         check_rollback(engine, checked)
     if steps is not None:
@@ -153,15 +155,29 @@ def test_every_token_verified_is_transformers_choice(tokenizer, dtype):
         assert quality.divergence(tokens, same, quality.BOUNDS[dtype], float32) is None
 
 
-def test_drafts_beside_a_static_cache(model, tokenizer):
-    """Steps with drafts take the packed forward over the static cache's slots (the static step computes one token
-    per row), and steps without them the static step: the same tokens as without drafts."""
+@pytest.mark.parametrize("mode", ["static_cache", "torch_compile"])
+def test_drafts_are_verified_in_the_static_step(model, tokenizer, mode):
+    """Steps with drafts run in the static step (compiled with --torch-compile), each token in a row of its own as
+    prompt chunks do: the same tokens and log-probabilities as without drafts, and every step with drafts ran there
+    (none fell back to the packed forward)."""
     requests = [(prompt, greedy(30)) for prompt in prompts(4, seed=6)]
-    settings = dict(static_cache=True, static_cache_decoder_max_length=96)
+    settings = {"static_cache": True, "static_cache_decoder_max_length": 96, mode: True}
     without, _ = serve_all(model, tokenizer, requests, None, **settings)
-    with_drafts, engine = serve_all(model, tokenizer, requests, NGRAM, **settings)
+    steps, verified_static = [], []
+
+    def count_static_verifications(engine):
+        draft_logits = engine.runner.static.draft_logits
+        engine.runner.static.draft_logits = lambda spans: verified_static.append(spans) or draft_logits(spans)
+
+    with_drafts, engine = serve_all(model, tokenizer, requests, NGRAM, steps, prepare=count_static_verifications,
+                                    **settings)
     assert [s.tokens for s in with_drafts] == [s.tokens for s in without]
+    for ours, theirs in zip(with_drafts, without):
+        assert torch.allclose(torch.tensor([t.logprob for t in ours.logprobs]),
+                              torch.tensor([t.logprob for t in theirs.logprobs]), atol=1e-4)
     assert engine.stats().drafts.accepted > 0
+    drafted = [spans for spans in steps if any(span.draft for span in spans)]
+    assert drafted and verified_static == drafted
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
