@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 import transformers
 from huggingface_hub import snapshot_download
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -271,6 +273,8 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
     static_step = config.static_cache or config.torch_compile
     if static_step and not config.static_cache:
         logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+    if config.torch_compile:
+        keep_compiled_graphs(Path(config.model_cache_dir) / "torch-compile")
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
     failpoints = parse_failpoints(config.failpoints)
     if failpoints:
@@ -289,6 +293,16 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         profile_steps=config.torch_profiling_steps,
         timed_chunks=config.max_num_batched_tokens is None and not config.batch_invariant,
         speculative=speculative_settings(config, step_tokens, draft_model))
+
+
+def keep_compiled_graphs(folder: Path) -> None:
+    """Inductor's on-disk caches (its compiled graphs and AOTAutograd's) go to `folder`, beside the converted
+    models (a volume in Docker, where /tmp is lost with the container), unless TORCHINDUCTOR_CACHE_DIR says
+    otherwise: a later start with the same model and flags loads the graphs instead of compiling them again.
+    (Importing inductor sets the variable to its default, so the default counts as unset.)"""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    logger.info("compiled graphs are kept in %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def speculative_settings(config: Config, step_tokens: int, draft_model: PreTrainedModel | None = None

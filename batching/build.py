@@ -194,8 +194,18 @@ def kv_budget_tokens(memory: int | float | None, layout: KVLayout, useful_tokens
     layer_bytes = layout.bytes_per_token // layout.layers
     for device, layers in Counter(layout.devices).items():
         fraction = AUTO_KV_FRACTION[device.type == "cuda"] if memory is None else memory
-        useful_tokens = min(useful_tokens, int(free_memory_bytes(device) * fraction) // (layer_bytes * layers))
+        affordable = int(free_memory_bytes(device) * fraction) // (layer_bytes * layers)
+        useful_tokens = min(useful_tokens, leading_bits(affordable, 4))
     return useful_tokens
+
+
+def leading_bits(count: int, bits: int) -> int:
+    """`count` with all but its `bits` leading binary digits cleared (at most 1/2**(bits-1) less). A budget taken
+    from free memory then comes out the same on most starts of a machine, whose free memory moves a little, and so
+    does the KV arena's size, which compiled steps hold as a constant: their graphs are found in the on-disk cache
+    rather than compiled again."""
+    shift = max(count.bit_length() - bits, 0)
+    return count >> shift << shift
 
 
 def drafter(model: PreTrainedModel, speculative: SpeculativeSettings | None) -> Drafter | None:

@@ -6,7 +6,10 @@ bfloat16 on CPU through torch's int4 kernel with HQQ's own de-quantised weights;
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import transformers
 
 from batching import ATTENTION_NAME, KVArena, Slots, kv_layout
 from batching.attention import attend_decoding
-from batching.build import attention_cost
+from batching.build import attention_cost, leading_bits
 from batching.static_decode import DecodeForward, bucket_sizes, compiled_per_bucket
 from config import auto_dtype
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -405,3 +408,38 @@ def test_decoding_attention_in_bfloat16_agrees_with_sdpa_in_float32(mask_kind):
     torch.testing.assert_close(ours.float(), exact, atol=2e-2, rtol=2e-2)
     float32 = attend_decoding(query.float(), keys.float(), values.float(), mask, 0.125)
     assert torch.equal(float32, exact)
+
+
+COMPILE_ONCE = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from tests.helpers.engine import make_engine
+from tests.helpers.tiny_models import byte_tokenizer, tiny_model
+
+tokenizer = byte_tokenizer()
+engine = make_engine(tiny_model("llama", len(tokenizer), seed=3), tokenizer, batch_size=2, batch_invariant=False,
+                     torch_compile=True, model_cache_dir=sys.argv[1])
+engine.runner.warm_up(lambda ready, buckets: None)
+print(json.dumps({"graphs": len(engine.runner.static.buckets), **counters["inductor"]}))
+"""
+
+
+def test_a_second_start_loads_the_compiled_steps_from_the_disk_cache(tmp_path):
+    """What makes a second start with --torch-compile quick: each process compiles the same graphs, and the
+    second finds every one of them in the cache under --model-cache-dir."""
+    environment = {name: value for name, value in os.environ.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", COMPILE_ONCE, str(tmp_path)], env=environment,
+                                      capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+    graphs = runs[0]["graphs"]
+    assert graphs == 3, "rows 1 and 2, and prompt chunks beside them"
+    assert runs[0].get("fxgraph_cache_miss") == graphs and not runs[0].get("fxgraph_cache_hit"), runs
+    assert runs[1].get("fxgraph_cache_hit") == graphs and not runs[1].get("fxgraph_cache_miss"), runs
+    assert (tmp_path / "torch-compile").is_dir()
+
+
+def test_a_budget_from_free_memory_keeps_four_leading_bits():
+    assert leading_bits(248113, 4) == 0b1111 << 14 == leading_bits(250001, 4)
+    assert leading_bits(15, 4) == 15 and leading_bits(0, 4) == 0
+    assert all(count * 7 / 8 <= leading_bits(count, 4) <= count for count in range(1, 5000))
