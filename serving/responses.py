@@ -239,9 +239,16 @@ class ResponsesService:
         return ResponseObject(
             id=response_id, model=request.model, instructions=request.instructions,
             max_output_tokens=request.max_output_tokens, parallel_tool_calls=request.parallel_tool_calls,
-            previous_response_id=request.previous_response_id, temperature=request.temperature,
-            top_p=request.top_p, tool_choice=request.tool_choice or "auto", tools=request.tools or [],
+            previous_response_id=request.previous_response_id,
+            temperature=self._sampled_with(request, "temperature"), top_p=self._sampled_with(request, "top_p"),
+            tool_choice=request.tool_choice or "auto", tools=request.tools or [],
             text=request.text or TextConfig(), metadata=request.metadata or {}, store=request.store, user=request.user)
+
+    def _sampled_with(self, request: ResponsesRequest, field: str) -> float:
+        """The value the reply was sampled with: the request's, or where it gave none, the model's default."""
+        if field in request.model_fields_set:
+            return getattr(request, field)
+        return self.text_service.sampling_defaults.get(field, getattr(request, field))
 
     def _finish(self, turn: Turn, response: ResponseObject, items: list[OutputItem], choices: list[Choice],
                 reason: str | None) -> ResponseObject:

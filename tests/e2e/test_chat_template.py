@@ -22,13 +22,14 @@ PIRATE = {"persona": "a pirate"}
 
 @pytest.fixture(scope="module")
 def model_folder(embedded_model_dir, tmp_path_factory):
-    """The embedded model whose authors chose top_k 1 and 50 new tokens at most."""
+    """The embedded model whose authors chose top_k 1, temperature 0.7, top_p 0.9 and 50 new tokens at most."""
     folder = tmp_path_factory.mktemp("generation-defaults")
     for path in embedded_model_dir.iterdir():
         if path.name != "generation_config.json":
             (folder / path.name).symlink_to(path)
     generation = json.loads((embedded_model_dir / "generation_config.json").read_text())
-    (folder / "generation_config.json").write_text(json.dumps({**generation, "top_k": 1, "max_new_tokens": 50}))
+    authors = {"top_k": 1, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 50}
+    (folder / "generation_config.json").write_text(json.dumps({**generation, **authors}))
     return folder
 
 
@@ -90,3 +91,10 @@ def test_what_a_request_gives_wins_over_the_models_defaults(client):
     # completions keep OpenAI's default of 16 tokens: the model's limit is for requests that give none
     completion = client.completions.create(model="m", prompt="The sea", extra_body={"ignore_eos": True})
     assert completion.usage.completion_tokens == 16
+
+
+def test_a_response_reports_the_sampling_values_it_was_sampled_with(client):
+    defaulted = client.responses.create(model="m", input="Hello", max_output_tokens=2)
+    assert (defaulted.temperature, defaulted.top_p) == (0.7, 0.9)
+    given = client.responses.create(model="m", input="Hello", max_output_tokens=2, temperature=0.2, top_p=1.0)
+    assert (given.temperature, given.top_p) == (0.2, 1.0)
