@@ -305,7 +305,8 @@ class Config:
                         "the LM head (W8A8): integer products, on CPU", False, parse_bool, modes=(False, True))
     quantization: str | None = option("--quantization", "QUANTIZATION", "vLLM's spelling: int8 sets --int8, hqq "
                                       "sets --hqq", None, choices=["int8", "hqq"])
-    torch_compile: bool = option("--torch-compile", "TORCH_COMPILE", "torch.compile the decode step", False,
+    torch_compile: bool = option("--torch-compile", "TORCH_COMPILE",
+                                 "torch.compile the decode step (graphs kept under --model-cache-dir)", False,
                                  parse_bool, modes=(False, True))
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE",
                                      "torch.compile mode of the decode step (reduce-overhead: CUDA graphs on CUDA)",

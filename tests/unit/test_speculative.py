@@ -135,17 +135,20 @@ def test_greedy_tokens_and_logprobs_are_those_without_drafts(model, tokenizer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_token_verified_is_transformers_choice(tokenizer, dtype):
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_every_token_verified_is_transformers_choice(tokenizer, dtype, static_cache):
     """The quality matrix's check (tests/helpers/quality.py) on a model whose drafts are accepted (the matrix's
     models are built not to repeat themselves, so there its drafts are rejected): each served token is the token
-    transformers' forward chooses after the same tokens, with its log-probability, within the dtype's bound."""
+    transformers' forward chooses after the same tokens, with its log-probability, within the dtype's bound;
+    drafts verified packed, and in the static step."""
     model = repeating_model(tokenizer, dtype)
     references = {}
     for reference_dtype in dict.fromkeys([dtype, torch.float32]):
         references[reference_dtype] = repeating_model(tokenizer, reference_dtype)
         references[reference_dtype].set_attn_implementation("sdpa")
     requests = [(prompt, greedy(30)) for prompt in prompts(4, seed=5)]
-    served, engine = serve_all(model, tokenizer, requests, NGRAM)
+    served, engine = serve_all(model, tokenizer, requests, NGRAM, static_cache=static_cache,
+                               static_cache_decoder_max_length=96)
     assert engine.stats().drafts.accepted > 0
     for (prompt, _), answer in zip(requests, served):
         ids = torch.tensor([prompt + answer.tokens[:-1]])
