@@ -307,9 +307,10 @@ def keep_compiled_graphs(folder: Path) -> None:
 
 def speculative_settings(config: Config, step_tokens: int, draft_model: PreTrainedModel | None = None
                          ) -> SpeculativeSettings | None:
-    """--speculative-config for a decoder's engine. Rows verify drafts only while their draft tokens fit the prompt
-    tokens a step computes beside decoding rows (rows x (1 + num_speculative_tokens) <= step_tokens): beyond, the
-    batch is busy enough that verifying costs more than it saves. Encoder-decoder and Whisper engines do not draft,
+    """--speculative-config for a decoder's engine. Rows verify drafts only while the sequences in the engine could
+    verify theirs within the prompt tokens a step computes beside decoding rows (sequences x (1 +
+    num_speculative_tokens) <= step_tokens): beyond, the server is busy enough that verifying costs more than it
+    saves. Encoder-decoder and Whisper engines do not draft,
     nor batch-invariant ones (a row's step would then depend on whether it drafted)."""
     if not config.speculative_config:
         return None

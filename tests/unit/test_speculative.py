@@ -71,10 +71,10 @@ def prompts(count: int, seed: int = 1) -> list[list[int]]:
 
 
 def serve_all(model, tokenizer, requests: list[tuple[list[int], SamplingParams]], speculative: str | None,
-              steps: list | None = None, checked: list | None = None, prepare=None, **settings):
+              steps: list | None = None, checked: list | None = None, prepare=None, batch_size: int = 8, **settings):
     """The requests at once; the engine after they ended, each step's spans in `steps`, and in `checked` whether
     the rollback invariant held after each step (check_rollback); prepare(engine) before it starts."""
-    engine = make_engine(model, tokenizer, batch_size=8, batch_invariant=False, speculative_config=speculative,
+    engine = make_engine(model, tokenizer, batch_size=batch_size, batch_invariant=False, speculative_config=speculative,
                          **settings)
     if prepare is not None:
         prepare(engine)
@@ -376,15 +376,24 @@ def test_a_request_that_opts_out_never_drafts(model, tokenizer):
     assert not any(span.draft for span in spans if not span.seq.params.speculative)
 
 
-def test_busy_steps_draft_nothing(model, tokenizer):
-    """With 16 prompt tokens a step, 4-token drafts are verified while at most 3 rows decode: not while six do,
-    but once three of them have finished."""
-    steps = []
-    serve_all(model, tokenizer, [(prompt, greedy(limit)) for prompt, limit in zip(prompts(6, seed=4), [4, 30] * 3)],
-              NGRAM, steps, max_num_batched_tokens=16)
-    decoding = [spans for spans in steps if all(span.seq.decoding for span in spans)]
-    assert any(len(spans) > 3 for spans in decoding) and any(any(span.draft for span in spans) for spans in steps)
-    assert not any(span.draft for spans in steps if len([s for s in spans if s.seq.decoding]) > 3 for span in spans)
+def test_a_busy_engine_drafts_nothing(model, tokenizer):
+    """With 16 prompt tokens a step, 4-token drafts are verified while at most 3 sequences are in the engine: not
+    while three decode and three more wait for a row, but once those three have the engine to themselves."""
+    steps = []  # each step's sequences in the engine, its decoding rows, and whether it had room for drafts
+
+    def watch(engine):
+        step = engine.runner.step
+
+        def watched(spans):
+            steps.append((len(engine.scheduler.running) + len(engine.scheduler.waiting),
+                          sum(span.seq.decoding for span in spans), any(span.draft_room for span in spans)))
+            return step(spans)
+        engine.runner.step = watched
+    some = prompts(6, seed=4)
+    requests = [(prompt, greedy(limit)) for prompt, limit in zip(some[0::2] + some[1::2], [4, 4, 4, 30, 30, 30])]
+    serve_all(model, tokenizer, requests, NGRAM, prepare=watch, batch_size=3, max_num_batched_tokens=16)
+    assert any(load > 3 and decoding == 3 for load, decoding, _ in steps)
+    assert any(drafted for _, _, drafted in steps) and not any(drafted for load, _, drafted in steps if load > 3)
 
 
 def test_metrics_export_the_draft_counters(model, tokenizer):
