@@ -1,11 +1,13 @@
 """Speculative decoding's benchmark, one command, one run: the same server with and without
-`--speculative-config`, one server at a time, on three workloads: prompts whose answers quote their input
+`--speculative-config`, both running, on three workloads: prompts whose answers quote their input
 (bench.quoting_prompts) at one stream, bench.prompts' open-ended chat at one stream, and the same chat at 32
-streams. Reports tokens/s, the ratio to the server without speculation, the draft acceptance rate and tokens per
-verified row (from /metrics), and whether greedy answers are the same text.
+streams. Each workload runs `--rounds` times on each server, the two servers taking turns (one loaded at a time),
+so that a shared machine's drift falls on both. Reports tokens/s (over all rounds), the ratio to the server
+without speculation with its lowest and highest round, the draft acceptance rate and tokens per verified row
+(from /metrics), and whether greedy answers are the same text.
 
     python -m bench.speculative
-    python -m bench.speculative --server-args "--int8 true" --max-tokens 64
+    python -m bench.speculative --server-args "--int8 true" --max-tokens 64 --rounds 1
     python -m bench.speculative --speculative-config '{"method": "ngram", "num_speculative_tokens": 6}'
 """
 
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import httpx
@@ -52,12 +55,19 @@ WORKLOADS = (Workload("quoting, 1 stream", quoting_prompt, 1, len(QUOTING_PROMPT
 
 @dataclass
 class Result:
+    """One server's rounds of one workload, summed."""
     server: str
     workload: str
-    tokens_per_s: float
-    drafted: float
-    accepted: float
-    verified: float
+    tokens: int = 0
+    seconds: float = 0.0
+    round_rates: list[float] = field(default_factory=list)  # tokens/s of each round
+    drafted: float = 0.0
+    accepted: float = 0.0
+    verified: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-args", default="", help="flags for both servers, e.g. '--int8 true'")
     parser.add_argument("--speculative-config", default=DEFAULT_SPECULATION)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="times each workload runs on each server, in turn")
     return parser.parse_args(argv)
 
 
@@ -88,44 +99,70 @@ async def greedy_answers(client: httpx.AsyncClient, model: str, max_tokens: int)
     return answers
 
 
-async def measure(base_url: str, server: str, max_tokens: int) -> tuple[list[Result], list[str]]:
-    async with make_client(base_url, max(w.concurrency for w in WORKLOADS)) as client:
-        model = await served_model(client)
-        await stream_one(client, model, prompt_for(0), max_tokens=4)
-        answers = await greedy_answers(client, model, max_tokens)
-        results = []
-        for workload in WORKLOADS:
-            before = await counters(client)
-            label = f"{server}, {workload.name}"
-            measurement = await run_level(client, model, workload.concurrency, workload.requests, max_tokens, label,
-                                          prompt_of=workload.prompt_of)
-            after = await counters(client)
-            print(f"{label}: {measurement.tokens_per_s:.1f} tokens/s", flush=True)
-            results.append(Result(server, workload.name, measurement.tokens_per_s,
-                                  *(after[name] - before[name] for name in (DRAFTED, ACCEPTED, VERIFIED))))
+@dataclass
+class Server:
+    name: str
+    client: httpx.AsyncClient
+    model: str
+
+
+async def ready(name: str, base_url: str, max_tokens: int, stack: contextlib.AsyncExitStack
+                ) -> tuple[Server, list[str]]:
+    """The server's client, warmed up, and its greedy answers to the quoting prompts."""
+    client = await stack.enter_async_context(make_client(base_url, max(w.concurrency for w in WORKLOADS)))
+    model = await served_model(client)
+    await stream_one(client, model, prompt_for(0), max_tokens=4)
+    return Server(name, client, model), await greedy_answers(client, model, max_tokens)
+
+
+async def measure_round(server: Server, workload: Workload, max_tokens: int, result: Result) -> None:
+    before = await counters(server.client)
+    label = f"{server.name}, {workload.name}"
+    measurement = await run_level(server.client, server.model, workload.concurrency, workload.requests, max_tokens,
+                                  label, prompt_of=workload.prompt_of)
+    after = await counters(server.client)
+    print(f"{label}: {measurement.tokens_per_s:.1f} tokens/s", flush=True)
+    result.tokens += measurement.completion_tokens
+    result.seconds += measurement.wall_s
+    result.round_rates.append(measurement.tokens_per_s)
+    result.drafted += after[DRAFTED] - before[DRAFTED]
+    result.accepted += after[ACCEPTED] - before[ACCEPTED]
+    result.verified += after[VERIFIED] - before[VERIFIED]
+
+
+async def measure(urls: dict[str, str], max_tokens: int, rounds: int
+                  ) -> tuple[dict[str, list[Result]], dict[str, list[str]]]:
+    """Each workload's rounds on every server in turn; each server's results and greedy answers."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers, answers = [], {}
+        for name, url in urls.items():
+            server, answers[name] = await ready(name, url, max_tokens, stack)
+            servers.append(server)
+        results = {server.name: [Result(server.name, workload.name) for workload in WORKLOADS] for server in servers}
+        for index, workload in enumerate(WORKLOADS):
+            for _ in range(rounds):
+                for server in servers:
+                    await measure_round(server, workload, max_tokens, results[server.name][index])
         return results, answers
-
-
-def run_server(server: str, argv: list[str], max_tokens: int) -> tuple[list[Result], list[str]]:
-    log_path = RESULTS / f"server-speculative-{server}.log"
-    print(f"server: main.py {shlex.join(argv)} (log: {log_path})", flush=True)
-    with running_server(*argv, env=process_env(os.environ.get("MKL_CBWR", "AUTO")), log_path=log_path) as url:
-        return asyncio.run(measure(url, server, max_tokens))
 
 
 def report(args: argparse.Namespace, plain: list[Result], speculative: list[Result], same: int) -> str:
     lines = [f"# Speculative decoding, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
              f"- {cpu_model()}, {os.cpu_count()} CPUs; flags for both: `{args.server_args}`; "
-             f"speculation: `{args.speculative_config}`; {args.max_tokens} tokens per request, temperature 0",
+             f"speculation: `{args.speculative_config}`; {args.max_tokens} tokens per request, temperature 0; "
+             f"{args.rounds} rounds, the servers taking turns",
              f"- greedy answers to the {len(QUOTING_PROMPTS)} quoting prompts the same text: {same} of "
              f"{len(QUOTING_PROMPTS)}", "",
-             "| workload | without: tokens/s | with: tokens/s | ratio | drafts accepted | tokens per verified row |",
+             "| workload | without: tokens/s | with: tokens/s | ratio (rounds' lowest-highest) | drafts accepted | "
+             "tokens per verified row |",
              "|---|---|---|---|---|---|"]
     for base, spec in zip(plain, speculative):
         accepted = f"{spec.accepted / spec.drafted:.0%}" if spec.drafted else "no drafts"
         per_row = f"{1 + spec.accepted / spec.verified:.2f}" if spec.verified else "n/a"
+        ratios = [with_drafts / without for with_drafts, without in zip(spec.round_rates, base.round_rates)]
         lines.append(f"| {base.workload} | {base.tokens_per_s:.1f} | {spec.tokens_per_s:.1f} | "
-                     f"{spec.tokens_per_s / base.tokens_per_s:.2f}x | {accepted} | {per_row} |")
+                     f"{spec.tokens_per_s / base.tokens_per_s:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                     f"{accepted} | {per_row} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,14 +170,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     flags = shlex.split(args.server_args) + ["--continuous-batching-batch-size", "32"]
-    plain, plain_answers = run_server("plain", flags, args.max_tokens)
-    speculative, answers = run_server("speculative", flags + ["--speculative-config", args.speculative_config],
-                                      args.max_tokens)
-    same = sum(a == b for a, b in zip(plain_answers, answers))
-    text = report(args, plain, speculative, same)
+    arguments = {"plain": flags, "speculative": flags + ["--speculative-config", args.speculative_config]}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name, argv in arguments.items():
+            log_path = RESULTS / f"server-speculative-{name}.log"
+            print(f"server: main.py {shlex.join(argv)} (log: {log_path})", flush=True)
+            urls[name] = stack.enter_context(running_server(
+                *argv, env=process_env(os.environ.get("MKL_CBWR", "AUTO")), log_path=log_path))
+        results, answers = asyncio.run(measure(urls, args.max_tokens, args.rounds))
+    same = sum(a == b for a, b in zip(answers["plain"], answers["speculative"]))
+    text = report(args, results["plain"], results["speculative"], same)
     (RESULTS / "speculative.md").write_text(text)
-    (RESULTS / "speculative-answers.json").write_text(json.dumps({"plain": plain_answers, "speculative": answers},
-                                                                 indent=1))
+    (RESULTS / "speculative-answers.json").write_text(json.dumps(answers, indent=1))
     print("\n" + text, flush=True)
 
 
