@@ -17,9 +17,17 @@ FEWEST_TOKENS = 4  # a floor, so that a long prompt always advances by a useful 
 class ChunkSizer:
     def __init__(self, most_tokens: int) -> None:
         self.most_tokens = most_tokens
-        self.tokens = most_tokens  # the budget, in the scheduler's prompt cost; the most until steps are measured
         self._decode_seconds: dict[int, float] = {}  # by decoding rows
         self._seconds_per_cost: float | None = None
+
+    def tokens(self, decoding_rows: int) -> int:
+        """The prompt budget beside `decoding_rows` decoding rows, in the scheduler's prompt cost: what adds
+        (SLOWDOWN - 1) times their own step time; the most until a step with a chunk has been measured."""
+        decode_seconds = self.decode_seconds(decoding_rows)
+        if decode_seconds is None or not self._seconds_per_cost:
+            return self.most_tokens
+        affordable = (SLOWDOWN - 1) * decode_seconds / self._seconds_per_cost
+        return min(self.most_tokens, max(FEWEST_TOKENS, int(affordable)))
 
     def observe(self, seconds: float, decoding_rows: int, prompt_cost: float) -> None:
         """A step's wall time, its decoding rows and the prompt cost of the chunks beside them."""
@@ -29,12 +37,9 @@ class ChunkSizer:
             self._decode_seconds[decoding_rows] = _averaged(self._decode_seconds.get(decoding_rows), seconds)
             return
         decode_seconds = self.decode_seconds(decoding_rows)
-        if decode_seconds is None:
-            return
-        self._seconds_per_cost = _averaged(self._seconds_per_cost, max(seconds - decode_seconds, 0.0) / prompt_cost)
-        if self._seconds_per_cost > 0:
-            affordable = (SLOWDOWN - 1) * decode_seconds / self._seconds_per_cost
-            self.tokens = min(self.most_tokens, max(FEWEST_TOKENS, int(affordable)))
+        if decode_seconds is not None:
+            self._seconds_per_cost = _averaged(self._seconds_per_cost,
+                                               max(seconds - decode_seconds, 0.0) / prompt_cost)
 
     def decode_seconds(self, rows: int) -> float | None:
         """The measured step time of the nearest number of decoding rows alone, if any was measured."""

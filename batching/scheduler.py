@@ -172,7 +172,7 @@ class Scheduler:
         faster), while a long prompt's chunks stay within `step_tokens`, so the rows beside it keep their pace."""
         if decoding_rows or self.batch_invariant:
             free_rows = max(0, self.row_limit - decoding_rows)
-            chunk = self.step_tokens if self.chunk_sizer is None else self.chunk_sizer.tokens
+            chunk = self.step_tokens if self.chunk_sizer is None else self.chunk_sizer.tokens(decoding_rows)
             return chunk + free_rows, free_rows
         return self.solo_tokens, 0
 

@@ -330,16 +330,15 @@ def test_chunks_are_sized_so_a_step_with_one_lasts_about_twice_the_decoding_rows
     for _ in range(4):
         sizer.observe(0.040, decoding_rows=8, prompt_cost=0)
         sizer.observe(0.010, decoding_rows=1, prompt_cost=0)
-    assert sizer.tokens == 64, "nothing measured beside decoding rows yet: the most"
+    assert sizer.tokens(8) == sizer.tokens(1) == 64, "nothing measured beside decoding rows yet: the most"
     for _ in range(20):  # a prompt cost unit adds 4 ms to the 40 ms of 8 rows: 10 units double the step
-        sizer.observe(0.040 + 0.004 * sizer.tokens, decoding_rows=8, prompt_cost=sizer.tokens)
-    assert sizer.tokens == 10 == round((SLOWDOWN - 1) * 0.040 / 0.004)
-    for _ in range(20):  # beside one row (10 ms), the nearest row count measured alone
-        sizer.observe(0.010 + 0.004 * sizer.tokens, decoding_rows=1, prompt_cost=sizer.tokens)
-    assert sizer.tokens == FEWEST_TOKENS, "never below the floor"
-    for _ in range(20):  # two rows: 10 ms measured at one row is the nearest
-        sizer.observe(0.010 + 0.0001 * sizer.tokens, decoding_rows=2, prompt_cost=sizer.tokens)
-    assert sizer.tokens == 64, "cheap tokens: up to the most"
+        sizer.observe(0.040 + 0.004 * sizer.tokens(8), decoding_rows=8, prompt_cost=sizer.tokens(8))
+    assert sizer.tokens(8) == 10 == round((SLOWDOWN - 1) * 0.040 / 0.004)
+    assert sizer.tokens(7) == 10, "the nearest row count measured alone"
+    assert sizer.tokens(1) == FEWEST_TOKENS, "beside one row's 10 ms, 2.5 units: never below the floor"
+    for _ in range(20):  # tokens grow cheap (two rows: the 10 ms measured at one row is the nearest)
+        sizer.observe(0.010 + 0.0001 * sizer.tokens(2), decoding_rows=2, prompt_cost=sizer.tokens(2))
+    assert sizer.tokens(2) == sizer.tokens(8) == 64, "cheap tokens: up to the most"
 
 
 def test_chunks_are_timed_unless_the_step_tokens_are_set_or_batch_invariant(llama, tokenizer):
@@ -358,7 +357,8 @@ def test_timed_chunks_stay_within_the_measured_budget_and_give_the_tokens_of_a_s
         plan = engine.scheduler.plan
 
         def recorded_plan():
-            budget = engine.scheduler.chunk_sizer.tokens
+            decoding_rows = sum(seq.decoding for seq in engine.scheduler.running)
+            budget = engine.scheduler.chunk_sizer.tokens(decoding_rows)
             spans = plan()
             chunks.extend((engine.scheduler._cost(s.start, s.end), budget) for s in spans
                           if s.seq.prompt_ids[0] == long_prompt[0] and s.end < len(long_prompt) and len(spans) > 1)
