@@ -321,7 +321,7 @@ def speculative_settings(config: Config, step_tokens: int, draft_model: PreTrain
         return None
     tokens = spec["num_speculative_tokens"]
     return SpeculativeSettings(tokens, spec.get("prompt_lookup_min", 0), spec.get("prompt_lookup_max", 0),
-                               max_rows=max(1, step_tokens // (1 + tokens)), draft_model=draft_model)
+                               max_sequences=max(1, step_tokens // (1 + tokens)), draft_model=draft_model)
 
 
 def speculation_ignored(config: Config) -> str | None:

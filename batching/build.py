@@ -213,12 +213,13 @@ def drafter(model: PreTrainedModel, speculative: SpeculativeSettings | None) -> 
         return None
     if speculative.draft_model is None:
         logger.info("speculative decoding: n-gram drafts of up to %d tokens (n-grams of %d to %d tokens), verified "
-                    "while at most %d requests are in the engine", speculative.tokens, speculative.lookup_min,
-                    speculative.lookup_max, speculative.max_rows)
+                    "while at most %d sequences are in the engine", speculative.tokens, speculative.lookup_min,
+                    speculative.lookup_max, speculative.max_sequences)
         return NgramDrafter(speculative)
     logger.info("speculative decoding: drafts of up to %d tokens from %s (%d parameters), verified while at most %d "
-                "requests are in the engine; its K/V for those rows outside the KV budget", speculative.tokens,
-                speculative.draft_model.name_or_path, speculative.draft_model.num_parameters(), speculative.max_rows)
+                "sequences are in the engine; the draft's K/V for them outside the KV budget", speculative.tokens,
+                speculative.draft_model.name_or_path, speculative.draft_model.num_parameters(),
+                speculative.max_sequences)
     return DraftModel(speculative.draft_model, model.get_output_embeddings().out_features)
 
 

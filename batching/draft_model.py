@@ -3,9 +3,10 @@ row's next tokens greedily, one forward per token, over the row's own cache of t
 DynamicCache). The target verifies them as it verifies n-gram drafts (batching.speculative.verify): greedy drafts
 are a one-hot proposal, so rejection sampling keeps every row's output distribution.
 
-Caches are kept only for the rows of the latest step that drafted (at most SpeculativeSettings.max_rows), so the
-draft's memory is bounded by max_rows x the context; a row's cache is cut back to the tokens the row still has
-(the draft tokens the target rejected go) and rebuilt from its tokens when it drafts again after a pause."""
+Caches are kept only for the rows of the latest step that drafted (at most SpeculativeSettings.max_sequences),
+so the draft's memory is bounded by max_sequences x the context; a row's cache is cut back to the tokens the row
+still has (the draft tokens the target rejected go) and rebuilt from its tokens when it drafts again after a
+pause."""
 
 from __future__ import annotations
 

@@ -12,12 +12,13 @@ layers), and the late chunks of a long prompt take fewer tokens than its first. 
 every prompt is cut at fixed multiples of `step_tokens` instead, so how it is cut (and so every
 floating-point sum) never depends on what else is running.
 
-With speculative decoding, while few sequences are in the engine (SpeculativeSettings.max_rows, counting those
-decoding, those still in their prompts and those waiting), a decoding row may also verify a draft of the tokens
-after its last one (batching.speculative), in KV memory reserved without preempting anyone; after the step only
-the K/V of the draft tokens it accepted count as computed. Counting every sequence, not only the step's decoding
-rows, keeps drafts out of the steps where a busy server's rows are few only for a moment (a wave of requests
-ending while the next wave's prompts queue): drafting there would delay those prompts for little.
+With speculative decoding, while few sequences are in the engine (SpeculativeSettings.max_sequences, counting
+those decoding, those still in their prompts and those waiting; a request's n choices are n sequences), a decoding
+row may also verify a draft of the tokens after its last one (batching.speculative), in KV memory reserved without
+preempting anyone; after the step only the K/V of the draft tokens it accepted count as computed. Counting every
+sequence, not only the step's decoding rows, keeps drafts out of the steps where a busy server's rows are few only
+for a moment (a wave of requests ending while the next wave's prompts queue): drafting there would delay those
+prompts for little.
 
 KV memory is asked before a sequence is admitted or grows; when it runs out, the most recently admitted
 sequence is preempted: its K/V are freed and its tokens recomputed when it is admitted again (its output so
@@ -148,7 +149,7 @@ class Scheduler:
             budget = self._plan_span(seq, spans, budget, finishing_only)
             if seq.status is not Status.RUNNING:
                 break
-        if self.speculative is not None and len(self.running) + len(self.waiting) <= self.speculative.max_rows:
+        if self.speculative is not None and len(self.running) + len(self.waiting) <= self.speculative.max_sequences:
             spans = [self._drafted(span) if span.seq.decoding else span for span in spans]
         drafted = any(span.draft_room for span in spans)
         self._planned = None if drafted else (decoding_rows, full_budget - budget)

@@ -30,7 +30,7 @@ class SpeculativeSettings:
     tokens: int  # num_speculative_tokens: the most draft tokens a row verifies per step
     lookup_min: int  # ngram: prompt_lookup_min, the shortest n-gram matched
     lookup_max: int  # ngram: prompt_lookup_max, the longest n-gram matched (tried first)
-    max_rows: int  # with more sequences in the engine, no drafts: verifying costs compute, which a busy batch lacks
+    max_sequences: int  # with more sequences in the engine, no drafts: verifying costs compute a busy batch lacks
     draft_model: Any = field(default=None, compare=False)  # a causal LM with the target's tokenizer; None: n-grams
 
 

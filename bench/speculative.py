@@ -1,8 +1,9 @@
 """Speculative decoding's benchmark, one command, one run: the same server with and without
 `--speculative-config`, both running, on three workloads: prompts whose answers quote their input
 (bench.quoting_prompts) at one stream, bench.prompts' open-ended chat at one stream, and the same chat at 32
-streams. Each workload runs `--rounds` times on each server, the two servers taking turns (one loaded at a time),
-so that a shared machine's drift falls on both. Reports tokens/s (over all rounds), the ratio to the server
+streams. Each workload runs `--rounds` times on each server, the two servers taking turns (one loaded at a time,
+which goes first alternating), so that a shared machine's drift falls on both; rounds after the first find the
+same prompts in both servers' prefix caches. Reports tokens/s (over all rounds), the ratio to the server
 without speculation with its lowest and highest round, the draft acceptance rate and tokens per verified row
 (from /metrics), and whether greedy answers are the same text.
 
@@ -70,12 +71,18 @@ class Result:
         return self.tokens / self.seconds
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Batchwise with and without speculative decoding, side by side.")
     parser.add_argument("--server-args", default="", help="flags for both servers, e.g. '--int8 true'")
     parser.add_argument("--speculative-config", default=DEFAULT_SPECULATION)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="times each workload runs on each server, in turn")
+    parser.add_argument("--rounds", type=positive, default=3, help="times each workload runs on each server, in turn")
     return parser.parse_args(argv)
 
 
@@ -140,8 +147,8 @@ async def measure(urls: dict[str, str], max_tokens: int, rounds: int
             servers.append(server)
         results = {server.name: [Result(server.name, workload.name) for workload in WORKLOADS] for server in servers}
         for index, workload in enumerate(WORKLOADS):
-            for _ in range(rounds):
-                for server in servers:
+            for round_ in range(rounds):
+                for server in servers if round_ % 2 == 0 else reversed(servers):  # A B B A: neither always first
                     await measure_round(server, workload, max_tokens, results[server.name][index])
         return results, answers
 

@@ -463,8 +463,9 @@ def cached_ct2_whisper_conversion(ct2_dir: Path, cache_dir: Path, name: str | No
     model_bin = ct2_dir / "model.bin"
     if not model_bin.is_file():
         raise CT2ConversionError(f"no CTranslate2 model.bin in {ct2_dir}")
+    others = sorted(path for path in ct2_dir.iterdir() if path.is_file() and path != model_bin)  # config, vocabulary
     return cached_conversion(model_bin, cache_dir, name or ct2_dir.name, partial(convert_ct2_whisper, ct2_dir),
-                             CONVERTER_VERSION)
+                             CONVERTER_VERSION, also_read=others)
 
 
 def embedded_whisper_path() -> Path:

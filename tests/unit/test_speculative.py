@@ -246,7 +246,7 @@ def test_a_draft_models_drafts_keep_the_greedy_tokens(model, tokenizer, draft_fo
     drafts = engine.stats().drafts
     assert drafts.proposed > 0 and drafts.accepted == drafts.proposed
     drafting = [len([span for span in spans if span.draft]) for spans in steps]
-    assert 0 < len(engine.runner.drafter.caches) <= max(drafting) <= engine.scheduler.speculative.max_rows
+    assert 0 < len(engine.runner.drafter.caches) <= max(drafting) <= engine.scheduler.speculative.max_sequences
     other, engine = serve_all(model, tokenizer, requests, draft_config(draft_folders["other"]), **settings)
     assert [s.tokens for s in other] == [s.tokens for s in without]
     assert 0 < engine.stats().drafts.accepted < engine.stats().drafts.proposed / 2
@@ -305,7 +305,7 @@ def test_verification_reports_each_tokens_own_logprob():
 
 
 def test_drafts_follow_the_most_recent_occurrence_of_the_longest_ngram():
-    settings = SpeculativeSettings(tokens=3, lookup_min=1, lookup_max=3, max_rows=8)
+    settings = SpeculativeSettings(tokens=3, lookup_min=1, lookup_max=3, max_sequences=8)
     assert propose([5, 6, 7, 1, 9, 9, 5, 6, 7, 2, 3, 8, 6, 7], settings, 3) == (2, 3, 8)  # "6 7", the later one
     assert propose([5, 6, 7, 1, 2, 6, 7, 4, 8, 5, 6, 7], settings, 3) == (1, 2, 6)  # "5 6 7" beats a later "6 7"
     assert propose([1, 2, 1, 2, 1], settings, 2) == (2, 1)  # the continuation may run into the end
@@ -354,7 +354,7 @@ def test_the_lookup_lengths_default_as_vllms():
 def test_engines_that_cannot_draft_say_so(caplog):
     cpu = torch.device("cpu")
     settings = engine_settings(Config(speculative_config=NGRAM), cpu).speculative
-    assert settings == SpeculativeSettings(tokens=4, lookup_min=1, lookup_max=4, max_rows=32 // 5)
+    assert settings == SpeculativeSettings(tokens=4, lookup_min=1, lookup_max=4, max_sequences=32 // 5)
     assert engine_settings(Config(), cpu).speculative is None
     with caplog.at_level(logging.WARNING, logger="batchwise.model"):
         for ignored in [{"batch_invariant": True}, {"serving_type": "whisper"},
