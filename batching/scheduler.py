@@ -114,6 +114,11 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
+    @property
+    def sequences(self) -> int:
+        """Sequences in the engine: running (decoding or in their prompts) and waiting."""
+        return len(self.running) + len(self.waiting)
+
     def uses_adapter(self, slot: int) -> bool:
         """Whether a running or waiting sequence uses the LoRA adapter slot (safe off the event loop: the lists are
         copied whole before they are read)."""
@@ -121,7 +126,7 @@ class Scheduler:
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue sequences together (siblings stay adjacent), or none of them if they do not fit."""
-        if len(self.waiting) + len(self.running) + len(seqs) > self.max_pending:
+        if self.sequences + len(seqs) > self.max_pending:
             raise QueueFullError(f"the server is at its limit of {self.max_pending} concurrent sequences")
         self.waiting.extend(seqs)
 
@@ -149,7 +154,7 @@ class Scheduler:
             budget = self._plan_span(seq, spans, budget, finishing_only)
             if seq.status is not Status.RUNNING:
                 break
-        if self.speculative is not None and len(self.running) + len(self.waiting) <= self.speculative.max_sequences:
+        if self.speculative is not None and self.sequences <= self.speculative.max_sequences:
             spans = [self._drafted(span) if span.seq.decoding else span for span in spans]
         drafted = any(span.draft_room for span in spans)
         self._planned = None if drafted else (decoding_rows, full_budget - budget)

@@ -385,8 +385,8 @@ def test_a_busy_engine_drafts_nothing(model, tokenizer):
         step = engine.runner.step
 
         def watched(spans):
-            steps.append((len(engine.scheduler.running) + len(engine.scheduler.waiting),
-                          sum(span.seq.decoding for span in spans), any(span.draft_room for span in spans)))
+            steps.append((engine.scheduler.sequences, sum(span.seq.decoding for span in spans),
+                          any(span.draft_room for span in spans)))
             return step(spans)
         engine.runner.step = watched
     some = prompts(6, seed=4)
