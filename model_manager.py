@@ -310,8 +310,8 @@ def speculative_settings(config: Config, step_tokens: int, draft_model: PreTrain
     """--speculative-config for a decoder's engine. Rows verify drafts only while the sequences in the engine could
     verify theirs within the prompt tokens a step computes beside decoding rows (sequences x (1 +
     num_speculative_tokens) <= step_tokens): beyond, the server is busy enough that verifying costs more than it
-    saves. Encoder-decoder and Whisper engines do not draft,
-    nor batch-invariant ones (a row's step would then depend on whether it drafted)."""
+    saves. Encoder-decoder and Whisper engines do not draft, nor batch-invariant ones (a row's step would then
+    depend on whether it drafted)."""
     if not config.speculative_config:
         return None
     spec = parse_speculative_config(config.speculative_config)
