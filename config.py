@@ -410,8 +410,9 @@ class Config:
                                            "accepted for vLLM's command lines: tools and tool_choice auto are always "
                                            "on here", False, parse_bool)
     model_cache_dir: str = option("--model-cache-dir", "BATCHWISE_CACHE_DIR",
-                                  "folder for converted model copies (GGUF to safetensors) and --torch-compile's "
-                                  "compiled graphs",
+                                  "folder for converted model copies (GGUF to safetensors; one per input content, "
+                                  "found again after a reinstall; a start removes copies of its name unused for 7 "
+                                  "days) and --torch-compile's compiled graphs",
                                   os.path.join(os.path.expanduser("~"), ".cache", "batchwise"))
 
     def __post_init__(self) -> None:
