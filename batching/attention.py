@@ -113,8 +113,8 @@ def _spans_one_by_one(query: torch.Tensor, cached_keys: torch.Tensor, cached_val
 
 @dataclass
 class StaticDecodeStep:
-    keys: list[torch.Tensor]  # the arena's, per layer: [kv_heads, tokens, head_dim]
-    values: list[torch.Tensor]
+    keys: list[torch.Tensor]  # the arena's, per layer: [kv_heads, tokens, head_dim]; one layer's alone in a step
+    values: list[torch.Tensor]  # built for that layer (batching.layer_regions)
     slot_length: int
     lengths: torch.Tensor  # [rows]: each row's keys after this token
     positions: torch.Tensor  # [rows]: arena position of each row's new token
@@ -128,7 +128,8 @@ class StaticDecodeStep:
         positions r x L .. (r + 1) x L, and every row attends over all L of them with the positions past its
         length masked out."""
         rows, kv_heads, head_dim, length = query.shape[0], key.shape[1], key.shape[3], self.slot_length
-        cached_keys, cached_values = self.keys[module.layer_idx], self.values[module.layer_idx]
+        layer = 0 if len(self.keys) == 1 else module.layer_idx
+        cached_keys, cached_values = self.keys[layer], self.values[layer]
         positions, lengths = self.positions.to(query.device), self.lengths.to(query.device)  # same device: no copy
         cached_keys[:, positions] = key[:, :, 0].transpose(0, 1)
         cached_values[:, positions] = value[:, :, 0].transpose(0, 1)

@@ -15,7 +15,7 @@ compiled static step always computes it, its shapes fixed)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,10 @@ def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
 
 class LoraLinear(torch.nn.Module):
     """A linear layer plus each token's low-rank update for its adapter slot (none: zero)."""
+
+    # the step's adapter mask reaches it from beside the layer (AdapterRows), not as a layer input, which a layer
+    # region (batching.layer_regions) cannot trace
+    compiles_in_layer_region: ClassVar[bool] = False
 
     def __init__(self, base: torch.nn.Module, rows: AdapterRows, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()

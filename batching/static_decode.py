@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena, KVLayout
+from batching.layer_regions import trace_layers_once
 from batching.lora import NO_ADAPTER, AdapterRows
 from batching.scheduler import Span
 from batching.vision import ImageInputs, text_position
@@ -102,6 +103,7 @@ class DecodeForward(torch.nn.Module):
             self.register_buffer(f"keys_{layer}", keys, persistent=False)
             self.register_buffer(f"values_{layer}", values, persistent=False)
         self.layers = len(arena.keys)
+        trace_layers_once(model)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
                 arena_positions: torch.Tensor, starts: torch.Tensor, adapters: torch.Tensor | None = None

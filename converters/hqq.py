@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import ClassVar
 
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
@@ -27,6 +28,10 @@ class Int4Linear(torch.nn.Module):
     """A linear layer whose weight HQQ quantised to 4 bits in groups along the input features, multiplied by
     torch's CPU int4 kernel. HQQ's weight is (q - zero) x scale; the kernel's is (q - 8) x scale + offset, so
     offset = (8 - zero) x scale."""
+
+    # inside a layer region (batching.layer_regions) inductor hands the kernel its group size as a tensor, which it
+    # refuses at run time (torch 2.13)
+    compiles_in_layer_region: ClassVar[bool] = False
 
     def __init__(self, linear: torch.nn.Linear, quant_params: dict) -> None:
         super().__init__()

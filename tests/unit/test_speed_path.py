@@ -290,6 +290,33 @@ def test_quantised_layers_compile_to_the_same_logits(quantisation):
     torch.testing.assert_close(compiled, eager, atol=tolerance, rtol=tolerance)
 
 
+def test_the_compiled_step_traces_one_decoder_layer_and_stamps_out_the_others(architecture, tokenizer):
+    """Dynamo traces the first decoder layer and calls its graph for every other (batching.layer_regions), each call
+    with its own layer's weights and K/V: every layer calls one subgraph, and the logits are the eager step's (a
+    layer stamped out with the first layer's weights, as torch did for a layer captured in a closure, is not)."""
+    model = tiny_model(architecture, len(tokenizer), seed=5)
+    arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
+    for tensor in (*arena.keys, *arena.values):
+        tensor.normal_()
+    forward = DecodeForward(model, arena)
+    graphs = []
+
+    def keep_graph(graph: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(graph)
+        return graph
+
+    ids, positions = torch.tensor([5, 6]), torch.tensor([3, 7])
+    arguments = (ids, positions, positions + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
+    with torch.inference_mode():
+        eager = forward(*arguments)
+        compiled = torch.compile(forward, dynamic=False, backend=keep_graph)(*arguments)
+    calls = [node for graph in graphs for node in graph.graph.nodes
+             if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == model.config.num_hidden_layers
+    assert len({node.args[1] for node in calls}) == 1  # the subgraph's identifier
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_the_compiled_step_rounds_bfloat16_where_the_eager_step_rounds():
     """Compiled as the server compiles it, a prompt laid one token per row (each attending up to its own position)
     writes the eager step's K/V to the bit in bfloat16, and the same logits: inductor's fused kernels otherwise keep
