@@ -8,8 +8,8 @@ first start, 75 s instead of 97 s from the disk caches; the same step times).
 Dynamo reuses a region only where its inputs are tensors, constants and modules, so a layer's K/V reach it as
 tensors, wrapped inside in a StaticDecodeStep of that layer alone, rather than picked by the layer's index from the
 whole step. The layer reaches the region as the `self` of its forward: a module captured in a closure was stamped
-out with the first layer's weights (torch 2.13). A layer that matches no earlier one (another attention kind,
-LoRA's per-step state) is traced on its own, as without regions. Outside torch.compile a region is a plain call."""
+out with the first layer's weights (torch 2.13). A layer that matches no earlier one (another attention kind) is
+traced on its own, as without regions. Outside torch.compile a region is a plain call."""
 
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ def trace_layers_once(model: torch.nn.Module) -> None:
     step calls the layer as before). Left alone: a layer whose forward is already replaced (accelerate's hooks), and
     one holding a module that cannot run in a region (its class says so: compiles_in_layer_region = False)."""
     for layer in model.modules():
+        if not isinstance(layer, GradientCheckpointingLayer) or "forward" in vars(layer) or not all(
+                getattr(module, "compiles_in_layer_region", True) for module in layer.modules()):
+            continue
         index = _attention_index(layer)
-        if (isinstance(layer, GradientCheckpointingLayer) and index is not None and "forward" not in vars(layer)
-                and all(getattr(module, "compiles_in_layer_region", True) for module in layer.modules())):
+        if index is not None:
             layer.forward = MethodType(_forward_of_layer(index), layer)
 
 

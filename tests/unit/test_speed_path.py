@@ -272,17 +272,23 @@ QUANTISATIONS = {"hqq float32": (torch.float32, lambda m: quantize_linears(m, nb
                  "int8 float32": (torch.float32, quantize_int8), "int8 bfloat16": (torch.bfloat16, quantize_int8)}
 
 
+def two_row_decode_step(model: transformers.PreTrainedModel) -> tuple[DecodeForward, tuple[torch.Tensor, ...]]:
+    """The model's static decode step over random K/V in four slots of 32, and its inputs for two rows (slots 0 and
+    1, at positions 3 and 7)."""
+    arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
+    for tensor in (*arena.keys, *arena.values):
+        tensor.normal_()
+    ids, positions = torch.tensor([5, 6]), torch.tensor([3, 7])
+    arguments = (ids, positions, positions + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
+    return DecodeForward(model, arena), arguments
+
+
 @pytest.mark.parametrize("quantisation", list(QUANTISATIONS))
 def test_quantised_layers_compile_to_the_same_logits(quantisation):
     dtype, quantise = QUANTISATIONS[quantisation]
     model = hqq_sized_model(1000, dtype)
     quantise(model)
-    arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
-    for tensor in (*arena.keys, *arena.values):
-        tensor.normal_()
-    forward = DecodeForward(model, arena)
-    ids, positions = torch.tensor([5, 6]), torch.tensor([3, 7])
-    arguments = (ids, positions, positions + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
+    forward, arguments = two_row_decode_step(model)
     with torch.inference_mode():
         eager = forward(*arguments).float()
         compiled = torch.compile(forward, dynamic=False)(*arguments).float()
@@ -295,18 +301,13 @@ def test_the_compiled_step_traces_one_decoder_layer_and_stamps_out_the_others(ar
     with its own layer's weights and K/V: every layer calls one subgraph, and the logits are the eager step's (a
     layer stamped out with the first layer's weights, as torch did for a layer captured in a closure, is not)."""
     model = tiny_model(architecture, len(tokenizer), seed=5)
-    arena = KVArena(kv_layout(model), 5 * 32, slots=Slots(4, 32))
-    for tensor in (*arena.keys, *arena.values):
-        tensor.normal_()
-    forward = DecodeForward(model, arena)
+    forward, arguments = two_row_decode_step(model)
     graphs = []
 
     def keep_graph(graph: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
         graphs.append(graph)
         return graph
 
-    ids, positions = torch.tensor([5, 6]), torch.tensor([3, 7])
-    arguments = (ids, positions, positions + 1, torch.tensor([3, 32 + 7]), torch.tensor([0, 32]))
     with torch.inference_mode():
         eager = forward(*arguments)
         compiled = torch.compile(forward, dynamic=False, backend=keep_graph)(*arguments)
