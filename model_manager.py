@@ -273,8 +273,10 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
     static_step = config.static_cache or config.torch_compile
     if static_step and not config.static_cache:
         logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+    saved_steps = None
     if config.torch_compile:
-        keep_compiled_graphs(Path(config.model_cache_dir) / "torch-compile")
+        graphs = keep_compiled_graphs(Path(config.model_cache_dir) / "torch-compile")
+        saved_steps = graphs / "steps" if device.type == "cpu" else None
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
     failpoints = parse_failpoints(config.failpoints)
     if failpoints:
@@ -284,7 +286,7 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         batch_size=config.continuous_batching_batch_size, max_pending=config.max_concurrent,
         microsleep=config.continuous_batching_microsleep, batch_invariant=config.batch_invariant,
         min_rows=min_rows(config.batch_invariant), static_step=static_step,
-        compile_mode=config.torch_compile_mode if config.torch_compile else None,
+        compile_mode=config.torch_compile_mode if config.torch_compile else None, saved_steps=saved_steps,
         static_length=config.static_cache_decoder_max_length,
         step_tokens=step_tokens,
         kv_memory=parse_memory(config.kv_cache_memory), prefix_caching=config.prefix_caching,
@@ -295,7 +297,7 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         speculative=speculative_settings(config, step_tokens, draft_model))
 
 
-def keep_compiled_graphs(folder: Path) -> None:
+def keep_compiled_graphs(folder: Path) -> Path:
     """Inductor's on-disk caches (its compiled graphs and AOTAutograd's) go to `folder`, beside the converted
     models (a volume in Docker, where /tmp is lost with the container), unless TORCHINDUCTOR_CACHE_DIR says
     otherwise: a later start with the same model and flags loads the graphs instead of compiling them again.
@@ -303,6 +305,7 @@ def keep_compiled_graphs(folder: Path) -> None:
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     logger.info("compiled graphs are kept in %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def speculative_settings(config: Config, step_tokens: int, draft_model: PreTrainedModel | None = None

@@ -52,6 +52,7 @@ class EngineSettings:
     min_rows: int  # the fewest rows a forward runs
     static_step: bool  # a static-shape decode step over a cache allocated up front
     compile_mode: str | None  # the static step's torch.compile mode; None: it runs eagerly
+    saved_steps: Path | None  # where compiled static steps are saved for later starts; None: compiled at each start
     static_length: int  # the most tokens of a decoder's static row (within its context)
     step_tokens: int  # a decoder's prompt tokens per step beside decoding rows (the most, where timed_chunks)
     kv_memory: int | float | None  # a decoder's KV budget: bytes, a fraction of free memory, None: AUTO_KV_FRACTION
@@ -95,7 +96,8 @@ def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: fr
     static = None
     if slots is not None:
         static = StaticDecoder(model, arena, settings.compile_mode, settings.min_rows,
-                               static_prompt_tokens(layout, settings), lora.rows if lora else None)
+                               static_prompt_tokens(layout, settings), lora.rows if lora else None,
+                               settings.saved_steps)
     runner = ModelRunner(model, arena, static, settings.batch_invariant, drafter(model, settings.speculative), lora)
     return engine(runner, scheduler, tokenizer, eos_token_ids, settings)
 
@@ -169,7 +171,7 @@ def static_row_decoder(family: Seq2SeqFamily, cache: EncoderDecoderRows, model: 
                 size / 2**20, cache.max_rows, names[1], cache.self_attention.max_length,
                 f" ({cache.beams} beams each)" if cache.beams > 1 else "", cache.cross.max_length)
     return StaticRowDecoder(family, cache, model.device, alignment_layers, settings.compile_mode, settings.min_rows,
-                            names)
+                            names, settings.saved_steps)
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from functools import partial
+from pathlib import Path
 from types import FunctionType
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena, KVLayout
 from batching.layer_regions import trace_layers_once
 from batching.lora import NO_ADAPTER, AdapterRows
+from batching.saved_steps import SavedSteps
 from batching.scheduler import Span
 from batching.vision import ImageInputs, text_position
 from kernels import decode_attention
@@ -47,8 +49,8 @@ def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
     return [*sizes, rows]
 
 
-def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str
-                        ) -> Callable[..., torch.Tensor]:
+def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str,
+                        saved_in: Path | None = None) -> Callable[..., torch.Tensor]:
     """torch.compile with static shapes: one graph per bucket, all kept. Inductor's fused kernels would keep
     half-precision intermediates (norms, rotary, residual sums) in float32 where the eager model rounds each one:
     a compiled bfloat16 step then drifts about an ulp a layer from the eager step and from transformers, and flips
@@ -61,12 +63,15 @@ def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int],
     inputs, which tell the buckets apart: SmolLM2-135M's one-row step had some 8,000 guards, 1.5 ms of a 10 ms
     step, 0.14 ms after. Sound because the graphs belong to this `forward` alone: dynamo keeps compiled graphs per
     code object, and the forward is compiled through a code object of its own, so another model compiled in the
-    same process (tests do) never meets these graphs."""
+    same process (tests do) never meets these graphs.
+
+    saved_in: a folder where each bucket's graph is saved and later starts load it (batching.saved_steps)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
     logger.info("compiling the %s (torch.compile mode %s) for batch sizes %s", what, mode, ", ".join(map(str, buckets)))
     options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True,
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    return partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options), forward)
+    compiled = partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options), forward)
+    return compiled if saved_in is None else SavedSteps(forward, options, saved_in, fallback=compiled)
 
 
 def with_own_code(function: FunctionType) -> FunctionType:
@@ -131,12 +136,14 @@ class BucketedDecoder:
     (whose inputs are long tensors, one per list of _padding's) and _padding."""
 
     def __init__(self, forward: torch.nn.Module, buckets: list[int], device: torch.device, compile_mode: str | None,
-                 names: tuple[str, str]) -> None:
-        """names: the step's and a bucket unit's (what a bucket counts), for the log."""
+                 names: tuple[str, str], saved_in: Path | None = None) -> None:
+        """names: the step's and a bucket unit's (what a bucket counts), for the log; saved_in: where compiled
+        graphs are saved for later starts (None: compiled at each start)."""
         self.buckets = buckets
         self.device = device
         self.names = names
-        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, buckets, names[0])
+        self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, buckets, names[0],
+                                                                             saved_in)
 
     def bucket(self, size: int) -> int:
         return next(bucket for bucket in self.buckets if bucket >= size)
@@ -163,9 +170,11 @@ class BucketedDecoder:
 
 class StaticDecoder(BucketedDecoder):
     def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
-                 min_rows: int = 1, prompt_tokens: int = 0, lora_rows: AdapterRows | None = None) -> None:
+                 min_rows: int = 1, prompt_tokens: int = 0, lora_rows: AdapterRows | None = None,
+                 saved_in: Path | None = None) -> None:
         """prompt_tokens: how many prompt tokens a step may hold beside a full batch of decoding rows (0: steps
-        with prompts never run here)."""
+        with prompts never run here); saved_in: as BucketedDecoder's, not with LoRA (whose adapter rows are no
+        module: the saved steps' key would not see them)."""
         self.slots = arena.slots
         self.padding = arena.scratch.start  # where rows of a bucket that hold no token write their K/V
         self.takes_prompts = prompt_tokens > 0
@@ -175,7 +184,7 @@ class StaticDecoder(BucketedDecoder):
         if prompt_tokens:
             buckets.append(self.slots.rows + prompt_tokens)
         super().__init__(DecodeForward(model, arena, lora_rows), buckets, model.device, compile_mode,
-                         ("decode step", "row"))
+                         ("decode step", "row"), saved_in if lora_rows is None else None)
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text

@@ -8,6 +8,8 @@ reduce-overhead) and never while serving."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from batching.attention import StaticRowStep
@@ -62,14 +64,15 @@ class StaticStepForward(torch.nn.Module):
 class StaticRowDecoder(BucketedDecoder):
     def __init__(self, family: Seq2SeqFamily, cache: EncoderDecoderRows, device: torch.device,
                  alignment_layers: list[int] | None = None, compile_mode: str | None = None, smallest: int = 1,
-                 names: tuple[str, str] = ("encoder-decoder decode step", "sequence")) -> None:
+                 names: tuple[str, str] = ("encoder-decoder decode step", "sequence"), saved_in: Path | None = None
+                 ) -> None:
         """smallest: the smallest bucket (a batch-invariant engine's minimum rows); names: the step's and a
-        sequence's, for the log."""
+        sequence's, for the log; saved_in: as BucketedDecoder's."""
         self.cache = cache
         self.alignment_layers = alignment_layers or []
         buckets = bucket_sizes(cache.max_rows, min(smallest, cache.max_rows))
         super().__init__(StaticStepForward(family, cache, self.alignment_layers), buckets, device, compile_mode,
-                         names)
+                         names, saved_in)
 
     @torch.inference_mode()
     def decode(self, rows: list[int], ids: list[int], lengths: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
