@@ -26,9 +26,11 @@ from batching.lora import LoraLayers
 from batching.lora_adapters import AdapterError, LoraAdapters
 from batching.pooling import POOLING_MODES, SCORE, Pooling
 from batching.runner import min_rows
+from batching.saved_steps import FOLDER_NAME as SAVED_STEPS_FOLDER
 from batching.speculative import SpeculativeSettings
 from batching.vision import FEATURES as VISION_FEATURES
 from config import EMBEDDED_CHAT_MODEL, GENERATION_FIELDS, Config, parse_memory, parse_speculative_config
+from converters.cache import remove_stale_copies
 from converters.embedded_embedder import EMBEDDED_EMBEDDING_NAME, embedded_embedder_folder
 from converters.gguf import cached_gguf_conversion
 from converters.hqq import quantize_linears
@@ -358,6 +360,8 @@ def build_engine(loaded: LoadedModel, config: Config) -> Engine:
         adapters = loaded.adapters
         engine = decoder_engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.context_length,
                                 weight_count(loaded.model), settings, adapters.layers if adapters else None)
+        if settings.saved_steps and settings.saved_steps.is_dir():  # this start's steps were marked used by now
+            remove_stale_copies(settings.saved_steps, SAVED_STEPS_FOLDER)
         if adapters:
             adapters.in_use = engine.scheduler.uses_adapter
         return engine

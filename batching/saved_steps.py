@@ -5,21 +5,24 @@ own caches keep the kernels across starts, but dynamo traces the model at every 
 
 A saved step runs without dynamo's guards, so its file is named by a key of everything its graph was traced from
 and may hold as a constant: the machine (torch, transformers and Python versions, the CPU's features, the thread
-count), the compile options, every module of the forward (its class and plain attributes, the models' configs,
-each tensor's name, shape, dtype and device) and the bucket. The weights are inputs of the graph, read at each
+count), the compile options, every module of the forward (its class and attributes, the models' configs, each
+tensor's name, shape, dtype and device) and the bucket; a forward holding an object the key cannot describe (an
+encoder-decoder's family, LoRA's adapter rows) is not saved. The weights are inputs of the graph, read at each
 call, not part of it. The code dynamo traced (ours and transformers') is checked at load against the checksums
 dynamo recorded; a saved step that fails at its first call (a kernel library missing now) is not used.
 
 A step that cannot be saved (a graph break, an object dynamo cannot serialise) is compiled at each start as
 before; a file that no longer loads (torch's format, changed code) is compiled again and replaced. The folder of
-one key is marked used at each start, and folders of other keys unused for a week are removed."""
+one key is marked used at each start (model_manager removes folders of keys unused for a week)."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import importlib
 import inspect
 import logging
+import os
 import platform
 import sys
 import time
@@ -30,13 +33,27 @@ from typing import Any, Callable, Iterator
 import torch
 import transformers
 
-from converters.cache import remove_stale_copies
-
 logger = logging.getLogger("batchwise.compile")
 
+FOLDER_NAME = "step"  # the steps of one key lie in <folder>/step-<key>
 FORMAT = 1  # of the key: raise it when what a saved step depends on changes in a way the key does not see
 
 Step = Callable[..., Any]
+
+
+def saved_or_compiled(forward: torch.nn.Module, options: dict[str, Any], folder: Path, compiled: Step) -> Step:
+    """`compiled` (the forward compiled at each start) where the forward holds what a key cannot describe; else
+    SavedSteps keeping its steps in a folder of their key under `folder`."""
+    try:
+        key = forward_key(forward, options)
+    except Undescribed as error:
+        logger.info("the %s is compiled at each start, not saved: the key of a saved step cannot describe the %s it "
+                    "holds", type(forward).__name__, error)
+        return compiled
+    keyed = folder / f"{FOLDER_NAME}-{key}"
+    keyed.mkdir(parents=True, exist_ok=True)
+    os.utime(keyed)  # used now (model_manager removes folders a week unused)
+    return SavedSteps(forward, options, keyed, compiled)
 
 
 class SavedSteps:
@@ -47,12 +64,8 @@ class SavedSteps:
     def __init__(self, forward: torch.nn.Module, options: dict[str, Any], folder: Path, fallback: Step) -> None:
         self.forward = forward
         self.options = {**options, "guard_filter_fn": no_guards}
+        self.folder = folder
         self.fallback = fallback
-        name = f"{type(forward).__name__.lower()}"
-        self.folder = folder / f"{name}-{forward_key(forward, options)}"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.touch()  # used now: a week unused and another start removes it
-        remove_stale_copies(folder, name, keep=self.folder)
         self.steps: dict[int, Step] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
@@ -155,21 +168,37 @@ def cpu_features() -> str:
 
 
 def module_description(root: torch.nn.Module) -> Iterator[object]:
-    """What a graph traced through `root` may hold as constants: each module's class and plain attributes (sizes,
-    flags, epsilons, scales), each model's config, and each tensor's name, shape, dtype, device and layout."""
+    """What a graph traced through `root` may hold as constants: each module's class and attributes (sizes, flags,
+    epsilons, scales, configs, functions), each tensor's name, shape, dtype, device and layout. Raises Undescribed
+    for an attribute it cannot describe (an object of our own holding a model, say): such a step is not saved."""
     for name, module in root.named_modules(remove_duplicate=False):
         yield name, type(module).__module__, type(module).__qualname__
-        yield sorted((key, value) for key, value in vars(module).items() if not key.startswith("_") and plain(value))
-        if isinstance(module, transformers.PreTrainedModel):
-            yield module.config.to_json_string()
+        yield sorted((key, describe(value)) for key, value in vars(module).items()
+                     if not key.startswith("_") and not isinstance(value, (torch.nn.Module, torch.Tensor)))
     for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
-        yield name, tuple(tensor.shape), tensor.dtype, tensor.device, tensor.layout, tensor.requires_grad
+        yield name, describe(tensor), tensor.requires_grad
 
 
-def plain(value: object) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(plain(item) for item in value)
-    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
+class Undescribed(TypeError):
+    pass
+
+
+def describe(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
+        return value
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return type(value).__name__, [describe(item) for item in value]
+    if isinstance(value, dict):
+        return sorted((repr(key), describe(item)) for key, item in value.items())
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device, value.layout
+    if isinstance(value, (transformers.PretrainedConfig, transformers.GenerationConfig)):
+        return value.to_json_string()
+    if isinstance(value, torch.nn.Module):
+        return type(value).__qualname__
+    if callable(value) and hasattr(value, "__qualname__"):
+        return getattr(value, "__module__", None), value.__qualname__
+    raise Undescribed(type(value).__qualname__)
 
 
 def first_line(error: BaseException) -> str:

@@ -26,7 +26,7 @@ from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena, KVLayout
 from batching.layer_regions import trace_layers_once
 from batching.lora import NO_ADAPTER, AdapterRows
-from batching.saved_steps import SavedSteps
+from batching.saved_steps import saved_or_compiled
 from batching.scheduler import Span
 from batching.vision import ImageInputs, text_position
 from kernels import decode_attention
@@ -71,7 +71,7 @@ def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int],
     options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True,
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     compiled = partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options), forward)
-    return compiled if saved_in is None else SavedSteps(forward, options, saved_in, fallback=compiled)
+    return compiled if saved_in is None else saved_or_compiled(forward, options, saved_in, compiled)
 
 
 def with_own_code(function: FunctionType) -> FunctionType:
@@ -173,8 +173,7 @@ class StaticDecoder(BucketedDecoder):
                  min_rows: int = 1, prompt_tokens: int = 0, lora_rows: AdapterRows | None = None,
                  saved_in: Path | None = None) -> None:
         """prompt_tokens: how many prompt tokens a step may hold beside a full batch of decoding rows (0: steps
-        with prompts never run here); saved_in: as BucketedDecoder's, not with LoRA (whose adapter rows are no
-        module: the saved steps' key would not see them)."""
+        with prompts never run here); saved_in: as BucketedDecoder's."""
         self.slots = arena.slots
         self.padding = arena.scratch.start  # where rows of a bucket that hold no token write their K/V
         self.takes_prompts = prompt_tokens > 0
@@ -184,7 +183,7 @@ class StaticDecoder(BucketedDecoder):
         if prompt_tokens:
             buckets.append(self.slots.rows + prompt_tokens)
         super().__init__(DecodeForward(model, arena, lora_rows), buckets, model.device, compile_mode,
-                         ("decode step", "row"), saved_in if lora_rows is None else None)
+                         ("decode step", "row"), saved_in)
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text

@@ -72,7 +72,7 @@ def staging_folder(target: Path) -> Path:
     return target.parent / f".{target.name}.partial-{uuid.uuid4().hex}"
 
 
-def remove_stale_copies(cache_dir: Path, name: str, keep: Path) -> None:
+def remove_stale_copies(cache_dir: Path, name: str, keep: Path | None = None) -> None:
     """Other converted copies of `name`, and staging folders an interrupted conversion or removal left, unused
     for STALE_AFTER_DAYS. A copy is first renamed to a staging name (atomic: no start ever finds half a copy
     under its key; a removal cut short is finished by a later start), then removed; another process's start

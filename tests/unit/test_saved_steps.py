@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,6 +70,23 @@ def test_a_step_dynamo_cannot_save_is_compiled_at_each_start(tmp_path):
     assert not list(tmp_path.glob("*/*.pt2"))
 
 
+def test_a_step_holding_what_the_key_cannot_describe_is_compiled_at_each_start(tmp_path):
+    """An object of our own beside the modules (an encoder-decoder's family holding its model, LoRA's adapter rows)
+    may hold anything the graph bakes in, unseen by the key: such a step is never saved."""
+    class Holding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.holder = SimpleNamespace(scale=3)
+
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            return rows * self.holder.scale
+
+    compiled = compiled_per_bucket(Holding(), "default", [3], "holding step", saved_in=tmp_path)
+    assert not isinstance(compiled, SavedSteps)
+    assert torch.equal(compiled(torch.arange(3)), torch.tensor([0, 3, 6]))
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_saved_step_that_no_longer_loads_is_compiled_again(tmp_path, caplog):
     model = tiny_model("llama", 100)
     forward, arguments = two_row_decode_step(model)
@@ -83,6 +101,21 @@ def test_a_saved_step_that_no_longer_loads_is_compiled_again(tmp_path, caplog):
     assert f"compiling {path} again" in caplog.text
     assert path.stat().st_size > 1000
     torch.testing.assert_close(again, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_a_saved_step_reads_the_weights_of_the_model_it_runs(tmp_path, caplog):
+    """The key leaves the weights out: they are inputs of the graph, so a step saved with one model's weights runs
+    another model of the same structure (a fine-tuned copy) with that model's weights."""
+    with torch.inference_mode():
+        forward, arguments = two_row_decode_step(tiny_model("llama", 100, seed=1))
+        saved_step(forward, tmp_path)(*arguments)
+        other, arguments = two_row_decode_step(tiny_model("llama", 100, seed=2))
+        eager = other(*arguments)
+        torch._dynamo.reset()
+        with caplog.at_level(logging.INFO, logger="batchwise.compile"):
+            loaded = saved_step(other, tmp_path)(*arguments)
+    assert "loaded" in caplog.text
+    torch.testing.assert_close(loaded, eager, atol=1e-4, rtol=1e-4)
 
 
 def step_key(model: torch.nn.Module, slot_length: int = 32) -> str:

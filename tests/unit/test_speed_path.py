@@ -456,7 +456,11 @@ print(json.dumps({"graphs": len(engine.runner.static.buckets), "traced": counter
 
 def test_a_second_start_loads_the_compiled_steps_from_the_disk_cache(tmp_path):
     """What makes a second start with --torch-compile quick: the first process traces and compiles each bucket's
-    step and saves it under --model-cache-dir, the second loads every one of them, tracing nothing."""
+    step and saves it under --model-cache-dir, the second loads every one of them, tracing nothing. Steps of
+    another key that no start used for a week are removed."""
+    unused = tmp_path / "torch-compile" / "steps" / "step-0123456789ab"
+    unused.mkdir(parents=True)
+    os.utime(unused, (0, 0))
     environment = {name: value for name, value in os.environ.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
     runs = [json.loads(subprocess.run([sys.executable, "-c", COMPILE_ONCE, str(tmp_path)], env=environment,
                                       capture_output=True, text=True, check=True).stdout.splitlines()[-1])
@@ -465,7 +469,8 @@ def test_a_second_start_loads_the_compiled_steps_from_the_disk_cache(tmp_path):
     assert graphs == 3, "rows 1 and 2, and prompt chunks beside them"
     assert runs[0]["traced"] == runs[0]["lowered"] == graphs, runs
     assert runs[1]["traced"] == runs[1]["lowered"] == 0, runs
-    assert len(list(tmp_path.glob("torch-compile/steps/decodeforward-*/rows-*.pt2"))) == graphs
+    assert len(list(tmp_path.glob("torch-compile/steps/step-*/rows-*.pt2"))) == graphs
+    assert not unused.exists()
 
 
 def test_a_budget_from_free_memory_keeps_four_leading_bits():
