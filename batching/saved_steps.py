@@ -186,8 +186,10 @@ class Undescribed(TypeError):
 def describe(value: object) -> object:
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
         return value
-    if isinstance(value, (tuple, list, set, frozenset)):
+    if isinstance(value, (tuple, list)):
         return type(value).__name__, [describe(item) for item in value]
+    if isinstance(value, (set, frozenset)):  # in an order of their own: a set's order changes between processes
+        return type(value).__name__, sorted(repr(describe(item)) for item in value)
     if isinstance(value, dict):
         return sorted((repr(key), describe(item)) for key, item in value.items())
     if isinstance(value, torch.Tensor):
