@@ -4,16 +4,18 @@ own caches keep the kernels across starts, but dynamo traces the model at every 
 --torch-compile start (8-10 s a bucket for the embedded model on 2 AVX2 cores; a saved one loads in 0.1-1 s).
 
 A saved step runs without dynamo's guards, so its file is named by a key of everything its graph was traced from
-and may hold as a constant: the machine (torch, transformers and Python versions, the CPU's features, the thread
-count), the compile options, every module of the forward (its class and attributes, the models' configs, each
-tensor's name, shape, dtype and device) and the bucket; a forward holding an object the key cannot describe (an
-encoder-decoder's family, LoRA's adapter rows) is not saved. The weights are inputs of the graph, read at each
-call, not part of it. The code dynamo traced (ours and transformers') is checked at load against the checksums
-dynamo recorded; a saved step that fails at its first call (a kernel library missing now) is not used.
+and may hold as a constant: the machine (torch, transformers and Python versions, the CPU's features and vector
+ISA, the thread count), dynamo's and inductor's settings and the compile options, whether the attention kernel
+built, every module of the forward (its class and attributes, the models' configs, each tensor's name, shape,
+strides, dtype and device) and the bucket. A forward holding what the key cannot describe (an encoder-decoder's
+family holding the model, LoRA's adapter rows, hooks, frozen weights) is not saved. The weights are inputs of the
+graph, read at each call, not part of it. Dynamo keeps the text of each module whose code it traced (ours and
+transformers'): a module that reads differently at load has its steps compiled again.
 
 A step that cannot be saved (a graph break, an object dynamo cannot serialise) is compiled at each start as
-before; a file that no longer loads (torch's format, changed code) is compiled again and replaced. The folder of
-one key is marked used at each start (model_manager removes folders of keys unused for a week)."""
+before; a file that no longer loads (torch's format, changed code) is compiled again and replaced; a step is saved
+only once it has run, and a saved one that fails at its first call (a kernel library missing now) is not used.
+The folder of one key is marked used at each start (model_manager removes folders of keys unused for a week)."""
 
 from __future__ import annotations
 
@@ -28,10 +30,14 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import transformers
+from torch._dynamo.package import InlinedSource
+from torch._inductor import cpu_vec_isa
+
+from kernels import decode_attention
 
 logger = logging.getLogger("batchwise.compile")
 
@@ -47,12 +53,16 @@ def saved_or_compiled(forward: torch.nn.Module, options: dict[str, Any], folder:
     try:
         key = forward_key(forward, options)
     except Undescribed as error:
-        logger.info("the %s is compiled at each start, not saved: the key of a saved step cannot describe the %s it "
-                    "holds", type(forward).__name__, error)
+        logger.info("the %s is compiled at each start, not saved: the key of a saved step cannot describe %s",
+                    type(forward).__name__, error)
         return compiled
     keyed = folder / f"{FOLDER_NAME}-{key}"
-    keyed.mkdir(parents=True, exist_ok=True)
-    os.utime(keyed)  # used now (model_manager removes folders a week unused)
+    try:
+        keyed.mkdir(parents=True, exist_ok=True)
+        os.utime(keyed)  # used now (model_manager removes folders a week unused)
+    except OSError as error:  # a read-only cache, or a folder another start removed just now
+        logger.warning("the %s is compiled at each start, not saved: %s", type(forward).__name__, error)
+        return compiled
     return SavedSteps(forward, options, keyed, compiled)
 
 
@@ -72,7 +82,9 @@ class SavedSteps:
         rows = len(inputs[0])
         if rows in self.steps:
             return self.steps[rows](*inputs)
-        step = self._load(rows) or self._compile(inputs)
+        loaded = self._load(rows)
+        compiled = None if loaded else self._compile(inputs)
+        step = loaded or (partial(compiled, self.forward) if compiled else self.fallback)
         try:
             output = step(*inputs)
         except Exception as error:  # noqa: BLE001 - a saved step that cannot run here is not used
@@ -82,6 +94,8 @@ class SavedSteps:
                            first_line(error))
             step = self.fallback
             output = step(*inputs)
+        if compiled is not None and step is not self.fallback:
+            self._save(compiled, rows)  # once it has run: a step that fails is never saved
         self.steps[rows] = step
         return output
 
@@ -97,23 +111,25 @@ class SavedSteps:
             logger.warning("compiling %s again: it does not load (%s)", self._path(rows), first_line(error))
             return None
 
-    def _compile(self, inputs: tuple[torch.Tensor, ...]) -> Step:
-        rows = len(inputs[0])
+    def _compile(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """The step for these inputs' bucket compiled to be saved, or None where dynamo cannot save it."""
         try:
             # options of its own: torch.compile takes guard_filter_fn out of the dict it is given
             step = torch.compile(type(self.forward).forward, fullgraph=True, dynamic=False,
                                  options={**self.options}).aot_compile(((self.forward, *inputs), {}))
         except Exception as error:  # noqa: BLE001 - what dynamo cannot save is compiled as at every start
-            logger.info("the step for %d rows is compiled at each start: it cannot be saved (%s)", rows,
+            logger.info("the step for %d rows is compiled at each start: it cannot be saved (%s)", len(inputs[0]),
                         first_line(error))
-            return self.fallback
+            return None
         step.disable_guard_check()
+        return step
+
+    def _save(self, step: Any, rows: int) -> None:
         try:
             step.save_compiled_function(str(self._path(rows)))
         except Exception as error:  # noqa: BLE001 - it still serves this start
             logger.warning("could not save the step for %d rows in %s (%s)", rows, self._path(rows),
                            first_line(error))
-        return partial(step, self.forward)
 
 
 def no_guards(entries: list[Any]) -> list[bool]:
@@ -134,47 +150,59 @@ def load_step(path: Path) -> Step:
     return step
 
 
-def changed_sources(sources: set[Any]) -> list[str]:
-    """Where the code dynamo traced (its modules' line ranges, with the checksums it recorded) reads differently
-    now."""
-    changed = []
-    for source in sources:
-        lines = inspect.getsourcelines(importlib.import_module(source.module))[0]
-        text = "".join(lines[source.firstlineno - 1:source.lastlineno - 1])
-        if hashlib.sha256(text.encode()).hexdigest() != source.checksum:
-            changed.append(f"{source.module} line {source.firstlineno}")
-    return sorted(changed)
+def changed_sources(sources: Iterable[InlinedSource]) -> list[str]:
+    """The modules whose code dynamo traced (it keeps each one's whole text) that read differently now: a changed
+    constant beside a traced function counts too."""
+    return sorted({source.module for source in sources
+                   if inspect.getsource(importlib.import_module(source.module)) != source.content})
 
 
 def forward_key(forward: torch.nn.Module, options: dict[str, Any]) -> str:
+    if torch._inductor.config.freezing:
+        raise Undescribed("frozen weights (TORCHINDUCTOR_FREEZING): they would be constants of the graph")
     digest = hashlib.sha256()
     for part in (FORMAT, torch.__version__, transformers.__version__, sys.version, platform.machine(), cpu_features(),
-                 torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-                 torch.get_float32_matmul_precision(),
+                 str(cpu_vec_isa.pick_vec_isa()), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
+                 torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision(),
+                 decode_attention.built(), compiler_settings(),
                  sorted((name, value) for name, value in options.items() if not callable(value)),
                  *module_description(forward)):
         digest.update(repr(part).encode())
     return digest.hexdigest()[:12]
 
 
+def compiler_settings() -> list[object]:
+    """Dynamo's and inductor's global settings (theirs and the TORCHINDUCTOR_ variables'), sets in a fixed order."""
+    return [sorted((name, describe(value) if isinstance(value, (set, frozenset)) else value)
+                   for name, value in config.save_config_portable().items())
+            for config in (torch._dynamo.config, torch._inductor.config)]
+
+
 def cpu_features() -> str:
     """The CPU's feature flags: inductor's kernels use the instructions of the CPU they were compiled on (and its
     thread count, also in the key), so a cache shared by other machines is never loaded there."""
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), platform.processor())
+        with open("/proc/cpuinfo") as cpuinfo:  # x86's "flags", ARM's "Features"
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), platform.processor())
     except OSError:
         return platform.processor()
 
 
 def module_description(root: torch.nn.Module) -> Iterator[object]:
     """What a graph traced through `root` may hold as constants: each module's class and attributes (sizes, flags,
-    epsilons, scales, configs, functions), each tensor's name, shape, dtype, device and layout. Raises Undescribed
-    for an attribute it cannot describe (an object of our own holding a model, say): such a step is not saved."""
-    for name, module in root.named_modules(remove_duplicate=False):
+    epsilons, scales, configs, functions), each tensor's name, shape, strides, dtype, device and layout. Raises
+    Undescribed for what it cannot describe (an object of our own holding a model, say, or a hook): such a step is
+    not saved."""
+    modules = dict(root.named_modules(remove_duplicate=False))
+    if any(hooks for hooks in (torch.nn.modules.module._global_forward_hooks,
+                               torch.nn.modules.module._global_forward_pre_hooks)):
+        raise Undescribed("global forward hooks")
+    for name, module in modules.items():
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise Undescribed(f"the forward hooks of {name or 'the step'}")
         yield name, type(module).__module__, type(module).__qualname__
-        yield sorted((key, describe(value)) for key, value in vars(module).items()
-                     if not key.startswith("_") and not isinstance(value, (torch.nn.Module, torch.Tensor)))
+        yield sorted((key, describe(value, modules)) for key, value in vars(module).items()
+                     if not key.startswith("_") and not isinstance(value, torch.nn.Module))
     for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
         yield name, describe(tensor), tensor.requires_grad
 
@@ -183,24 +211,32 @@ class Undescribed(TypeError):
     pass
 
 
-def describe(value: object) -> object:
+def describe(value: object, modules: dict[str, torch.nn.Module] | None = None) -> object:
+    """A plain value standing for `value` in a key; `modules`: the modules that are described on their own."""
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
         return value
     if isinstance(value, (tuple, list)):
-        return type(value).__name__, [describe(item) for item in value]
+        return type(value).__name__, [describe(item, modules) for item in value]
     if isinstance(value, (set, frozenset)):  # in an order of their own: a set's order changes between processes
-        return type(value).__name__, sorted(repr(describe(item)) for item in value)
+        return type(value).__name__, sorted(repr(describe(item, modules)) for item in value)
     if isinstance(value, dict):
-        return sorted((repr(key), describe(item)) for key, item in value.items())
+        return sorted((repr(key), describe(item, modules)) for key, item in value.items())
     if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.dtype, value.device, value.layout
+        return (type(value).__qualname__, tuple(value.shape), value.stride() if value.layout == torch.strided else None,
+                value.dtype, value.device, value.layout)
     if isinstance(value, (transformers.PretrainedConfig, transformers.GenerationConfig)):
         return value.to_json_string()
     if isinstance(value, torch.nn.Module):
-        return type(value).__qualname__
+        name = next((name for name, module in (modules or {}).items() if module is value), None)
+        if name is None:
+            raise Undescribed(f"a {type(value).__qualname__} outside the step's modules")
+        return "module", name
+    key_attributes = getattr(type(value), "saved_step_key", None)  # an object of ours names what describes it
+    if key_attributes is not None:
+        return type(value).__qualname__, [describe(getattr(value, name), modules) for name in key_attributes]
     if callable(value) and hasattr(value, "__qualname__"):
         return getattr(value, "__module__", None), value.__qualname__
-    raise Undescribed(type(value).__qualname__)
+    raise Undescribed(f"the {type(value).__qualname__} it holds")
 
 
 def first_line(error: BaseException) -> str:

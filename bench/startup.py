@@ -38,7 +38,8 @@ def timed_start(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Start-up time: eager, and --torch-compile first and later.")
     parser.add_argument("--server-args", default="", help="main.py flags for every start")
-    parser.add_argument("--later", type=int, default=2, help="later starts of each kind")
+    parser.add_argument("--later", type=int, default=2, choices=range(1, 10), metavar="N",
+                        help="later starts of each kind (1-9)")
     args = parser.parse_args(argv)
     flags = shlex.split(args.server_args)
     rows = []

@@ -9,6 +9,7 @@ batch. The embeddings stay as they are (a tied LM head gets an int8 copy: vocabu
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 
@@ -72,6 +73,9 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class SharedProduct:
     """The product of several Int8Linear layers over one input (see SIBLINGS). A plain object, not a module: the
     layers hold views of its weights, and the model's buffers count each byte once."""
+
+    # what a compiled step's graph may take from it (batching.saved_steps); input, output and taken change per call
+    saved_step_key: ClassVar[tuple[str, ...]] = ("layers", "weight", "compensation", "scale", "bias")
 
     def __init__(self, layers: list[Int8Linear]) -> None:
         self.layers = layers

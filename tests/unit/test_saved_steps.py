@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from types import SimpleNamespace
 
@@ -41,12 +40,14 @@ def test_a_later_start_loads_the_saved_step_and_gets_the_eager_logits(conversion
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     with torch.inference_mode():
         eager = forward(*arguments).float()
-        first = saved_step(forward, tmp_path)(*arguments).float()
+        first_start = saved_step(forward, tmp_path)
+        first = first_start(*arguments).float()
         saved = list(tmp_path.glob("*/rows-2.pt2"))
         modified = [path.stat().st_mtime_ns for path in saved]
         torch._dynamo.reset()
         with caplog.at_level(logging.INFO, logger="batchwise.compile"):
-            later = saved_step(forward, tmp_path)(*arguments).float()
+            later_start = saved_step(forward, tmp_path)
+            later = later_start(*arguments).float()
     torch.testing.assert_close(first, eager, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(later, eager, atol=tolerance, rtol=tolerance)
     if "packed" not in conversion:
@@ -54,6 +55,7 @@ def test_a_later_start_loads_the_saved_step_and_gets_the_eager_logits(conversion
     if saved:
         assert [path.stat().st_mtime_ns for path in saved] == modified
         assert f"loaded {saved[0]}" in caplog.text
+        assert later_start.steps[2] is not later_start.fallback and first_start.steps[2] is not first_start.fallback
 
 
 def test_a_step_dynamo_cannot_save_is_compiled_at_each_start(tmp_path):
@@ -86,6 +88,21 @@ def test_a_step_holding_what_the_key_cannot_describe_is_compiled_at_each_start(t
     assert torch.equal(compiled(torch.arange(3)), torch.tensor([0, 3, 6]))
     assert not list(tmp_path.iterdir())
 
+    class Scale:  # an object of ours that names the attributes describing it (as int8's SharedProduct does)
+        saved_step_key = ("scale",)
+
+        def __init__(self, scale: int) -> None:
+            self.scale = scale
+
+    described = Holding()
+    described.holder = Scale(3)
+    key = forward_key(described, {})
+    described.holder.scale = 4
+    assert forward_key(described, {}) != key
+    assert isinstance(compiled_per_bucket(described, "default", [3], "described step", saved_in=tmp_path), SavedSteps)
+    with torch._inductor.config.patch(freezing=True):  # frozen weights would be constants of the saved graph
+        assert not isinstance(compiled_per_bucket(described, "default", [3], "frozen", saved_in=tmp_path), SavedSteps)
+
 
 def test_a_saved_step_that_no_longer_loads_is_compiled_again(tmp_path, caplog):
     model = tiny_model("llama", 100)
@@ -113,8 +130,9 @@ def test_a_saved_step_reads_the_weights_of_the_model_it_runs(tmp_path, caplog):
         eager = other(*arguments)
         torch._dynamo.reset()
         with caplog.at_level(logging.INFO, logger="batchwise.compile"):
-            loaded = saved_step(other, tmp_path)(*arguments)
-    assert "loaded" in caplog.text
+            later_start = saved_step(other, tmp_path)
+            loaded = later_start(*arguments)
+    assert "loaded" in caplog.text and later_start.steps[2] is not later_start.fallback
     torch.testing.assert_close(loaded, eager, atol=1e-4, rtol=1e-4)
 
 
@@ -141,13 +159,18 @@ def test_the_key_tells_apart_what_a_graph_holds_and_not_the_weights():
                        {"max_autotune": True}) != key
 
 
-def test_code_that_changed_since_a_step_was_traced_is_found():
-    """Dynamo records each traced function's line range and checksum; a range that reads differently now is
-    reported (a saved step is then compiled again)."""
-    lines = open(changed_sources.__code__.co_filename).read().splitlines(keepends=True)
-    first, last = changed_sources.__code__.co_firstlineno, changed_sources.__code__.co_firstlineno + 5
-    checksum = hashlib.sha256("".join(lines[first - 1:last - 1]).encode()).hexdigest()
-    source = InlinedSource("batching.saved_steps", first, last, checksum, content="")
-    assert changed_sources({source}) == []
-    moved = InlinedSource("batching.saved_steps", first + 1, last + 1, checksum, content="")
-    assert changed_sources({moved}) == [f"batching.saved_steps line {first + 1}"]
+def test_code_that_changed_since_a_step_was_traced_is_found(tmp_path):
+    """Dynamo keeps the text of each module whose code it traced (ours and transformers'); a module that reads
+    differently now is reported, and its saved steps are compiled again."""
+    forward, arguments = two_row_decode_step(tiny_model("llama", 100))
+    with torch.inference_mode():
+        saved_step(forward, tmp_path)(*arguments)
+    [path] = tmp_path.glob("*/rows-2.pt2")
+    with path.open("rb") as file:
+        sources = torch.compiler.load_compiled_function(file).source_info().inlined_sources
+    assert {"batching.attention", "transformers.models.llama.modeling_llama"} <= {s.module for s in sources}
+    assert changed_sources(sources) == []
+    attention = next(source for source in sources if source.module == "batching.attention")
+    edited = InlinedSource(attention.module, attention.firstlineno, attention.lastlineno, attention.checksum,
+                           attention.content.replace("def ", "def  ", 1))
+    assert changed_sources([edited]) == ["batching.attention"]
