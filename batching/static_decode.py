@@ -26,7 +26,7 @@ from batching.attention import StaticDecodeStep
 from batching.kv_arena import KVArena, KVLayout
 from batching.layer_regions import trace_layers_once
 from batching.lora import NO_ADAPTER, AdapterRows
-from batching.saved_steps import saved_or_compiled
+from batching.saved_steps import SavedSteps, saved_or_compiled
 from batching.scheduler import Span
 from batching.vision import ImageInputs, text_position
 from kernels import decode_attention
@@ -50,7 +50,7 @@ def bucket_sizes(rows: int, smallest: int = 1) -> list[int]:
 
 
 def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int], what: str,
-                        saved_in: Path | None = None) -> Callable[..., torch.Tensor]:
+                        saved_in: Path | None = None, compile_missing: bool = True) -> Callable[..., torch.Tensor]:
     """torch.compile with static shapes: one graph per bucket, all kept. Inductor's fused kernels would keep
     half-precision intermediates (norms, rotary, residual sums) in float32 where the eager model rounds each one:
     a compiled bfloat16 step then drifts about an ulp a layer from the eager step and from transformers, and flips
@@ -65,13 +65,22 @@ def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int],
     code object, and the forward is compiled through a code object of its own, so another model compiled in the
     same process (tests do) never meets these graphs.
 
-    saved_in: a folder where each bucket's graph is saved and later starts load it (batching.saved_steps)."""
+    saved_in: a folder where each bucket's graph is saved and later starts load it (batching.saved_steps);
+    compile_missing false: nothing is compiled here, a bucket whose step is not saved runs eagerly until another
+    process saves it (--torch-compile auto)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(buckets))
-    logger.info("compiling the %s (torch.compile mode %s) for batch sizes %s", what, mode, ", ".join(map(str, buckets)))
+    sizes = ", ".join(map(str, buckets))
+    if compile_missing:
+        logger.info("compiling the %s (torch.compile mode %s) for batch sizes %s", what, mode, sizes)
+    else:
+        logger.info("the %s runs compiled for the batch sizes whose steps are saved, eagerly until then (batch "
+                    "sizes %s)", what, sizes)
     options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True,
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     compiled = partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options), forward)
-    return compiled if saved_in is None else saved_or_compiled(forward, options, saved_in, compiled)
+    if saved_in is None:
+        return compiled
+    return saved_or_compiled(forward, options, saved_in, compiled if compile_missing else forward, compile_missing)
 
 
 def with_own_code(function: FunctionType) -> FunctionType:
@@ -82,13 +91,13 @@ def with_own_code(function: FunctionType) -> FunctionType:
 
 @torch.inference_mode()
 def warm_up_buckets(buckets: list[int], run: Callable[[int], None], on_ready: Callable[[int, int], None], what: str,
-                    unit: str) -> None:
-    """Run every bucket (twice: CUDA graphs record on a later call than the one that compiles), so the first
-    requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
+                    unit: str, runs: int) -> None:
+    """Run every bucket `runs` times (twice on CUDA: CUDA graphs record on a later call than the one that compiles),
+    so the first requests never wait for a compilation; on_ready(buckets ready, all buckets) after each."""
     on_ready(0, len(buckets))
     for ready, size in enumerate(buckets, 1):
         started = time.perf_counter()
-        for _ in range(2):
+        for _ in range(runs):
             run(size)
         logger.info("%s for %d %s%s ready in %.1f s", what, size, unit, "" if size == 1 else "s",
                     time.perf_counter() - started)
@@ -136,20 +145,34 @@ class BucketedDecoder:
     (whose inputs are long tensors, one per list of _padding's) and _padding."""
 
     def __init__(self, forward: torch.nn.Module, buckets: list[int], device: torch.device, compile_mode: str | None,
-                 names: tuple[str, str], saved_in: Path | None = None) -> None:
-        """names: the step's and a bucket unit's (what a bucket counts), for the log; saved_in: where compiled
-        graphs are saved for later starts (None: compiled at each start)."""
+                 names: tuple[str, str], saved_in: Path | None = None, compile_missing: bool = True) -> None:
+        """names: the step's and a bucket unit's (what a bucket counts), for the log; saved_in, compile_missing:
+        compiled_per_bucket's."""
         self.buckets = buckets
         self.device = device
         self.names = names
         self.step = forward if compile_mode is None else compiled_per_bucket(forward, compile_mode, buckets, names[0],
-                                                                             saved_in)
+                                                                             saved_in, compile_missing)
 
     def bucket(self, size: int) -> int:
         return next(bucket for bucket in self.buckets if bucket >= size)
 
     def warm_up(self, on_ready: Callable[[int, int], None]) -> None:
-        warm_up_buckets(self.buckets, self._run_padding, on_ready, *self.names)
+        """Each bucket compiled, or its saved step loaded, before serving; not those that run eagerly until another
+        process saves their step (--torch-compile auto): they have nothing to prepare."""
+        compiled_elsewhere = isinstance(self.step, SavedSteps) and not self.step.compile_missing
+        waiting = set(self.unsaved_buckets()) if compiled_elsewhere else set()
+        warm_up_buckets([bucket for bucket in self.buckets if bucket not in waiting], self._run_padding, on_ready,
+                        *self.names, runs=2 if self.device.type == "cuda" else 1)
+
+    @property
+    def saved_in(self) -> Path | None:
+        """The folder where this step's compiled steps are saved (its key's); None where they are not saved."""
+        return self.step.folder if isinstance(self.step, SavedSteps) else None
+
+    def unsaved_buckets(self) -> list[int]:
+        """The buckets whose compiled step could be saved but is not yet: what a background compile would save."""
+        return [bucket for bucket in self.buckets if not self.step.saved(bucket)] if self.saved_in else []
 
     def _padding(self, size: int) -> list[list[int]]:
         """The step's inputs for a bucket of `size` before the step's rows are written over them: every row
@@ -171,9 +194,9 @@ class BucketedDecoder:
 class StaticDecoder(BucketedDecoder):
     def __init__(self, model: PreTrainedModel, arena: KVArena, compile_mode: str | None = None,
                  min_rows: int = 1, prompt_tokens: int = 0, lora_rows: AdapterRows | None = None,
-                 saved_in: Path | None = None) -> None:
+                 saved_in: Path | None = None, compile_missing: bool = True) -> None:
         """prompt_tokens: how many prompt tokens a step may hold beside a full batch of decoding rows (0: steps
-        with prompts never run here); saved_in: as BucketedDecoder's."""
+        with prompts never run here); saved_in, compile_missing: compiled_per_bucket's."""
         self.slots = arena.slots
         self.padding = arena.scratch.start  # where rows of a bucket that hold no token write their K/V
         self.takes_prompts = prompt_tokens > 0
@@ -183,7 +206,7 @@ class StaticDecoder(BucketedDecoder):
         if prompt_tokens:
             buckets.append(self.slots.rows + prompt_tokens)
         super().__init__(DecodeForward(model, arena, lora_rows), buckets, model.device, compile_mode,
-                         ("decode step", "row"), saved_in)
+                         ("decode step", "row"), saved_in, compile_missing)
 
     def takes(self, spans: list[Span]) -> bool:
         """Whether the step's spans run here: decoding rows, and where prompts may join them, prompt chunks of text

@@ -150,7 +150,7 @@ class Job:
         return "AUTO,STRICT" if self.config(self.configurations[0]).batch_invariant else "AUTO"
 
     def config(self, name: str) -> Config:
-        overrides = CHAT_CONFIGS[name]
+        overrides = {"torch_compile": False, **CHAT_CONFIGS[name]}  # each configuration names its decode path
         return Config(serving_type=self.kind, torch_dtype=self.dtype, continuous_batching_batch_size=self.batch_size,
                       max_concurrent=max(100, len(self.prompts) + len(self.clips)),
                       static_cache_decoder_max_length=self.slot_tokens, loglevel="WARNING", **overrides)

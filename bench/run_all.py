@@ -39,7 +39,7 @@ SERVER_DEFAULT_BATCH_SIZE = 20
 BATCH_SIZE_FLAG = "--continuous-batching-batch-size"
 DEFAULT_MKL_CBWR = "AUTO"  # MKL's own choice, as main.py leaves it without --batch-invariant
 SERVER_CONFIGS: dict[str, list[str]] = {
-    "eager": [],
+    "eager": ["--torch-compile", "false"],  # the default, auto, runs compiled once its steps are saved
     "static+compile": ["--torch-compile", "true"],  # compiling turns the static cache on
     "hqq": ["--hqq", "true"],
     "hqq+compile": ["--hqq", "true", "--torch-compile", "true"],

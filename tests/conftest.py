@@ -10,6 +10,9 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # parity with transformers' generate is checked in float32; servers the tests start would otherwise take --torch-dtype
 # auto's bfloat16 on CPUs with AVX512-BF16 or AMX (auto's choice is tested on its own, in test_speed_path)
 os.environ.setdefault("TORCH_DTYPE", "float32")
+# and --torch-compile auto would start a background compile beside each server (its own test is in
+# tests/e2e/test_speed_path.py); a server the tests start runs the path its flags choose
+os.environ.setdefault("TORCH_COMPILE", "false")
 
 import openai  # noqa: E402
 import pytest  # noqa: E402

@@ -3,15 +3,18 @@ model with its decode step compiled (the embedded model would take minutes to co
 the embedded model quantised with HQQ (in bfloat16, so on CPU its layers run torch's int4 kernel) and with
 --int8."""
 
+import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import transformers
 
-from tests.helpers.server_process import START_TIMEOUT_SECONDS, free_port, main_command, running_server, spawn
+from tests.helpers.server_process import (START_TIMEOUT_SECONDS, free_port, main_command, running_server, spawn,
+                                          wait_healthy)
 from tests.helpers.tiny_models import tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -107,3 +110,57 @@ def test_health_reports_loading_progress_until_the_compiled_step_is_warm(tiny_fo
     assert warming and all(total == 3 for _, total in warming), seen
     assert [done for done, _ in warming] == sorted(done for done, _ in warming), seen
     assert "start-up: warming up the decode step" in log.read_text()
+
+
+def test_the_default_serves_at_once_and_takes_up_the_steps_a_background_process_compiles(tiny_folder, tmp_path):
+    """--torch-compile auto, the default on CPU: a first start serves eagerly at once while a process beside it
+    compiles and saves each bucket's step (a process that ends with the server, even a killed one); a start takes
+    the steps up as they are saved, answering as before; a later start loads them all and starts no process."""
+    env = {"TORCH_COMPILE": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "graphs")}  # "": unset, so the default
+    flags = ["--hf-model", str(tiny_folder), "--static-cache-decoder-max-length", "96",
+             "--continuous-batching-batch-size", "2", "--served-model-name", "tiny"]
+    logs = [tmp_path / f"start-{number}.log" for number in range(3)]
+
+    port = free_port()
+    killed = spawn(main_command(port, *flags), logs[0], env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", killed, logs[0], settled=False)
+        compiler = int(re.search(r"in a background process \(pid (\d+)", logs[0].read_text()).group(1))
+        assert running(compiler)
+    finally:
+        killed.kill()
+        killed.wait()
+    deadline = time.monotonic() + 30
+    while running(compiler) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(compiler), "the background compile outlived its server"
+
+    with running_server(*flags, env=env, log_path=logs[1], settled=False) as url:
+        assert httpx.get(f"{url}/health").json()["compiling_decode_step"]["total"] == 3
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        eager = greedy_answer(client)
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while "compiling_decode_step" in httpx.get(f"{url}/health").json() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert greedy_answer(client) == eager
+    taking_up = logs[1].read_text()
+    assert "the background compile has ended: 3 of 3 steps saved" in taking_up, taking_up[-3000:]
+    assert re.search(r"loaded \S+/rows-1\.pt2", taking_up)
+
+    with running_server(*flags, env=env, log_path=logs[2]) as url:
+        assert greedy_answer(openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)) == eager
+    later = logs[2].read_text()
+    assert len(re.findall(r"loaded \S+/rows-\d+\.pt2", later)) == 3 and "background process" not in later
+
+
+def greedy_answer(client: openai.OpenAI) -> str:
+    reply = client.chat.completions.create(model="tiny", messages=PARIS, max_tokens=8, temperature=0)
+    return reply.choices[0].message.content
+
+
+def running(pid: int) -> bool:
+    """Whether the process runs (a zombie that its new parent has not reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -16,11 +16,13 @@ T = TypeVar("T")
 
 
 def make_engine(model, tokenizer, batch_size: int = 16, max_concurrent: int = 100,
-                context_length: int = 1024, batch_invariant: bool = True, **settings) -> Engine:
+                context_length: int = 1024, batch_invariant: bool = True, torch_compile: bool | str = False,
+                **settings) -> Engine:
     """The chat engine as the server builds it (batch-invariant, so outputs can be compared with a request's
-    output alone); `settings` are further Config fields."""
+    output alone); `settings` are further Config fields. Each test picks its decode path: --torch-compile's default,
+    auto (whose path depends on what earlier starts saved), is tested on its own."""
     config = Config(continuous_batching_batch_size=batch_size, max_concurrent=max_concurrent,
-                    batch_invariant=batch_invariant, **settings)
+                    batch_invariant=batch_invariant, torch_compile=torch_compile, **settings)
     return build_engine(LoadedModel(model, tokenizer, "tiny", context_length), config)
 
 

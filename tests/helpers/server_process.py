@@ -36,12 +36,14 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None)
 
 
 @contextmanager
-def serving(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Yield the base URL of the healthy server that `command` starts on `port`; stop it afterwards."""
+def serving(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
+            settled: bool = True) -> Iterator[str]:
+    """Yield the base URL of the healthy server that `command` starts on `port`; stop it afterwards. settled: once
+    the background compile of --torch-compile auto has ended too, so that measurements see what later starts run."""
     process = spawn(command, log_path, env)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base_url, process, log_path)
+        wait_healthy(base_url, process, log_path, settled)
         yield base_url
     finally:
         process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown stops the engine cleanly
@@ -52,21 +54,24 @@ def serving(command: list[str], port: int, log_path: Path, env: dict[str, str] |
 
 
 @contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[str]:
-    """Yield the base URL of a healthy main.py server; its log tail is raised if it fails to start."""
+def running_server(*args: str, env: dict[str, str] | None = None, log_path: Path | None = None,
+                   settled: bool = True) -> Iterator[str]:
+    """Yield the base URL of a healthy main.py server (settled: as serving's); its log tail is raised if it fails to
+    start."""
     port = free_port()
     log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"batchwise-server-{port}.log"
-    with serving(main_command(port, *args), port, log_path, env) as base_url:
+    with serving(main_command(port, *args), port, log_path, env, settled) as base_url:
         yield base_url
 
 
-def wait_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
+def wait_healthy(base_url: str, process: subprocess.Popen, log_path: Path, settled: bool = True) -> None:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            response = httpx.get(f"{base_url}/health", timeout=2)
+            if response.status_code == 200 and not (settled and "compiling_decode_step" in response.json()):
                 return
         except httpx.TransportError:
             pass

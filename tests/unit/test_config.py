@@ -17,6 +17,7 @@ def test_defaults_match_the_reference_cli(monkeypatch):
     assert config.continuous_batching_batch_size == 20 and config.continuous_batching_microsleep == 0
     assert config.max_concurrent == 100 and config.serving_type == "chat"
     assert config.static_cache is False and config.torch_compile_mode == "reduce-overhead"
+    assert config.torch_compile == "auto"
 
 
 def test_env_vars_are_read_and_flags_win(monkeypatch):

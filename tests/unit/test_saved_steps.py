@@ -104,6 +104,30 @@ def test_a_step_holding_what_the_key_cannot_describe_is_compiled_at_each_start(t
         assert not isinstance(compiled_per_bucket(described, "default", [3], "frozen", saved_in=tmp_path), SavedSteps)
 
 
+def test_a_step_compiled_elsewhere_runs_eagerly_until_it_is_saved_then_loaded(tmp_path, caplog):
+    """--torch-compile auto: the server compiles nothing; a bucket runs the eager forward until another process
+    saves its step, which the next call loads (the eager logits again); a file that does not load leaves its bucket
+    eager, and is not replaced."""
+    model = tiny_model("llama", 100)
+    forward, arguments = two_row_decode_step(model)
+    with torch.inference_mode():
+        eager = forward(*arguments)
+        waiting = compiled_per_bucket(forward, "default", [2], "auto step", saved_in=tmp_path, compile_missing=False)
+        assert torch.equal(waiting(*arguments), eager) and waiting.fallback is forward
+        assert not waiting.saved(2) and not waiting.steps
+        saved_step(forward, tmp_path)(*arguments)  # what the background process does
+        [path] = tmp_path.glob("*/rows-2.pt2")
+        with caplog.at_level(logging.INFO, logger="batchwise.compile"):
+            taken_up = waiting(*arguments)
+        assert f"loaded {path}" in caplog.text and waiting.steps[2] is not waiting.fallback
+        torch.testing.assert_close(taken_up, eager, atol=1e-4, rtol=1e-4)
+        path.write_bytes(b"not a compiled step")
+        broken = compiled_per_bucket(forward, "default", [2], "auto step", saved_in=tmp_path, compile_missing=False)
+        assert torch.equal(broken(*arguments), eager) and broken.steps[2] is broken.fallback
+    assert path.read_bytes() == b"not a compiled step"
+    assert not list(tmp_path.glob("*/*.partial"))
+
+
 def test_a_saved_step_that_no_longer_loads_is_compiled_again(tmp_path, caplog):
     model = tiny_model("llama", 100)
     forward, arguments = two_row_decode_step(model)
@@ -115,7 +139,7 @@ def test_a_saved_step_that_no_longer_loads_is_compiled_again(tmp_path, caplog):
         torch._dynamo.reset()
         with caplog.at_level(logging.WARNING, logger="batchwise.compile"):
             again = saved_step(forward, tmp_path)(*arguments)
-    assert f"compiling {path} again" in caplog.text
+    assert f"{path} does not load" in caplog.text
     assert path.stat().st_size > 1000
     torch.testing.assert_close(again, eager, atol=1e-4, rtol=1e-4)
 
