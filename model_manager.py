@@ -16,13 +16,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
 except ImportError:  # Windows: two servers starting at once may each compile the same steps
     fcntl = None
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -399,8 +399,10 @@ def compile_saved_steps(config: Config, folder: Path, server: int) -> None:
     """The background compile's process: the engine `config` builds (--torch-compile true) warmed up, which compiles
     and saves each bucket's step in `folder`, the server's folder for them; one process per folder at a time."""
     run_behind(server)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=[logging.FileHandler(folder / BACKGROUND_LOG)])
+    with open(folder / BACKGROUND_LOG, "a") as log:  # all its output, the compiler's too, apart from the server's
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(log.fileno(), stream.fileno())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with open(folder / "compiling.lock", "w") as lock:
         if fcntl:  # released when this process ends, however
             try:
@@ -412,7 +414,7 @@ def compile_saved_steps(config: Config, folder: Path, server: int) -> None:
         if engine.runner.static.saved_in != folder:
             raise RuntimeError(f"the steps compiled here would be saved in {engine.runner.static.saved_in}, not in the "
                                f"server's {folder}: their keys differ (batching/saved_steps.py)")
-        engine.runner.warm_up(lambda done, total: logger.info("%d of %d steps saved", done, total))
+        engine.runner.warm_up(lambda done, total: logger.info("%d of %d steps compiled", done, total))
 
 
 def run_behind(server: int) -> None:

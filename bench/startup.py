@@ -20,7 +20,7 @@ import httpx
 
 from bench.load import chat_body
 from bench.report import cpu_model
-from tests.helpers.server_process import running_server
+from tests.helpers.server_process import compiling, running_server
 
 QUESTION = "What is the capital of France?"
 
@@ -31,10 +31,9 @@ def timed_start(argv: list[str], env: dict[str, str]) -> tuple[float, float | No
     started = time.perf_counter()
     with running_server(*argv, env=env, settled=False) as base_url:
         ready = time.perf_counter() - started
-        compiling = waited = "compiling_decode_step" in httpx.get(f"{base_url}/health").json()
-        while compiling:
+        waited = compiling(httpx.get(f"{base_url}/health"))
+        while compiling(httpx.get(f"{base_url}/health")):
             time.sleep(0.5)
-            compiling = "compiling_decode_step" in httpx.get(f"{base_url}/health").json()
         compiled = time.perf_counter() - started if waited else None
         model = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
         reply = httpx.post(f"{base_url}/v1/chat/completions", timeout=120,

@@ -146,6 +146,8 @@ def test_the_default_serves_at_once_and_takes_up_the_steps_a_background_process_
     taking_up = logs[1].read_text()
     assert "the background compile has ended: 3 of 3 steps saved" in taking_up, taking_up[-3000:]
     assert re.search(r"loaded \S+/rows-1\.pt2", taking_up)
+    [background_log] = (tmp_path / "graphs").glob("steps/*/background-compile.log")  # its output, not the server's
+    assert "3 of 3 steps compiled" in background_log.read_text() and "steps compiled" not in taking_up
 
     with running_server(*flags, env=env, log_path=logs[2]) as url:
         assert greedy_answer(openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)) == eager
