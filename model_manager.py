@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -319,7 +320,8 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
 
 def compile_choice(config: Config, device: torch.device) -> bool | str:
     """--torch-compile for an engine on `device`: auto stays auto where compiled steps are saved (a text decoder on
-    the CPU, without LoRA, on one device), and is false elsewhere, where every start would compile its steps."""
+    the CPU, without LoRA, on one device) and can be compiled, and is false elsewhere, where every start would
+    compile its steps, or a background compile would fail at each start."""
     if config.torch_compile != AUTO:
         return config.torch_compile
     unsaved = ("on CUDA" if device.type != "cpu"
@@ -327,7 +329,9 @@ def compile_choice(config: Config, device: torch.device) -> bool | str:
                else "for encoder-decoder models" if config.encoder_decoder
                else "for vision models" if config.vision
                else "with LoRA adapters" if config.lora
-               else "with --device-map" if config.device_map else None)
+               else "with --device-map" if config.device_map
+               else f"without a C++ compiler ({torch._inductor.config.cpp.cxx[-1]}, which inductor calls)"
+               if not shutil.which(torch._inductor.config.cpp.cxx[-1]) else None)
     if unsaved:
         logger.info("--torch-compile auto: the decode step runs eagerly %s (its compiled steps are not saved)",
                     unsaved)

@@ -12,6 +12,8 @@ from torch._dynamo.package import InlinedSource
 from batching import KVArena, Slots, kv_layout
 from batching.saved_steps import SavedSteps, changed_sources, forward_key
 from batching.static_decode import DecodeForward, compiled_per_bucket
+from config import Config
+from model_manager import compile_choice
 from tests.helpers.tiny_models import tiny_model
 from converters.packed_linear import pack_linears
 from tests.unit.test_speed_path import QUANTISATIONS, hqq_sized_model, needs_onednn_bfloat16, two_row_decode_step
@@ -198,3 +200,20 @@ def test_code_that_changed_since_a_step_was_traced_is_found(tmp_path):
     edited = InlinedSource(attention.module, attention.firstlineno, attention.lastlineno, attention.checksum,
                            attention.content.replace("def ", "def  ", 1))
     assert changed_sources([edited]) == ["batching.attention"]
+
+
+@pytest.mark.parametrize("settings, device, expected", [
+    ({}, "cpu", "auto"), ({"torch_compile": True}, "cpu", True), ({"torch_compile": False}, "cpu", False),
+    ({}, "cuda", False), ({"serving_type": "whisper"}, "cpu", False), ({"serving_type": "embedding"}, "cpu", False),
+    ({"architecture_type": "encoder-decoder", "hf_model": "t5-small"}, "cpu", False),
+    ({"model_type": "AutoModelForImageTextToText"}, "cpu", False), ({"enable_lora": True}, "cpu", False),
+    ({"device_map": "auto"}, "cpu", False)])
+def test_torch_compile_auto_stays_auto_only_where_steps_are_saved(settings, device, expected):
+    """The default runs saved steps (and compiles them in the background) for a text decoder on the CPU; where
+    steps are not saved, every start would compile again: there auto is false."""
+    assert compile_choice(Config(**settings), torch.device(device)) == expected
+
+
+def test_torch_compile_auto_is_false_without_the_compiler_inductor_calls(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-compiler++"))
+    assert compile_choice(Config(), torch.device("cpu")) is False
