@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -34,10 +34,10 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r} (a model goes before bare flags)")
 
 
-AUTO = "auto"
+AUTO: Literal["auto"] = "auto"
 
 
-def parse_bool_or_auto(text: str | bool) -> bool | str:
+def parse_bool_or_auto(text: str | bool) -> bool | Literal["auto"]:
     """A boolean, or auto: the server decides (what auto means is said by the flag)."""
     return AUTO if isinstance(text, str) and text.strip().lower() == AUTO else parse_bool(text)
 
@@ -46,11 +46,12 @@ def option(flag: str, env: str | None, help: str, default: Any = None, type: Cal
            negative: str | None = None, modes: tuple = (), aliases: tuple[str, ...] = (), several: bool = False,
            env_applies: Callable[[str], bool] | None = None) -> Any:
     """A Config field: its flag, env var, help, parser and choices; `negative` names a flag that sets it false (each
-    alias gets its own --no- form). `modes`: the values the quality matrix serves it at (the default first), for a
-    flag that selects how the engine computes (tests/unit/test_quality_matrix.py): every flag is either a serving
-    mode or says there why it cannot change a model's answers. `aliases`: other spellings of the flag (vLLM's);
-    `several`: the flag takes several values, kept comma-separated as the env var gives them; `env_applies`: whether
-    the env var's value is meant for this server (False: it is ignored)."""
+    alias gets its own --no- form). `modes`: the values the quality matrix serves it at (the default first; for an
+    auto default, the values auto stands for), for a flag that selects how the engine computes
+    (tests/unit/test_quality_matrix.py): every flag is either a serving mode or says there why it cannot change a
+    model's answers. `aliases`: other spellings of the flag (vLLM's); `several`: the flag takes several values, kept
+    comma-separated as the env var gives them; `env_applies`: whether the env var's value is meant for this server
+    (False: it is ignored)."""
     return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": type, "choices": choices,
                                             "negative": negative, "modes": modes, "aliases": aliases,
                                             "several": several, "env_applies": env_applies})
@@ -313,7 +314,7 @@ class Config:
                         "the LM head (W8A8): integer products, on CPU", False, parse_bool, modes=(False, True))
     quantization: str | None = option("--quantization", "QUANTIZATION", "vLLM's spelling: int8 sets --int8, hqq "
                                       "sets --hqq", None, choices=["int8", "hqq"])
-    torch_compile: bool | str = option(
+    torch_compile: bool | Literal["auto"] = option(
         "--torch-compile", "TORCH_COMPILE",
         "torch.compile the decode step, once per batch bucket at start-up (graphs kept under --model-cache-dir; on "
         "CPU each bucket's whole step is saved, so a later start loads it); auto: on CPU, for a text decoder without "

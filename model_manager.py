@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import importlib.util
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -60,7 +59,8 @@ EMBEDDED_CHAT_NAME = "SmolLM2-135M-Instruct"
 AUTO_STEP_TOKENS = {False: 32, True: 2048}  # prompt tokens per step beside decoding rows, by CUDA or not
 COMPILE_MEMORY = 2**30  # what a background compile's tracing and compiling hold beside its weights and slots
 BACKGROUND_LOG = "background-compile.log"  # in the folder of the steps it saves
-PR_SET_PDEATHSIG = 1  # prctl's: the signal a process gets when its parent ends
+UNSAVABLE = "unsavable-batch-sizes"  # beside them: the batch sizes a background compile could not save
+LOWEST_PRIORITY = 19
 
 
 class ModelLoadError(RuntimeError):
@@ -308,7 +308,7 @@ def engine_settings(config: Config, device: torch.device, draft_model: PreTraine
         microsleep=config.continuous_batching_microsleep, batch_invariant=config.batch_invariant,
         min_rows=min_rows(config.batch_invariant), static_step=static_step,
         compile_mode=config.torch_compile_mode if compiles else None, saved_steps=saved_steps,
-        compiles_steps=compiles is not AUTO, static_length=config.static_cache_decoder_max_length,
+        compile_missing=compiles is not AUTO, static_length=config.static_cache_decoder_max_length,
         step_tokens=step_tokens,
         kv_memory=parse_memory(config.kv_cache_memory), prefix_caching=config.prefix_caching,
         beams=config.whisper_beam_size, step_timeout=config.step_timeout or None, failpoints=tuple(failpoints),
@@ -372,12 +372,19 @@ def start_background_compile(loaded: LoadedModel, engine: Engine, config: Config
     """--torch-compile auto, where the engine's static step has buckets it runs eagerly for want of a saved step:
     a process at the lowest priority that builds the same engine with --torch-compile true, which compiles and saves
     those steps (and ends with the server). The engine takes each step up as it is saved. None where nothing is
-    missing, or the free memory cannot hold a second copy of the weights and the compiler's work."""
+    missing, an earlier such process could not save what is missing, or the free memory cannot hold the weights
+    again and the compiler's work."""
     static = getattr(engine.runner, "static", None)
     if config.torch_compile != AUTO or static is None or not static.unsaved_buckets():
         return None
+    unsavable = static.saved_in / UNSAVABLE
+    if unsavable.is_file():
+        logger.info("--torch-compile auto: the decode step runs eagerly for batch sizes %s, whose steps an earlier "
+                    "background compile could not save (see %s)", unsavable.read_text().strip(),
+                    static.saved_in / BACKGROUND_LOG)
+        return None
     arena = engine.runner.arena
-    weights = sum(tensor.nbytes for tensor in (*loaded.model.parameters(), *loaded.model.buffers()))
+    weights = weight_count(loaded.model) * loaded.model.dtype.itemsize  # a quantised model is loaded whole first
     needed = weights + arena.slots.tokens * arena.layout.bytes_per_token + COMPILE_MEMORY
     free = free_memory_bytes(loaded.model.device)
     if free < needed:
@@ -388,9 +395,10 @@ def start_background_compile(loaded: LoadedModel, engine: Engine, config: Config
     compiling = dataclasses.replace(config, torch_compile=True, gpu_memory_utilization=None,
                                     kv_cache_memory=str(arena.tokens * arena.layout.bytes_per_token))
     process = multiprocessing.get_context("spawn").Process(
-        target=compile_saved_steps, args=(compiling, static.saved_in, os.getpid()), daemon=True,
-        name="batchwise-compile")
+        target=compile_saved_steps, args=(compiling, static.saved_in), daemon=True, name="batchwise-compile")
     process.start()
+    if hasattr(os, "setpriority"):  # from its first instruction: its imports would compete with serving too
+        os.setpriority(os.PRIO_PROCESS, process.pid, LOWEST_PRIORITY)
     background = BackgroundCompile(process, static, static.saved_in / BACKGROUND_LOG)
     logger.info("--torch-compile auto: compiling the decode step for batch sizes %s in a background process (pid %d, "
                 "log %s); until each is saved it runs eagerly", ", ".join(map(str, static.unsaved_buckets())),
@@ -399,37 +407,42 @@ def start_background_compile(loaded: LoadedModel, engine: Engine, config: Config
     return background
 
 
-def compile_saved_steps(config: Config, folder: Path, server: int) -> None:
+def compile_saved_steps(config: Config, folder: Path) -> None:
     """The background compile's process: the engine `config` builds (--torch-compile true) warmed up, which compiles
-    and saves each bucket's step in `folder`, the server's folder for them; one process per folder at a time."""
-    run_behind(server)
+    and saves each bucket's step in `folder`, the server's folder for them; one process per folder at a time. The
+    batch sizes whose steps it could not save are written down, so that later starts do not try again."""
+    follow_server()
     with open(folder / BACKGROUND_LOG, "a") as log:  # all its output, the compiler's too, apart from the server's
         for stream in (sys.stdout, sys.stderr):
             os.dup2(log.fileno(), stream.fileno())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with open(folder / "compiling.lock", "w") as lock:
-        if fcntl:  # released when this process ends, however
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("another process compiles these steps")
-                return
+        if fcntl:  # another server's process may compile the same steps: then this one loads them after it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for unfinished in folder.glob("*.partial"):  # a killed process's
+            unfinished.unlink()
         engine = build_engine(load_model(config), config)
-        if engine.runner.static.saved_in != folder:
-            raise RuntimeError(f"the steps compiled here would be saved in {engine.runner.static.saved_in}, not in the "
-                               f"server's {folder}: their keys differ (batching/saved_steps.py)")
+        static = engine.runner.static
+        if static.saved_in != folder:
+            raise RuntimeError(f"the steps compiled here would be saved in {static.saved_in}, not in the server's "
+                               f"{folder}: their keys differ (batching/saved_steps.py)")
         engine.runner.warm_up(lambda done, total: logger.info("%d of %d steps compiled", done, total))
+        unsavable = ", ".join(map(str, static.unsaved_buckets()))
+        if unsavable:
+            (folder / UNSAVABLE).write_text(unsavable)
+            logger.warning("the steps for batch sizes %s could not be saved", unsavable)
 
 
-def run_behind(server: int) -> None:
-    """This process at the lowest priority, ending when the server does, even killed: Linux signals it (elsewhere
-    the server's exit ends its daemon processes)."""
-    if hasattr(os, "nice"):
-        os.nice(19)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != server:  # it ended before the signal was asked for
-        os._exit(0)
+def follow_server() -> None:
+    """End this process when the server's ends, even killed; and when memory runs out, let the kernel kill this one
+    first."""
+    server = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (multiprocessing.connection.wait([server.sentinel]), os._exit(0)),
+                     name="batchwise-follow-server", daemon=True).start()
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:  # not Linux
+        pass
 
 
 def keep_compiled_graphs(folder: Path) -> Path:

@@ -33,7 +33,8 @@ class ServerState:
         stats = service.engine.stats()
         body = {"status": "ok", "model": service.model_name, "running": stats.running, "waiting": stats.waiting,
                 "steps": stats.steps}
-        compiling = service.compiling.progress() if isinstance(service, TextService) and service.compiling else None
+        background = service.background_compile if isinstance(service, TextService) else None
+        compiling = background.progress() if background else None
         return 200, body | ({"compiling_decode_step": compiling} if compiling else {})
 
     def ready(self) -> Service:

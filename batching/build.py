@@ -53,7 +53,7 @@ class EngineSettings:
     static_step: bool  # a static-shape decode step over a cache allocated up front
     compile_mode: str | None  # the static step's torch.compile mode; None: it runs eagerly
     saved_steps: Path | None  # where compiled static steps are saved for later starts; None: compiled at each start
-    compiles_steps: bool  # False: a static step is compiled elsewhere (a background process) and taken up once saved
+    compile_missing: bool  # False: a static step not saved runs eagerly until another process saves it (auto)
     static_length: int  # the most tokens of a decoder's static row (within its context)
     step_tokens: int  # a decoder's prompt tokens per step beside decoding rows (the most, where timed_chunks)
     kv_memory: int | float | None  # a decoder's KV budget: bytes, a fraction of free memory, None: AUTO_KV_FRACTION
@@ -98,7 +98,7 @@ def decoder_engine(model: PreTrainedModel, tokenizer: Decoder, eos_token_ids: fr
     if slots is not None:
         static = StaticDecoder(model, arena, settings.compile_mode, settings.min_rows,
                                static_prompt_tokens(layout, settings), lora.rows if lora else None,
-                               settings.saved_steps, settings.compiles_steps)
+                               settings.saved_steps, settings.compile_missing)
     runner = ModelRunner(model, arena, static, settings.batch_invariant, drafter(model, settings.speculative), lora)
     return engine(runner, scheduler, tokenizer, eos_token_ids, settings)
 

@@ -15,8 +15,9 @@ transformers'): a module that reads differently at load has its steps compiled a
 A step that cannot be saved (a graph break, an object dynamo cannot serialise) is compiled at each start as
 before; a file that no longer loads (torch's format, changed code) is compiled again and replaced; a step is saved
 only once it has run, and a saved one that fails at its first call (a kernel library missing now) is not used.
-With --torch-compile auto the server compiles nothing itself: a process beside it (model_manager.background_compile)
-compiles and saves the steps, and the server takes each one up as its file appears (renamed into place whole).
+With --torch-compile auto the server compiles nothing itself: a process beside it
+(model_manager.start_background_compile) compiles and saves the steps, and the server takes each one up as its file
+appears (renamed into place whole); one that does not load or run here waits for its file to be replaced.
 The folder of one key is marked used at each start (model_manager removes folders of keys unused for a week)."""
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class SavedSteps:
     """The forward compiled once per bucket (its inputs' row count), each bucket's graph loaded from `folder` or
     compiled and saved there; `fallback` serves a bucket that cannot be saved. With compile_missing false nothing
     is compiled here: a bucket runs `fallback` (the eager forward) until its step is saved (by another process),
-    and the saved step from the step after."""
+    and the saved step from the step after; a saved step that does not load or run here counts as not saved until
+    its file changes (another process compiles it again and replaces it)."""
 
     def __init__(self, forward: torch.nn.Module, options: dict[str, Any], folder: Path, fallback: Step,
                  compile_missing: bool = True) -> None:
@@ -84,15 +86,16 @@ class SavedSteps:
         self.fallback = fallback
         self.compile_missing = compile_missing
         self.steps: dict[int, Step] = {}
+        self.unusable: dict[int, int] = {}  # bucket -> modification time of its file that did not load or run
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         rows = len(inputs[0])
         if rows in self.steps:
             return self.steps[rows](*inputs)
-        if not self.compile_missing and not self.saved(rows):
-            return self.fallback(*inputs)
+        if not self.compile_missing:
+            return self._saved_or_eager(rows, inputs)
         loaded = self._load(rows)
-        compiled = None if loaded or not self.compile_missing else self._compile(inputs)
+        compiled = None if loaded else self._compile(inputs)
         step = loaded or (partial(compiled, self.forward) if compiled else self.fallback)
         try:
             output = step(*inputs)
@@ -108,13 +111,38 @@ class SavedSteps:
         return output
 
     def saved(self, rows: int) -> bool:
-        return self._path(rows).is_file()
+        """Whether the bucket's step is on disk, and not a file already found unusable here."""
+        modified = self._modified(rows)
+        return modified is not None and self.unusable.get(rows) != modified
+
+    def _saved_or_eager(self, rows: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """The bucket's saved step where it loads and runs (kept from then on), else the eager forward."""
+        modified = self._modified(rows)
+        if modified is None or self.unusable.get(rows) == modified:
+            return self.fallback(*inputs)
+        step = self._load(rows)
+        try:
+            output = step(*inputs) if step else None
+        except Exception as error:  # noqa: BLE001 - a saved step that cannot run here is not used
+            logger.warning("the saved step for %d rows failed (%s): not used", rows, first_line(error))
+            step = None
+        if step is None:
+            self.unusable[rows] = modified
+            return self.fallback(*inputs)
+        self.steps[rows] = step
+        return output
+
+    def _modified(self, rows: int) -> int | None:
+        try:
+            return self._path(rows).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     def _path(self, rows: int) -> Path:
         return self.folder / f"rows-{rows}.pt2"
 
     def _load(self, rows: int) -> Step | None:
-        if not self.saved(rows):
+        if not self._path(rows).is_file():
             return None
         try:
             return partial(load_step(self._path(rows)), self.forward)

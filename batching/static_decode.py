@@ -77,10 +77,9 @@ def compiled_per_bucket(forward: torch.nn.Module, mode: str, buckets: list[int],
                     "sizes %s)", what, sizes)
     options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True,
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    compiled = partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options), forward)
-    if saved_in is None:
-        return compiled
-    return saved_or_compiled(forward, options, saved_in, compiled if compile_missing else forward, compile_missing)
+    compiled = partial(torch.compile(with_own_code(type(forward).forward), dynamic=False, options=options),
+                       forward) if compile_missing else forward
+    return compiled if saved_in is None else saved_or_compiled(forward, options, saved_in, compiled, compile_missing)
 
 
 def with_own_code(function: FunctionType) -> FunctionType:

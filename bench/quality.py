@@ -221,7 +221,7 @@ async def answered(job: Job, name: str, loaded: Any, build: Callable, answer: Ca
     config, started = job.config(name), time.perf_counter()
     engine = await on_torch_thread(build, loaded, config)
     try:
-        await warm_up(engine, StartupProgress(), config.torch_compile)
+        await warm_up(engine, StartupProgress())
         engine.start()
         ready, frames = time.perf_counter(), compiled_frames()
         outputs = await answer(job, loaded, config, engine)

@@ -20,7 +20,7 @@ import httpx
 
 from bench.load import chat_body
 from bench.report import cpu_model
-from tests.helpers.server_process import compiling, running_server
+from tests.helpers.server_process import START_TIMEOUT_SECONDS, compiling, running_server
 
 QUESTION = "What is the capital of France?"
 
@@ -33,6 +33,8 @@ def timed_start(argv: list[str], env: dict[str, str]) -> tuple[float, float | No
         ready = time.perf_counter() - started
         waited = compiling(httpx.get(f"{base_url}/health"))
         while compiling(httpx.get(f"{base_url}/health")):
+            if time.perf_counter() - started > START_TIMEOUT_SECONDS:
+                raise RuntimeError(f"the background compile still ran after {START_TIMEOUT_SECONDS} s")
             time.sleep(0.5)
         compiled = time.perf_counter() - started if waited else None
         model = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds, compiled_after, answer in rows:
         print(f"| {name} | {seconds:.1f} | {'-' if compiled_after is None else f'{compiled_after:.1f}'} | "
               f"{'yes' if answer == eager_answer else 'no: ' + repr(answer)} |")
+
 
 if __name__ == "__main__":
     main()

@@ -81,7 +81,7 @@ class TextService:
         """Takes a second or so (the grammar engine indexes the vocabulary): build it off the event loop."""
         self.engine = engine
         self.metrics: Metrics | None = None
-        self.compiling: BackgroundCompile | None = None  # --torch-compile auto's, while the first starts run
+        self.background_compile: BackgroundCompile | None = None  # --torch-compile auto's, on a first start
         vocab_size = loaded.model.get_output_embeddings().out_features  # the logits' width
         self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self.tokenizer = loaded.tokenizer
@@ -368,7 +368,7 @@ async def start_chat_service(config: Config, progress: StartupProgress) -> TextS
         logger.info("sampling defaults for the fields a request leaves unset: %s", options.sampling_defaults)
     progress.enter("preparing the tokenizer's grammars and templates")
     service = await on_torch_thread(TextService, engine, loaded, options)
-    service.compiling = start_background_compile(loaded, engine, config)
+    service.background_compile = start_background_compile(loaded, engine, config)
     served = [*options.served_names, *(adapter.name for adapter in service.lora_adapters())]
     logger.info("serving %s on http://%s:%d", ", ".join(served), config.host, config.port)
     return service

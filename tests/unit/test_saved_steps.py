@@ -108,8 +108,9 @@ def test_a_step_holding_what_the_key_cannot_describe_is_compiled_at_each_start(t
 
 def test_a_step_compiled_elsewhere_runs_eagerly_until_it_is_saved_then_loaded(tmp_path, caplog):
     """--torch-compile auto: the server compiles nothing; a bucket runs the eager forward until another process
-    saves its step, which the next call loads (the eager logits again); a file that does not load leaves its bucket
-    eager, and is not replaced."""
+    saves its step, which the next call loads (the eager logits again). A file that does not load counts as not
+    saved (so a background compile is started for it), runs eagerly, is not replaced here, and is loaded once
+    another process has replaced it."""
     model = tiny_model("llama", 100)
     forward, arguments = two_row_decode_step(model)
     with torch.inference_mode():
@@ -123,10 +124,16 @@ def test_a_step_compiled_elsewhere_runs_eagerly_until_it_is_saved_then_loaded(tm
             taken_up = waiting(*arguments)
         assert f"loaded {path}" in caplog.text and waiting.steps[2] is not waiting.fallback
         torch.testing.assert_close(taken_up, eager, atol=1e-4, rtol=1e-4)
+
         path.write_bytes(b"not a compiled step")
         broken = compiled_per_bucket(forward, "default", [2], "auto step", saved_in=tmp_path, compile_missing=False)
-        assert torch.equal(broken(*arguments), eager) and broken.steps[2] is broken.fallback
-    assert path.read_bytes() == b"not a compiled step"
+        assert broken.saved(2)
+        assert torch.equal(broken(*arguments), eager) and not broken.steps and not broken.saved(2)
+        assert path.read_bytes() == b"not a compiled step"
+        saved_step(forward, tmp_path)(*arguments)  # the background process compiles it again and replaces it
+        assert broken.saved(2)
+        torch.testing.assert_close(broken(*arguments), eager, atol=1e-4, rtol=1e-4)
+        assert broken.steps[2] is not broken.fallback
     assert not list(tmp_path.glob("*/*.partial"))
 
 
