@@ -221,6 +221,7 @@ def test_torch_compile_auto_stays_auto_only_where_steps_are_saved(settings, devi
     assert compile_choice(Config(**settings), torch.device(device)) == expected
 
 
-def test_torch_compile_auto_is_false_without_the_compiler_inductor_calls(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-compiler++"))
-    assert compile_choice(Config(), torch.device("cpu")) is False
+def test_torch_compile_auto_is_false_without_the_compiler_inductor_calls():
+    with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-compiler++")}):
+        assert compile_choice(Config(), torch.device("cpu")) is False
+    assert compile_choice(Config(), torch.device("cpu")) == "auto"
