@@ -375,7 +375,8 @@ def start_background_compile(loaded: LoadedModel, engine: Engine, config: Config
     missing, an earlier such process could not save what is missing, or the free memory cannot hold the weights
     again and the compiler's work."""
     static = getattr(engine.runner, "static", None)
-    if config.torch_compile != AUTO or static is None or not static.unsaved_buckets():
+    missing = static.unsaved_buckets() if config.torch_compile == AUTO and static is not None else []
+    if not missing:
         return None
     unsavable = static.saved_in / UNSAVABLE
     if unsavable.is_file():
@@ -401,7 +402,7 @@ def start_background_compile(loaded: LoadedModel, engine: Engine, config: Config
         os.setpriority(os.PRIO_PROCESS, process.pid, LOWEST_PRIORITY)
     background = BackgroundCompile(process, static, static.saved_in / BACKGROUND_LOG)
     logger.info("--torch-compile auto: compiling the decode step for batch sizes %s in a background process (pid %d, "
-                "log %s); until each is saved it runs eagerly", ", ".join(map(str, static.unsaved_buckets())),
+                "log %s); until each is saved it runs eagerly", ", ".join(map(str, missing)),
                 process.pid, background.log)
     threading.Thread(target=background.watch, name="batchwise-compile-watch", daemon=True).start()
     return background
