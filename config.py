@@ -39,7 +39,12 @@ AUTO: Literal["auto"] = "auto"
 
 def parse_bool_or_auto(text: str | bool) -> bool | Literal["auto"]:
     """A boolean, or auto: the server decides (what auto means is said by the flag)."""
-    return AUTO if isinstance(text, str) and text.strip().lower() == AUTO else parse_bool(text)
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true/false/1/0 or auto, got {text!r}") from None
 
 
 def option(flag: str, env: str | None, help: str, default: Any = None, type: Callable = str, choices=None,

@@ -18,6 +18,8 @@ def test_defaults_match_the_reference_cli(monkeypatch):
     assert config.max_concurrent == 100 and config.serving_type == "chat"
     assert config.static_cache is False and config.torch_compile_mode == "reduce-overhead"
     assert config.torch_compile == "auto"
+    assert [parse_config(argv).torch_compile for argv in (["--torch-compile"], ["--torch-compile", "FALSE"],
+                                                         ["--torch-compile", "Auto"])] == [True, False, "auto"]
 
 
 def test_env_vars_are_read_and_flags_win(monkeypatch):
@@ -61,6 +63,7 @@ def test_booleans_accept_true_false_one_zero_any_case(text, value):
     (["--gpu-memory-utilization", "0.9", "--accelerator-type", "cpu"], "on the CPU give --kv-cache-memory"),
     (["--tokenizer", "t", "--serving-type", "whisper"], "take theirs from their processor"),
     (["--loglevel", "loud"], "--loglevel"),
+    (["--torch-compile", "maybe"], "expected true/false/1/0 or auto, got 'maybe'"),
     (["--chat-template", "/no/such/template.jinja"], "neither a readable file nor a Jinja template"),
     (["--chat-template", "{{ messages }}", "--serving-type", "whisper"], "prompts are audio"),
     (["--generation-config", "/no/such/folder"], "--generation-config is auto, none, or a folder"),
